@@ -1,0 +1,174 @@
+// Per-element and per-block math of the three ops, shared by every C++/CUDA kernel.
+// This is python/gradzip/reference.py written once for host and device. The arithmetic
+// is pinned down for bit-exactness: float32, every operation rounded on its own (files
+// including this are compiled with -ffp-contract=off / --fmad=false), one correctly
+// rounded division per block, round-half-to-even.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "core/macros.h"
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+#endif
+
+namespace gradzip {
+namespace core {
+
+// ---- float primitives: explicitly IEEE round-to-nearest, never contracted -----------
+GZ_HOST_DEVICE float fmul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GZ_HOST_DEVICE float fadd(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+GZ_HOST_DEVICE float fsub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+GZ_HOST_DEVICE float fdiv(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+// Round half to even (the default IEEE rounding mode).
+GZ_HOST_DEVICE float round_even(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);
+#endif
+}
+GZ_HOST_DEVICE bool is_finite(float x) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(x);
+#else
+  return std::isfinite(x);
+#endif
+}
+GZ_HOST_DEVICE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__float_as_uint(x));
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  return u;
+#endif
+}
+// max that propagates NaN (like torch.amax): NaN if either operand is NaN.
+GZ_HOST_DEVICE float nan_max(float a, float b) {
+  return (a != a || b != b) ? (a != a ? a : b) : (a > b ? a : b);
+}
+
+// ---- counter-based random numbers (reference.hash32 / reference.uniform) ------------
+GZ_HOST_DEVICE uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Per-seed key, hoisted out of element loops: k1 = lowbias32(seed ^ golden).
+GZ_HOST_DEVICE uint32_t seed_key(uint32_t seed) { return lowbias32(seed ^ 0x9E3779B9u); }
+
+GZ_HOST_DEVICE uint32_t hash32(uint32_t k1, uint64_t index) {
+  uint32_t lo = static_cast<uint32_t>(index);
+  uint32_t hi = static_cast<uint32_t>(index >> 32);
+  uint32_t k2 = lowbias32(hi ^ k1);
+  return lowbias32(lowbias32(lo ^ k2) + k1);
+}
+
+// Uniform float in [0, 1): top 24 bits of the hash times 2^-24 (exact in float32).
+GZ_HOST_DEVICE float uniform(uint32_t k1, uint64_t index) {
+  return static_cast<float>(hash32(k1, index) >> 8) * 5.9604644775390625e-08f;
+}
+
+// ---- dense quantization -------------------------------------------------------------
+GZ_HOST_DEVICE int qmax_of(int bits) { return (1 << (bits - 1)) - 1; }
+
+// Per-block parameters of the 8/4/2-bit symmetric absmax quantizer.
+struct BlockParams {
+  float scale;  // stored in the payload; decode = q * scale
+  float inv;    // multiplier for v; 0 when the block's codes are all zero
+};
+
+// amax: NaN-propagating max |v| over the block.
+GZ_HOST_DEVICE BlockParams absmax_params(float amax, int bits) {
+  const float qmax = static_cast<float>(qmax_of(bits));
+  BlockParams p;
+  if (!is_finite(amax)) {  // inf or NaN: codes 0, scale inf/NaN -> decodes to NaN
+    p.scale = fdiv(amax, qmax);
+    p.inv = 0.0f;
+    return p;
+  }
+  float inv = fdiv(qmax, amax);
+  if (amax == 0.0f || !is_finite(inv)) {  // zero block, or amax so small inv overflows
+    p.scale = 0.0f;
+    p.inv = 0.0f;
+    return p;
+  }
+  p.scale = fdiv(amax, qmax);
+  p.inv = inv;
+  return p;
+}
+
+// Signed code q in [-qmax, qmax] for one element. u is uniform(seed, i) when stochastic.
+GZ_HOST_DEVICE float quantize_value(float v, float inv, float qmax, bool stochastic, float u) {
+  if (inv == 0.0f) return 0.0f;
+  float t = fmul(v, inv);
+  float q = stochastic ? floorf(fadd(t, u)) : round_even(t);
+  q = q < -qmax ? -qmax : q;
+  q = q > qmax ? qmax : q;
+  return q;
+}
+
+// Error-feedback update: v - decoded where finite, else keep the old residual.
+GZ_HOST_DEVICE float residual_update(float v, float decoded, float old_residual) {
+  float r = fsub(v, decoded);
+  return is_finite(r) ? r : old_residual;
+}
+
+// 1-bit: code 1 where v < 0; decode +-scale.
+GZ_HOST_DEVICE uint32_t sign_code(float v) { return v < 0.0f ? 1u : 0u; }
+GZ_HOST_DEVICE float sign_decode(uint32_t bit, float scale) { return bit ? -scale : scale; }
+
+// Order key of |v| for top-k (reference.magnitude_key): sign bit cleared; NaN > inf.
+GZ_HOST_DEVICE uint32_t magnitude_key(float v) { return float_bits(v) & 0x7FFFFFFFu; }
+
+// ---- approximate top-k sampling (reference.sample_positions / approximate_rank) ------
+constexpr int64_t kSampleSize = 16384;
+
+GZ_HOST_DEVICE int64_t sample_count(int64_t n) { return n < kSampleSize ? n : kSampleSize; }
+
+GZ_HOST_DEVICE int64_t sample_position(int64_t n, uint32_t k1, int64_t j) {
+  const int64_t s = sample_count(n);
+  const int64_t start = j * n / s;
+  const int64_t size = (j + 1) * n / s - start;
+  return start + static_cast<int64_t>(hash32(k1, static_cast<uint64_t>(j))) % size;
+}
+
+GZ_HOST_DEVICE int64_t approximate_rank(int64_t n, int64_t k) {
+  const int64_t s = sample_count(n);
+  const int64_t r = (5 * k * s + 4 * n - 1) / (4 * n) + 16;
+  return r < s ? r : s;
+}
+
+}  // namespace core
+}  // namespace gradzip

@@ -1,0 +1,45 @@
+"""gradzip: fused gradient compression kernels and compressed all-reduce for PyTorch.
+
+Ops (``gradzip.ops``): :func:`quantize_pack`, :func:`topk_select`,
+:func:`dequantize_accumulate`, :func:`dequantize`; the specification they all follow is
+:mod:`gradzip.reference`, the wire format :mod:`gradzip.format` (docs/format.md).
+Communication: :class:`Codec`, :func:`all_reduce`, :class:`ErrorFeedback`, and the DDP
+hook in :mod:`gradzip.ddp`.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.gradzip.*)
+from . import format, reference
+from .ops import (
+    build_info,
+    compressed_size,
+    dequantize,
+    dequantize_accumulate,
+    quantize_pack,
+    topk_select,
+)
+from .ops import _register_fakes
+
+_register_fakes()
+del _register_fakes
+
+__version__ = "0.1.0"
+
+_LAZY = {"Codec": "codecs", "all_reduce": "comm", "ErrorFeedback": "comm", "ddp": None}
+
+
+def __getattr__(name):
+    # The communication layer imports torch.distributed; load it on first use.
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+        return mod if _LAZY[name] is None else getattr(mod, name)
+    raise AttributeError(f"module 'gradzip' has no attribute {name!r}")
+
+
+__all__ = [
+    "quantize_pack", "topk_select", "dequantize_accumulate", "dequantize", "build_info",
+    "compressed_size", "format", "reference", "Codec", "all_reduce", "ErrorFeedback", "ddp",
+]

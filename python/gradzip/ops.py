@@ -1,0 +1,268 @@
+"""Public fused ops: validate once, pick a backend, call it.
+
+Backends:
+
+* ``"cpu"``    – the C++ kernels of ``gradzip._C`` (CPU tensors).
+* ``"cuda"``   – the CUDA kernels of ``gradzip._C`` (CUDA tensors, CUDA builds only).
+* ``"triton"`` – the Triton kernels in :mod:`gradzip.triton` (CUDA tensors; CPU tensors
+  under ``TRITON_INTERPRET=1``).
+* ``"torch"``  – :mod:`gradzip.reference`, the specification (runs on CPU; CUDA inputs are
+  copied over and back).
+* ``"auto"``   – ``cpu`` for CPU tensors; ``cuda`` for CUDA tensors when the CUDA kernels
+  were built, else ``triton``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import torch
+
+from . import _checks
+from . import format as fmt
+from . import reference
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+# ---------------------------------------------------------------------------------------
+# build information and backend selection
+# ---------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def build_info() -> dict:
+    """What the loaded ``gradzip._C`` was compiled with, and which backends are usable.
+
+    Keys: ``version``, ``torch`` (torch the extension was built against), ``cpu`` (always
+    True), ``cuda`` (CUDA kernels compiled in), ``cuda_version``, ``cuda_archs``,
+    ``compiler``, ``cpu_isa`` (vector ISA picked at run time), ``cuda_kernels_registered``,
+    ``triton`` (importable).
+    """
+    from . import _C  # noqa: F401  (loads the operator library)
+
+    info = json.loads(torch.ops.gradzip._build_info())
+    info["cuda_kernels_registered"] = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "gradzip::quantize_pack", "CUDA")
+    try:
+        import triton  # noqa: F401
+
+        info["triton"] = True
+    except ImportError:
+        info["triton"] = False
+    return info
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    cuda_built = build_info()["cuda_kernels_registered"]
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda":
+            if cuda_built:
+                return "cuda"
+            if build_info()["triton"]:
+                return "triton"
+            raise RuntimeError("gradzip was built without CUDA kernels and Triton is not "
+                               "installed: no backend can run CUDA tensors")
+        raise ValueError(f"gradzip has no kernels for device type {device.type!r}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got a tensor on {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got a tensor on {device}")
+        if not cuda_built:
+            raise RuntimeError("backend='cuda': this gradzip build has no CUDA kernels "
+                               "(see gradzip.build_info(); rebuild with GRADZIP_CUDA=1)")
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return backend
+
+
+def _triton():
+    from . import triton as gz_triton
+
+    return gz_triton
+
+
+def _on_cpu(t: torch.Tensor | None):
+    return None if t is None else t.detach().cpu()
+
+
+# ---------------------------------------------------------------------------------------
+# ops
+# ---------------------------------------------------------------------------------------
+
+
+def quantize_pack(
+    x: torch.Tensor,
+    bits: int,
+    block: int = 128,
+    residual: torch.Tensor | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Quantize ``x`` to ``bits`` per element in blocks of ``block`` and bit-pack it.
+
+    Args:
+        x: float32/float16/bfloat16 tensor of any shape, contiguous or not. Not modified.
+        bits: 8, 4 or 2 (symmetric absmax, codes in [-qmax, qmax]) or 1 (sign with a
+            per-block mean-|v| scale).
+        block: elements per scale, a power of two in [32, 4096]; the last block may be short.
+        residual: optional float32 tensor with ``x.numel()`` elements on x's device,
+            contiguous. Error feedback: the op quantizes ``v = x + residual`` and writes
+            ``residual = v - decode(payload)`` **in place**.
+        rounding: "nearest" (half to even) or "stochastic" (unbiased; from a counter-based
+            hash of ``seed`` and the element index, identical on every backend).
+        seed: int in [0, 2**32), used by stochastic rounding.
+        backend: "auto", "cpu", "cuda", "triton" or "torch" (the reference).
+
+    Returns:
+        1-D uint8 payload on x's device, ``gradzip.format.dense_payload_bytes(numel, bits,
+        block)`` bytes (see docs/format.md).
+    """
+    _checks.check_quantize(x, bits, block, residual, rounding, seed)
+    be = _resolve(backend, x.device)
+    stochastic = rounding == "stochastic"
+    if be in ("cpu", "cuda"):
+        return torch.ops.gradzip.quantize_pack(x, bits, block, residual, stochastic, seed)
+    if be == "triton":
+        return _triton().quantize_pack(x, bits, block, residual, stochastic, seed)
+    r = _on_cpu(residual)
+    out = reference.quantize_pack(x.detach().cpu(), bits, block, r, rounding, seed)
+    if residual is not None:
+        residual.copy_(r)
+    return out.to(x.device)
+
+
+def topk_select(
+    x: torch.Tensor,
+    k: int,
+    residual: torch.Tensor | None = None,
+    exact: bool = True,
+    values: str = "fp32",
+    seed: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Select the ``k`` entries of largest magnitude of ``v = x + residual``.
+
+    Args:
+        x: float32/float16/bfloat16 tensor of any shape, contiguous or not. Not modified.
+        k: number of entries, 1 <= k <= x.numel().
+        residual: optional float32 tensor with ``x.numel()`` elements, updated **in place**
+            to ``v - decode(payload)`` (``v`` with the chosen entries zeroed for fp32 values).
+        exact: True: the exact top-k (ties go to the lower index). False: a threshold from a
+            sample of ``v`` picks the candidates in one pass; the result is the exact top-k
+            whenever at least k candidates pass it (nearly always), and is still exactly k
+            entries otherwise.
+        values: "fp32", "bf16" or "int8" (int8 codes with one float32 scale).
+        seed: int in [0, 2**32), picks the sample positions of approximate mode.
+        backend: "auto", "cpu", "cuda", "triton" or "torch".
+
+    Returns:
+        1-D uint8 payload: ascending indices (int32; int64 when numel >= 2**31) and values.
+    """
+    _checks.check_topk(x, k, residual, exact, values, seed)
+    be = _resolve(backend, x.device)
+    vf = fmt.VALUE_FORMATS[values]
+    if be in ("cpu", "cuda"):
+        return torch.ops.gradzip.topk_select(x, k, residual, exact, vf, seed)
+    if be == "triton":
+        return _triton().topk_select(x, k, residual, exact, vf, seed)
+    r = _on_cpu(residual)
+    out = reference.topk_select(x.detach().cpu(), k, r, exact, values, seed)
+    if residual is not None:
+        residual.copy_(r)
+    return out.to(x.device)
+
+
+def dequantize_accumulate(
+    payloads: torch.Tensor | list[torch.Tensor],
+    out: torch.Tensor,
+    alpha: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``out += alpha * sum_w decode(payloads[w])``, in one pass over ``out``.
+
+    Args:
+        payloads: W payloads of one codec and numel: a [W, P] uint8 tensor, a list of 1-D
+            uint8 tensors, or one 1-D payload.
+        out: contiguous float32/float16/bfloat16 tensor with ``numel`` elements, on the
+            payloads' device. Updated **in place** (summed in float32, rounded once).
+        alpha: scale applied to the sum (e.g. 1/W to average).
+        backend: "auto", "cpu", "cuda", "triton" or "torch".
+
+    Returns:
+        ``out``. Sparse (top-k) payloads are summed in payload order without atomics, so
+        the result is the same on every run.
+
+    Raises:
+        ValueError: a truncated or corrupt payload, wrong magic or version, payloads of
+            mixed codecs or numels, or ``out`` of the wrong size.
+    """
+    rows = _checks.payload_rows(payloads)
+    _checks.check_accumulate(rows, out, alpha)
+    be = _resolve(backend, out.device)
+    if be in ("cpu", "cuda"):
+        torch.ops.gradzip.dequantize_accumulate(rows, out, float(alpha))
+        return out
+    _checks.check_accumulate_headers(rows, out)
+    if be == "triton":
+        _triton().dequantize_accumulate(rows, out, float(alpha))
+        return out
+    o = out.detach().cpu()
+    reference.dequantize_accumulate(rows.cpu(), o, float(alpha))
+    out.copy_(o)
+    return out
+
+
+def dequantize(
+    payload: torch.Tensor, dtype: torch.dtype = torch.float32, backend: str = "auto"
+) -> torch.Tensor:
+    """Decode one payload into a new flat tensor of ``numel`` elements of ``dtype``."""
+    rows = _checks.payload_rows(payload)
+    if rows.shape[0] != 1:
+        raise ValueError("dequantize decodes one payload; use dequantize_accumulate for many")
+    h = fmt.parse_header(rows[0, : fmt.HEADER_BYTES].cpu().numpy().tobytes(),
+                         length=rows.shape[1])
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    out = torch.zeros(h.numel, dtype=dtype, device=rows.device)
+    return dequantize_accumulate(rows, out, 1.0, backend=backend)
+
+
+def compressed_size(numel: int, bits: int | None = None, block: int = 128, k: int | None = None,
+                    values: str = "fp32") -> int:
+    """Payload bytes for a dense (``bits``) or top-k (``k``) codec over ``numel`` elements."""
+    if (bits is None) == (k is None):
+        raise ValueError("give exactly one of bits (dense) or k (top-k)")
+    if bits is not None:
+        return fmt.dense_payload_bytes(numel, bits, block)
+    return fmt.topk_payload_bytes(numel, k, values)
+
+
+# ---------------------------------------------------------------------------------------
+# fake (meta) kernels: shapes for torch.compile and opcheck. Same checks as the real ops.
+# ---------------------------------------------------------------------------------------
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("gradzip::quantize_pack")
+    def _quantize_pack_fake(x, bits, block, residual, stochastic, seed):
+        torch._check(bits in fmt.DENSE_BITS, lambda: f"bits must be in {fmt.DENSE_BITS}")
+        n = x.numel()
+        return x.new_empty(fmt.dense_payload_bytes(n, bits, block), dtype=torch.uint8)
+
+    @torch.library.register_fake("gradzip::topk_select")
+    def _topk_select_fake(x, k, residual, exact, value_format, seed):
+        size = fmt.topk_header(x.numel(), k, value_format).total_bytes
+        return x.new_empty(size, dtype=torch.uint8)
+
+    @torch.library.register_fake("gradzip::dequantize_accumulate")
+    def _dequantize_accumulate_fake(payloads, out, alpha):
+        return None
