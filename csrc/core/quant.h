@@ -152,6 +152,20 @@ GZ_HOST_DEVICE float sign_decode(uint32_t bit, float scale) { return bit ? -scal
 // Order key of |v| for top-k (reference.magnitude_key): sign bit cleared; NaN > inf.
 GZ_HOST_DEVICE uint32_t magnitude_key(float v) { return float_bits(v) & 0x7FFFFFFFu; }
 
+// Sum of |v| over one block in the fixed order of reference.block_abs_sum: 32 lanes, lane j
+// adds elements j, j+32, ... in order, then a shuffle-down tree (h = 16, 8, 4, 2, 1).
+// Scalar form for host code and tests; vector and warp implementations must match it.
+template <typename Load>
+GZ_HOST_DEVICE float block_abs_sum(Load load, int64_t len) {
+  float lane[32];
+  for (int j = 0; j < 32; ++j) lane[j] = j < len ? fabsf(load(j)) : 0.0f;
+  for (int64_t s = 32; s < len; s += 32)
+    for (int j = 0; j < 32 && s + j < len; ++j) lane[j] = fadd(lane[j], fabsf(load(s + j)));
+  for (int h = 16; h >= 1; h >>= 1)
+    for (int j = 0; j < h; ++j) lane[j] = fadd(lane[j], lane[j + h]);
+  return lane[0];
+}
+
 // ---- approximate top-k sampling (reference.sample_positions / approximate_rank) ------
 constexpr int64_t kSampleSize = 16384;
 
