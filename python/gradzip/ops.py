@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
-from . import _checks
+from . import _checks, reference
 from . import format as fmt
-from . import reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
@@ -32,7 +31,7 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 # ---------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def build_info() -> dict:
     """What the loaded ``gradzip._C`` was compiled with, and which backends are usable.
 
