@@ -20,17 +20,19 @@ about 25 MB and calls the hook once per bucket per iteration):
 * stochastic rounding draws from seeds that differ per rank, bucket and step and depend
   only on ``seed`` and those, so a run is reproducible.
 
-``state.state_dict()`` / ``state.load_state_dict()`` save and restore one rank's residuals
-and counters (save one file per rank). A resumed run continues bit-identically with nearest
-rounding provided DDP's first bucket layout after the restart equals the layout in use when
-the state was saved — true whenever gradients become ready in reverse parameter order (the
-usual case), because DDP's initial layout is reverse parameter order. Otherwise the first
-resumed iteration compresses with the initial layout (residuals are carried over by
-parameter, so nothing is lost, but the bits differ from the uninterrupted run).
+``state.state_dict()`` / ``state.load_state_dict()`` save and restore one rank's residuals,
+counters and the bucket layout last used (save one file per rank). A new DDP instance
+starts with a layout of its own for its first iteration (with the default
+``find_unused_parameters=False``, one bucket holding every parameter) and only then
+rebuilds the layout the saved run was using. So that the resumed run continues
+bit-identically with the run that never stopped, the hook replays the saved layout during
+that first iteration: it splits a bucket that holds whole saved buckets into those, in
+their saved order, reduces each exactly as the uninterrupted run did (same residual slot,
+seeds, algorithm and plain/compressed choice) and writes the results back.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": DDP's register_comm_hook compares the hook's
+# annotations with the real dist.GradBucket / torch.futures.Future[torch.Tensor] objects.
 from collections.abc import Hashable
 
 import torch
@@ -94,6 +96,9 @@ class CompressionState:
         self._numels: dict[int, int] = {}
         self._layouts: dict[Hashable, tuple[tuple[int, int, int], ...]] = {}
         self._owner: dict[int, Hashable] = {}
+        # Bucket layouts of the last complete iteration, in bucket order, and of the current.
+        self._order: list[tuple[tuple[int, int, int], ...]] = []
+        self._order_next: dict[int, tuple[tuple[int, int, int], ...]] = {}
 
     def __repr__(self) -> str:
         return (f"CompressionState(codec={str(self.codec)!r}, iteration={self.iteration}, "
@@ -149,6 +154,21 @@ class CompressionState:
                 del self._layouts[old]
                 self.feedback.drop(old)
 
+    def _replay_parts(self, layout):
+        """The saved buckets this bucket is made of, when it is a union of two or more whole
+        buckets of the last iteration's layout (DDP's first iteration after a restart);
+        else None."""
+        if not self._order or layout in self._order:
+            return None
+        index = {o: i for i, lay in enumerate(self._order) for o, _, _ in lay}
+        if any(o not in index for o, _, _ in layout):
+            return None
+        here = {o for o, _, _ in layout}
+        parts = sorted({index[o] for o in here})
+        if any(o not in here for i in parts for o, _, _ in self._order[i]):
+            return None
+        return [self._order[i] for i in parts]
+
     def residual_for(self, param: torch.Tensor) -> torch.Tensor | None:
         """What this rank still owes for ``param`` (its slice of the bucket's pending error,
         see :meth:`gradzip.ErrorFeedback.pending`), shaped like ``param``; None if none."""
@@ -176,6 +196,7 @@ class CompressionState:
             "numels": dict(self._numels),
             "layouts": dict(self._layouts),
             "owner": dict(self._owner),
+            "order": list(self._order),
             "feedback": self.feedback.state_dict(),
         }
 
@@ -199,6 +220,8 @@ class CompressionState:
         self._pending_numels = {int(k): int(v) for k, v in state["numels"].items()}
         self._layouts = {k: tuple(tuple(x) for x in v) for k, v in state["layouts"].items()}
         self._owner = dict(state["owner"])
+        self._order = [tuple(tuple(x) for x in lay) for lay in state["order"]]
+        self._order_next = {}
         self.feedback.load_state_dict(state["feedback"])
 
     def _check_loaded(self, layout) -> None:
@@ -212,6 +235,24 @@ class CompressionState:
                     "state_dict: it was saved from a different model")
 
 
+def _reduce(state: CompressionState, tensor: torch.Tensor, layout, iteration: int,
+            async_op: bool):
+    """One bucket's worth of gradients (laid out as ``layout``), in place."""
+    if iteration < state.warmup_steps or tensor.numel() < state.min_numel:
+        return comm.all_reduce(tensor, state.codec, group=state.process_group,
+                               algorithm="plain", average=True, async_op=async_op,
+                               verify=state.verify)
+    key = ("bucket", tuple(o for o, _, _ in layout))
+    state._adopt(key, layout, tensor.device)
+    # Without error feedback there is no per-key step counter: fold the iteration and the
+    # bucket into the base seed instead (all_reduce still adds the rank).
+    seed = comm.stochastic_seed(state.feedback.seed, 0, iteration, comm.key_hash(key), 2, 0)
+    return comm.all_reduce(
+        tensor, state.codec, state=state.feedback if state.error_feedback else None,
+        group=state.process_group, algorithm=state.algorithm, average=True,
+        async_op=async_op, key=key, min_numel=0, verify=state.verify, seed=seed)
+
+
 def compress_hook(state: CompressionState, bucket: dist.GradBucket
                   ) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's gradients averaged over the group through
@@ -221,20 +262,25 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket
     layout = state._bucket_layout(bucket)
     state._check_loaded(layout)
     iteration = state.iteration
+    parts = state._replay_parts(layout)
+    if parts is None:
+        state._order_next[bucket.index()] = layout
+        fut = _reduce(state, buf, layout, iteration, async_op=True)
+    else:
+        where = {o: off for o, off, _ in layout}
+        for sub in parts:
+            tmp = torch.cat([buf[where[o] : where[o] + n] for o, _, n in sub])
+            _reduce(state, tmp, sub, iteration, async_op=False)
+            for o, off, n in sub:
+                buf[where[o] : where[o] + n].copy_(tmp[off : off + n])
+            state._order_next[len(state._order_next)] = sub
+        fut = torch.futures.Future()
+        fut.set_result(buf)
     if bucket.is_last():
         state.iteration += 1
-    if iteration < state.warmup_steps or buf.numel() < state.min_numel:
-        return comm.all_reduce(buf, state.codec, group=state.process_group, algorithm="plain",
-                               average=True, async_op=True, verify=state.verify)
-    key = ("bucket", tuple(o for o, _, _ in layout))
-    state._adopt(key, layout, buf.device)
-    # Without error feedback there is no per-key step counter: fold the iteration and the
-    # bucket into the base seed instead (all_reduce still adds the rank).
-    seed = comm.stochastic_seed(state.feedback.seed, 0, iteration, comm.key_hash(key), 2, 0)
-    return comm.all_reduce(
-        buf, state.codec, state=state.feedback if state.error_feedback else None,
-        group=state.process_group, algorithm=state.algorithm, average=True, async_op=True,
-        key=key, min_numel=0, verify=state.verify, seed=seed)
+        state._order = [state._order_next[i] for i in sorted(state._order_next)]
+        state._order_next = {}
+    return fut
 
 
 __all__ = ["CompressionState", "compress_hook"]
