@@ -48,14 +48,18 @@ struct TopkArgs {
   int64_t n;
 };
 
-// Per chunk, the result of pass 1: candidates with key >= threshold (offset in the chunk
-// and key, in index order), how many there are, and the largest key of the chunk.
-struct TopkChunkScan {
-  std::vector<uint32_t> offsets;
-  std::vector<uint32_t> keys;
-  int64_t count = 0;        // candidates, stored or not
-  bool stored_all = true;   // false once the global storage budget ran out
-  uint32_t max_key = 0;
+// One level of the radix select over 31-bit magnitude keys: counts keys whose bits above
+// `prefix_shift` equal `prefix` (all keys when prefix_shift is 32), binned by
+// (key >> shift) & mask.
+struct RadixLevel {
+  int shift;
+  uint32_t mask;
+  int prefix_shift;
+  uint32_t prefix;
+  GZ_INLINE bool matches(uint32_t key) const {
+    return prefix_shift >= 32 || (key >> prefix_shift) == prefix;
+  }
+  GZ_INLINE uint32_t bin(uint32_t key) const { return (key >> shift) & mask; }
 };
 
 // What the final pass selects in each chunk.
@@ -107,14 +111,14 @@ struct SparseAccArgs {
 #define GZ_DECLARE_CPU_KERNELS(NS)                                                          \
   namespace NS {                                                                          \
   void quantize_blocks(const QuantizeArgs& a, int64_t b0, int64_t b1);                    \
-  void topk_scan_chunk(const TopkArgs& a, int64_t c, uint32_t t, TopkChunkScan* out,        \
-                       bool store);                                                       \
-  void topk_histogram_chunk(const TopkArgs& a, int64_t c, int shift, uint32_t prefix_shift, \
-                            uint32_t prefix, uint32_t* hist);                               \
+  void topk_scan_chunk(const TopkArgs& a, int64_t c, uint32_t t, uint32_t* keys,           \
+                       int64_t* count, uint32_t* max_key);                                \
+  void topk_histogram_chunk(const TopkArgs& a, int64_t c, const RadixLevel& level,         \
+                            uint32_t* hist);                                               \
   void topk_count_chunk(const TopkArgs& a, int64_t c, uint32_t T, int64_t* gt, int64_t* eq); \
   void topk_write_chunk(const TopkArgs& a, int64_t c, const TopkSelectRule& rule,           \
                         int64_t tie_budget, int64_t out_pos, const TopkOutput& o);         \
-  void dense_accumulate_blocks(const DenseAccArgs& a, int64_t b0, int64_t b1);             \
+  void dense_accumulate_blocks(const DenseAccArgs& a, int64_t b0, int64_t b1, float* scales); \
   void sparse_finish_range(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1); \
   }
 

@@ -25,6 +25,13 @@
 
 #define GZ_INLINE inline __attribute__((always_inline))
 
+// GCC 12 reports its own _mm512_undefined_* helpers as "may be used uninitialized" once
+// inlined; the warning is about the intrinsics headers, not this code.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
 // Regions of code compiled for one instruction set. Everything defined between BEGIN and
 // END (the ISA structs and the kernel templates instantiated with them) gets the target;
 // code outside stays baseline x86-64. "fma" is deliberately absent.
