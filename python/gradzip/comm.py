@@ -557,7 +557,8 @@ def all_reduce(
         return tensor
 
     if not async_op:
-        finish.wait()
+        with timer("communicate"):
+            finish.wait()
         return complete()
     return finish.future().then(complete)
 
