@@ -28,6 +28,7 @@ N = 3001  # several blocks, uneven chunks for every world size
 STEPS = 3
 EF_SEED = 5
 KEY = "grad"
+INF_AT = 1234
 SMALL = 77  # less than one block: some alltoall chunks are empty
 AUTO_N = 10_000
 
@@ -83,6 +84,17 @@ def battery(rank: int, world: int) -> dict:
             x = make_input(N, rank, 0)
             gradzip.all_reduce(x, codec(spec), algorithm=algo, seed=11)
             out[("plain-ef-off", spec, algo)] = x
+    # one rank's tensor holds inf: every rank must see it, and the residuals must not keep it
+    for spec in CODECS:
+        for algo in ALGORITHMS:
+            st = gradzip.ErrorFeedback(seed=EF_SEED)
+            x = make_input(N, rank, 0, tag=8)
+            if rank == world - 1:
+                x[INF_AT] = float("inf")
+            gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo, key=KEY)
+            y = make_input(N, rank, 1, tag=8)
+            gradzip.all_reduce(y, codec(spec), state=st, algorithm=algo, key=KEY)
+            out[("inf", spec, algo)] = (x, y, st.pending(KEY))
     # odd inputs
     for algo in ALGORITHMS:
         for spec in ("int4", "sign", "topk:0.05"):
@@ -380,6 +392,10 @@ def test_bit_identical_on_every_rank(results):
     for case in res[0]:
         if case in ("errors", "key_hash"):
             continue
+        if case[0] == "inf":
+            assert all(_same_with_nonfinite(res[0][case][0], r[case][0]) and
+                       torch.equal(res[0][case][1], r[case][1]) for r in res), case
+            continue
         per_rank = [r[case] for r in res]
         if case[0] == "ef":
             for t in range(STEPS):
@@ -441,6 +457,34 @@ def test_error_feedback_tracks_the_exact_sum(results, spec, algo):
     tol = STEPS * (world + 6) * 2.0**-24 * mag
     assert float((got - exact + owed).abs().max()) <= tol
     assert bool(((got - exact).abs() <= owed.abs() + tol).all())
+
+
+def _same_with_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits where finite, non-finite at the same places (NaN payloads aside)."""
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    return torch.equal(fa, fb) and torch.equal(a[fa], b[fb]) and \
+        torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(a[torch.isinf(a)],
+                                                                    b[torch.isinf(b)])
+
+
+@pytest.mark.parametrize("spec", CODECS)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_overflow_reaches_every_rank_and_does_not_stick(results, spec, algo):
+    """The last rank's tensor holds inf at one element: every rank's result is non-finite
+    there (so GradScaler skips the step everywhere), the rest matches the reference, and
+    the next step is finite with finite residuals."""
+    world, res = results
+    sim = Simulation(Codec(spec), algo, world, N, ef=True, base_seed=EF_SEED, key=KEY)
+    xs = [make_input(N, r, 0, tag=8) for r in range(world)]
+    xs[-1][INF_AT] = float("inf")
+    want_x = sim(xs)
+    want_y = sim([make_input(N, r, 1, tag=8) for r in range(world)])
+    for r in range(world):
+        x, y, pending = res[r][("inf", spec, algo)]
+        assert not bool(torch.isfinite(x[INF_AT])), r
+        assert _same_with_nonfinite(x, want_x), r
+        assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(pending).all()), r
+        assert torch.equal(y, want_y) and torch.equal(pending, sim.pending(r)), r
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -624,3 +668,36 @@ def _fail_on_rank_one(rank, world):
     if rank == 1:
         return 1 // 0
     return rank
+
+
+LARGE_N = 2**20 + 3
+
+
+def large_battery(rank: int, world: int) -> dict:
+    out = {}
+    for spec in CODECS:
+        for algo in ALGORITHMS:
+            st = gradzip.ErrorFeedback(seed=EF_SEED)
+            steps = []
+            for t in range(2):
+                x = make_input(LARGE_N, rank, t, tag=9)
+                gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo, key=KEY)
+                steps.append(x)
+            out[(spec, algo)] = steps
+    return out
+
+
+@pytest.mark.slow
+def test_large_tensor_matches_simulation():
+    """2^20 + 3 elements on 4 ranks, two steps with error feedback, every codec x algorithm:
+    bit-identical on every rank and equal to the reference simulation."""
+    world = 4
+    res = run_ranks(world, large_battery, deadline=600)
+    for spec in CODECS:
+        for algo in ALGORITHMS:
+            sim = Simulation(Codec(spec), algo, world, LARGE_N, ef=True, base_seed=EF_SEED,
+                             key=KEY)
+            for t in range(2):
+                want = sim([make_input(LARGE_N, r, t, tag=9) for r in range(world)])
+                for r in range(world):
+                    assert torch.equal(res[r][(spec, algo)][t], want), (spec, algo, r, t)
