@@ -507,6 +507,8 @@ def all_reduce(
                            "process group (torch.distributed.init_process_group)")
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    if rank < 0 or world < 1:
+        raise ValueError("this process is not a member of the given process group")
     timer = _Timings(timings) if timings is not None else _NullTimer()
 
     local_error = _check_input(tensor)
