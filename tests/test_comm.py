@@ -171,6 +171,11 @@ def error_battery(rank: int, world: int) -> dict:
     res["refused"] = _catch(lambda: gradzip.all_reduce(
         make_input(N, rank, 0).double() if rank == last else make_input(N, rank, 0),
         codec("int8")))
+    st = gradzip.ErrorFeedback()
+    if rank == last:  # this rank's state was used for another tensor under the same key
+        st.set_residual(KEY, torch.zeros(N + 5))
+    res["residual-size"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0), codec("int4"), state=st, key=KEY, algorithm="allgather"))
     fmt_mod = gradzip.format
     saved = fmt_mod.VERSION
     if rank == last:
@@ -588,6 +593,12 @@ def test_disagreements_raise_on_every_rank(results):
         etype, msg = res[r]["errors"]["refused"]
         if r == last:
             assert etype == "TypeError" and "float64" in msg
+        else:
+            assert etype == "ValueError" and f"rank(s) [{last}] refused" in msg
+    for r in range(world):
+        etype, msg = res[r]["errors"]["residual-size"]
+        if r == last:
+            assert etype == "ValueError" and f"holds a residual of {N + 5}" in msg
         else:
             assert etype == "ValueError" and f"rank(s) [{last}] refused" in msg
     # messages name every rank's view

@@ -514,11 +514,20 @@ def all_reduce(
     local_error = _check_input(tensor)
     numel = tensor.numel()
     p = None if local_error else plan(codec, numel, tensor.dtype, world, algorithm, min_numel)
+    slot = None
+    if p is not None and p.algorithm != "plain" and state is not None:
+        if key is None:
+            key = (tuple(tensor.shape), str(tensor.dtype))
+        try:
+            slot = state._slot(key, numel, tensor.device)
+        except ValueError as e:
+            local_error = e
     mode = verify if verify != "auto" else ("always" if tensor.device.type == "cpu" else "once")
     if mode != "never":
         # A rank that refuses its input still takes part in the exchange, so that its
         # peers raise too instead of waiting for it in the next collective.
-        fp = _fingerprint(codec, numel, tensor.dtype, p, average, 0 if p else 1)
+        fp = _fingerprint(codec, numel, tensor.dtype, p, average,
+                          _STATUS_OK if local_error is None else 1)
         sig = (id(group) if group is not None else None, tuple(fp))
         if mode == "always" or sig not in _VERIFIED or local_error:
             with timer("verify"):
@@ -537,11 +546,7 @@ def all_reduce(
             run = _plain
             args = ()
         else:
-            slot = None
-            if state is not None:
-                if key is None:
-                    key = (tuple(tensor.shape), str(tensor.dtype))
-                slot = state._slot(key, numel, tensor.device)
+            if slot is not None:
                 base, step, khash = state.seed, slot.step, key_hash(key)
                 slot.step += 1
             else:
