@@ -28,13 +28,14 @@ when bitsandbytes is importable; it is optional and not a gradzip dependency.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -43,10 +44,10 @@ sys.path.insert(0, HERE)
 if os.path.isdir(os.path.join(HERE, "..", "python", "gradzip")):
     sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
-import gradzip  # noqa: E402
-from gradzip import format as fmt  # noqa: E402
-from gradzip import reference  # noqa: E402
-from timing import measure, memcpy_gbps, threads  # noqa: E402
+import gradzip
+from gradzip import format as fmt
+from gradzip import reference
+from timing import measure, memcpy_gbps, threads
 
 SMALL_N = 2**16 + 3  # byte-exact check size: odd, several chunks and a short last block
 REFERENCE_MAX_N = 2**20  # the reference backend is timed only up to this size
@@ -152,7 +153,7 @@ class Case:
     op: str       # quantize_pack / topk_select / dequantize_accumulate
     group: str    # --ops name
     config: str   # human-readable options
-    build: Callable[[int, torch.device], "State"]
+    build: Callable[[int, torch.device], State]
 
 
 @dataclass
@@ -411,10 +412,10 @@ def _bitsandbytes():
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import bitsandbytes  # noqa: F401
-            import bitsandbytes.functional  # noqa: F401
+            import bitsandbytes
+            import bitsandbytes.functional
         return bitsandbytes
-    except Exception:  # ImportError, or a broken native library
+    except (ImportError, OSError, RuntimeError):  # not installed, or a broken native library
         return None
 
 
@@ -428,7 +429,8 @@ def _bnb_status() -> str:
         back = bnb.functional.dequantize_blockwise(q, state)
         err = (back - x).abs().max().item()
         return f"bitsandbytes {bnb.__version__}: CPU quantize_blockwise works (max roundtrip error {err:.3g})"
-    except Exception as e:  # report exactly why its CPU path does not work
+    except (RuntimeError, NotImplementedError, OSError, ValueError) as e:
+        # report exactly why its CPU path does not work
         return f"bitsandbytes {getattr(bnb, '__version__', '?')} CPU path fails: {type(e).__name__}: {e}"
 
 
@@ -447,8 +449,7 @@ def backends_for(device: torch.device, n: int) -> list[str]:
     if gradzip.build_info()["cuda_kernels_registered"]:
         out.append("cuda")
     try:
-        import gradzip.triton  # noqa: F401
-
+        importlib.import_module("gradzip.triton")
         out.append("triton")
     except ImportError:
         pass
@@ -538,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                         entries = [("torch", tb)]
                         for backend in backends_for(device, n):
                             rep = args.torch_repeat if backend == "reference" else args.repeat
-                            tm = measure(lambda b=backend: state.run(_api_backend(b)),
+                            tm = measure(lambda b=backend, run=state.run: run(_api_backend(b)),
                                          repeat=rep, warmup=1, device=device)
                             entries.append((backend, tm))
                         for peer, fn in state.peers.items():
@@ -553,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                             median_ms=tm.median_ms, gbps=gbps, pct_memcpy=100 * gbps / mc[t],
                             speedup_vs_torch=tb.median_ms / tm.median_ms,
                             samples_ms=tm.samples_ms))
-                del state
+                state = None  # free this case's tensors before the next one
 
     # ---- 3. report --------------------------------------------------------------------
     print()
