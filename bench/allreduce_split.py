@@ -36,6 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+if os.path.isdir(os.path.join(HERE, "..", "python", "gradzip")):
+    sys.path.insert(0, os.path.join(HERE, "..", "python"))  # a source checkout
+
+from timing import measure  # bench/timing.py, the shared timing helper
+
 CODECS = ["int8", "int4", "int2", "sign", "topk:0.01"]
 ALGORITHMS = ["allgather", "alltoall"]
 PHASES = ["verify", "compress", "communicate", "decompress"]
@@ -88,17 +95,22 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
         dist.all_gather(digests, digest)
         identical = all(int(d) == int(digests[0]) for d in digests)
         rel_err = float((x.double() - exact).norm() / exact.norm())
-        samples = []
-        for i in range(args.warmup + args.repeat):
+        samples: list[dict[str, float]] = []
+
+        def setup(x=x):
             x.copy_(x0)
+            dist.barrier()  # every rank starts the call together
+
+        def call(x=x, codec=codec, algo=algo, state=state, samples=samples):
             timings: dict[str, float] = {}
-            dist.barrier()
-            t0 = time.perf_counter()
             gradzip.all_reduce(x, codec, algorithm=algo, state=state, key="bench",
                                timings=timings)
-            timings["total"] = time.perf_counter() - t0
-            if i >= args.warmup:
-                samples.append(timings)
+            samples.append(timings)
+
+        total = measure(call, repeat=args.repeat, warmup=args.warmup, setup=setup)
+        samples = samples[args.warmup:]
+        for s, ms in zip(samples, total.samples_ms):
+            s["total"] = ms * 1e-3
         every: list = [None] * world
         dist.all_gather_object(every, samples)
         if rank == 0:
