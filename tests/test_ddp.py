@@ -50,7 +50,8 @@ def batch(rank: int, step: int):
     return x, y
 
 
-def build(codec=None, *, permuted=False, warmup=0, algorithm="auto", seed=0, record=False):
+def build(codec=None, *, permuted=False, warmup=0, algorithm="auto", seed=0, record=False,
+          error_feedback=True):
     """DDP model, SGD with momentum and, for a codec, the registered hook's state (or a
     _Recorder around it when ``record``)."""
     model = DDP(MLP(permuted), bucket_cap_mb=BUCKET_MB)
@@ -59,7 +60,7 @@ def build(codec=None, *, permuted=False, warmup=0, algorithm="auto", seed=0, rec
     if codec is not None:
         state = gradzip.ddp.CompressionState(
             codec=gradzip.Codec(codec, backend=TEST_BACKEND), warmup_steps=warmup,
-            min_numel=MIN_NUMEL, algorithm=algorithm, seed=seed)
+            min_numel=MIN_NUMEL, algorithm=algorithm, seed=seed, error_feedback=error_feedback)
         if record:
             state = _Recorder(state, model)
             model.register_comm_hook(state, _recording_hook)
@@ -199,6 +200,9 @@ def ddp_battery(rank: int, world: int) -> dict:
     out["sr-a"] = train(rank, spec, steps=8, seed=1, algorithm=algos[-1])[0]
     out["sr-b"] = train(rank, spec, steps=8, seed=1, algorithm=algos[-1])[0]
     out["sr-c"] = train(rank, spec, steps=8, seed=2, algorithm=algos[-1])[0]
+    out["sr-no-ef-a"] = train(rank, spec, steps=4, error_feedback=False)[0]
+    out["sr-no-ef-b"] = train(rank, spec, steps=4, error_feedback=False)[0]
+    out["plain-4"] = train(rank, None, steps=4)[0]
     # checkpoint / resume
     for algo in algos:
         for codec in ("int4", spec):
@@ -231,7 +235,8 @@ def recorded_run(rank, codec, algorithm, steps=6):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+@pytest.fixture(scope="module", params=[2, 3, pytest.param(4, marks=pytest.mark.slow)],
+                ids=lambda w: f"world{w}")
 def ddp_results(request):
     world = request.param
     return world, run_ranks(world, ddp_battery)
@@ -283,6 +288,9 @@ def test_stochastic_rounding_is_reproducible(ddp_results):
     _, res = ddp_results
     assert torch.equal(res[0]["sr-a"], res[0]["sr-b"])  # same seed: same bits
     assert not torch.equal(res[0]["sr-a"], res[0]["sr-c"])  # the seed is used
+    # without error feedback the seeds come from the iteration counter: still reproducible
+    assert torch.equal(res[0]["sr-no-ef-a"], res[0]["sr-no-ef-b"])
+    assert not torch.equal(res[0]["sr-no-ef-a"], res[0]["plain-4"])
 
 
 def test_resume_is_bit_identical(ddp_results):

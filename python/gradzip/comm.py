@@ -426,7 +426,8 @@ class _Timings:
 
 
 def _completed(value: torch.Tensor) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
+    fut: torch.futures.Future = torch.futures.Future(
+        devices=[value.device] if value.is_cuda else None)
     fut.set_result(value)
     return fut
 

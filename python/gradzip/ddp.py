@@ -274,7 +274,8 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket
             for o, off, n in sub:
                 buf[where[o] : where[o] + n].copy_(tmp[off : off + n])
             state._order_next[len(state._order_next)] = sub
-        fut = torch.futures.Future()
+        # A CUDA-aware future: its value is ready once the current stream's work is.
+        fut = torch.futures.Future(devices=[buf.device] if buf.is_cuda else None)
         fut.set_result(buf)
     if bucket.is_last():
         state.iteration += 1
