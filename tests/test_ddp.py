@@ -215,7 +215,29 @@ def ddp_battery(rank: int, world: int) -> dict:
     for algo in algos:
         for codec in ("int4", "topk:0.05"):
             out[("rebuild", codec, algo)] = recorded_run(rank, codec, algo)
+    out["wrong-model"] = wrong_model(rank)  # last: it leaves a broken DDP instance behind
     return out
+
+
+def wrong_model(rank):
+    """A compression state saved from one model and loaded for another is refused on the
+    first backward, on every rank, before any collective."""
+    model, opt, state = build("int4")
+    for t in range(2):
+        step(model, opt, rank, t)
+    saved = state.state_dict()
+    torch.manual_seed(0)
+    other = DDP(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)),
+                bucket_cap_mb=BUCKET_MB)
+    fresh = gradzip.ddp.CompressionState("int4", min_numel=MIN_NUMEL)
+    fresh.load_state_dict(saved)
+    other.register_comm_hook(fresh, gradzip.ddp.compress_hook)
+    x, y = batch(rank, 0)
+    try:
+        nn.functional.mse_loss(other(x), y).backward()
+    except Exception as e:  # noqa: BLE001  (the parent checks type and message)
+        return type(e).__name__, str(e)
+    return None
 
 
 def recorded_run(rank, codec, algorithm, steps=6):
@@ -245,7 +267,8 @@ def ddp_results(request):
 def test_parameters_identical_on_every_rank(ddp_results):
     world, res = ddp_results
     for case, value in res[0].items():
-        if isinstance(case, tuple) and case[0] in ("overflow", "rebuild"):
+        if case == "wrong-model" or isinstance(case, tuple) and case[0] in ("overflow",
+                                                                             "rebuild"):
             continue  # checked below
         for r in range(1, world):
             other = res[r][case]
@@ -345,6 +368,13 @@ def test_residuals_survive_bucket_rebuild(ddp_results):
                 float(owed.abs().max())
             tol = steps * (world + 6) * 2.0**-24 * mag
             assert float((out - exact + owed).abs().max()) <= tol, (case, name)
+
+
+def test_state_from_another_model_is_refused(ddp_results):
+    world, res = ddp_results
+    for r in range(world):
+        err = res[r]["wrong-model"]
+        assert err is not None and "saved from a different model" in err[1], (r, err)
 
 
 def test_state_arguments_and_checkpoint_checks():

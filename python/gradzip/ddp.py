@@ -99,6 +99,7 @@ class CompressionState:
         # Bucket layouts of the last complete iteration, in bucket order, and of the current.
         self._order: list[tuple[tuple[int, int, int], ...]] = []
         self._order_next: dict[int, tuple[tuple[int, int, int], ...]] = {}
+        self._loaded_numels: dict[int, int] = {}  # from load_state_dict, checked on first use
 
     def __repr__(self) -> str:
         return (f"CompressionState(codec={str(self.codec)!r}, iteration={self.iteration}, "
@@ -217,7 +218,7 @@ class CompressionState:
         if self._params:
             raise ValueError("load_state_dict must be called before the first iteration")
         self.iteration = int(state["iteration"])
-        self._pending_numels = {int(k): int(v) for k, v in state["numels"].items()}
+        self._loaded_numels = {int(k): int(v) for k, v in state["numels"].items()}
         self._layouts = {k: tuple(tuple(x) for x in v) for k, v in state["layouts"].items()}
         self._owner = dict(state["owner"])
         self._order = [tuple(tuple(x) for x in lay) for lay in state["order"]]
@@ -225,9 +226,7 @@ class CompressionState:
         self.feedback.load_state_dict(state["feedback"])
 
     def _check_loaded(self, layout) -> None:
-        loaded = getattr(self, "_pending_numels", None)
-        if not loaded:
-            return
+        loaded = self._loaded_numels
         for o, _, n in layout:
             if o in loaded and loaded[o] != n:
                 raise ValueError(
