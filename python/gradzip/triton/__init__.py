@@ -1,0 +1,1 @@
+from ._common import INTERPRET
