@@ -1,1 +1,1 @@
-from ._common import INTERPRET
+from ._common import INTERPRET as INTERPRET

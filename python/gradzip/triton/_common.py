@@ -90,31 +90,9 @@ def fsub_rn(a, b):
         return a - b
 
 
-@triton.jit
-def f32_bits(x):
-    return x.to(tl.uint32, bitcast=True)
-
-
-@triton.jit
-def bits_f32(b):
-    return b.to(tl.uint32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def qnan_like(x):
-    """float32 NaN with the bits 0x7FC00000, shaped like x."""
-    return tl.full(x.shape, QNAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def is_finite(x):
-    """Exponent bits not all ones (exact for every float, unlike comparisons with inf)."""
-    return (f32_bits(x) & 0x7F800000) != 0x7F800000
-
-
-@triton.jit
-def is_nan(x):
-    return (f32_bits(x) & 0x7FFFFFFF) > 0x7F800000
+# Trivial bit operations (float bits, finiteness) are written inline in the kernels rather
+# than as helpers: the interpreter re-patches triton.language on every helper call, which
+# costs about a millisecond each and dominates the run time of the tests.
 
 
 @triton.jit
@@ -122,8 +100,13 @@ def round_half_even(t):
     """rint(t) for |t| < 2**22: t + 1.5 * 2**23 lands where the unit in the last place is 1,
     so the addition itself rounds half to even; subtracting the constant back is exact.
     A zero result takes t's sign, as rint does (it matters for v = -0.0: residual bits)."""
-    r = fsub_rn(fadd_rn(t, 12582912.0), 12582912.0)
-    signed_zero = bits_f32(f32_bits(t) & 0x80000000)
+    if _PTX:
+        r = tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, 0f4B400000;\n\tsub.rn.f32 $0, $0, 0f4B400000;", "=f,f", [t],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = (t + 12582912.0) - 12582912.0
+    signed_zero = (t.to(tl.uint32, bitcast=True) & 0x80000000).to(tl.float32, bitcast=True)
     return tl.where(r == 0.0, signed_zero, r)
 
 
@@ -133,26 +116,22 @@ def add_x86(a, b):
     through quieted (b's when both are NaN, as ATen's vectorised add does), and inf - inf
     gives the x86 default NaN. Finite results are the plain IEEE sum."""
     s = a + b
-    ab = f32_bits(a)
-    bb = f32_bits(b)
+    ab = a.to(tl.uint32, bitcast=True)
+    bb = b.to(tl.uint32, bitcast=True)
     dflt = tl.full(ab.shape, X86_DEFAULT_NAN_BITS, tl.uint32)
-    nan_bits = tl.where(is_nan(b), bb | 0x00400000, tl.where(is_nan(a), ab | 0x00400000, dflt))
-    return tl.where(is_nan(s), bits_f32(nan_bits), s)
+    nan_bits = tl.where((bb & 0x7FFFFFFF) > 0x7F800000, bb | 0x00400000,
+                        tl.where((ab & 0x7FFFFFFF) > 0x7F800000, ab | 0x00400000, dflt))
+    s_nan = (s.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(s_nan, nan_bits.to(tl.float32, bitcast=True), s)
 
 
 @triton.jit
 def f32_to_bf16_bits(f):
     """float32 -> bfloat16 bits (uint16 held in int32), round to nearest even; NaN -> 0xFFFF
     as ATen's CPU conversion writes it (the reference runs there)."""
-    u = f32_bits(f)
+    u = f.to(tl.uint32, bitcast=True)
     r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-    return tl.where(is_nan(f), 0xFFFF, r.to(tl.int32))
-
-
-@triton.jit
-def bf16_bits_to_f32(h):
-    """bfloat16 bits (any integer type) -> float32, exact (a shift, NaN payload kept)."""
-    return ((h.to(tl.uint32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0xFFFF, r.to(tl.int32))
 
 
 @triton.jit
@@ -163,7 +142,7 @@ def load_f32(ptr, offs, mask):
     survive; float16 uses the hardware conversion (exact for every non-NaN value)."""
     if ptr.dtype.element_ty == tl.bfloat16:
         h = tl.load(ptr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
-        return bf16_bits_to_f32(h)
+        return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -174,23 +153,32 @@ def load_f32(ptr, offs, mask):
 
 
 @triton.jit
-def lowbias32(x):
-    x = x ^ (x >> 16)
-    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
-    x = x ^ (x >> 15)
-    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
-    x = x ^ (x >> 16)
-    return x
-
-
-@triton.jit
 def hash32(k1, index):
     """hash32(seed, index) given k1 = lowbias32(seed ^ 0x9E3779B9) (from :func:`seed_key`)
-    as a uint32 and int64 indices >= 0."""
+    as a uint32 and int64 indices >= 0. lowbias32 is written out three times (not a
+    helper) for the interpreter's sake, see above."""
+    c1 = tl.full(index.shape, 0x7FEB352D, tl.uint32)
+    c2 = tl.full(index.shape, 0x846CA68B, tl.uint32)
     lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    k2 = lowbias32(hi ^ k1)
-    return lowbias32(lowbias32(lo ^ k2) + k1)
+    x = (index >> 32).to(tl.uint32) ^ k1  # k2 = lowbias32(hi ^ k1)
+    x = x ^ (x >> 16)
+    x = x * c1
+    x = x ^ (x >> 15)
+    x = x * c2
+    x = x ^ (x >> 16)
+    x = lo ^ x  # lowbias32(lo ^ k2)
+    x = x ^ (x >> 16)
+    x = x * c1
+    x = x ^ (x >> 15)
+    x = x * c2
+    x = x ^ (x >> 16)
+    x = x + k1  # lowbias32(... + k1), wrapping
+    x = x ^ (x >> 16)
+    x = x * c1
+    x = x ^ (x >> 15)
+    x = x * c2
+    x = x ^ (x >> 16)
+    return x
 
 
 @triton.jit
@@ -226,13 +214,14 @@ def _header_kernel(out_ptr,  # *uint8 payload
                    p0, l0, p1, l1, p2, l2):  # up to three (offset, length < 16) zero pads
     j = tl.arange(0, 64)
     wi = j // 8
-    word = tl.where(wi == 0, w0.to(tl.int64), w1.to(tl.int64))
-    word = tl.where(wi == 2, w2.to(tl.int64), word)
-    word = tl.where(wi == 3, w3.to(tl.int64), word)
-    word = tl.where(wi == 4, w4.to(tl.int64), word)
-    word = tl.where(wi == 5, w5.to(tl.int64), word)
-    word = tl.where(wi == 6, w6.to(tl.int64), word)
-    word = tl.where(wi == 7, w7.to(tl.int64), word)
+    z = tl.zeros([], dtype=tl.int64)  # widens i32 / constexpr arguments to int64
+    word = tl.where(wi == 0, w0 + z, w1 + z)
+    word = tl.where(wi == 2, w2 + z, word)
+    word = tl.where(wi == 3, w3 + z, word)
+    word = tl.where(wi == 4, w4 + z, word)
+    word = tl.where(wi == 5, w5 + z, word)
+    word = tl.where(wi == 6, w6 + z, word)
+    word = tl.where(wi == 7, w7 + z, word)
     byte = (word >> ((j % 8) * 8)) & 0xFF
     tl.store(out_ptr + j, byte.to(tl.uint8))
     i = tl.arange(0, 16)

@@ -10,8 +10,6 @@ The 1-bit scale is the sum of |v| in reference.block_abs_sum's fixed order: 32 l
 the kernel walks each block in steps of 32 elements before it packs the sign bits.
 """
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -21,15 +19,12 @@ from .. import format as fmt
 from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
-        add_x86,
-    bits_f32,
+    QNAN_BITS,
+    add_x86,
     dummy_like,
-    f32_bits,
-    fmul_rn,
     fadd_rn,
+    fmul_rn,
     fsub_rn,
-    is_finite,
-    qnan_like,
     load_f32,
     round_half_even,
     seed_key,
@@ -40,13 +35,12 @@ from ._common import (
 
 @triton.jit
 def _load_v(x_ptr, res_ptr, offs, mask, HAS_RES: tl.constexpr):
-    """v = float32(x) + residual (0.0 where masked, which is the reference's zero padding)."""
+    """v = float32(x) + residual (0.0 where masked: the reference's zero padding)."""
     x = load_f32(x_ptr, offs, mask)
     if HAS_RES:
-        r = tl.load(res_ptr + offs, mask=mask, other=0.0)
-        return add_x86(x, r), r
+        return add_x86(x, tl.load(res_ptr + offs, mask=mask, other=0.0))
     else:
-        return x, x
+        return x
 
 
 @triton.jit
@@ -57,7 +51,7 @@ def _quantize_pack_kernel(
     n,  # number of elements
     nb,  # number of blocks, ceil(n / BLOCK)
     codes_off,  # byte offset of the codes section
-    k1,  # seed key for stochastic rounding (uint32 value)
+    k1,  # seed key for stochastic rounding (a uint32 value)
     BITS: tl.constexpr,  # 1, 2, 4 or 8
     BLOCK: tl.constexpr,  # elements per scale (power of two, 32..4096)
     ROWS: tl.constexpr,  # blocks per program
@@ -66,64 +60,59 @@ def _quantize_pack_kernel(
 ):
     pid = tl.program_id(0)
     blk = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS] block ids
-    col = tl.arange(0, BLOCK)
-    offs = blk[:, None] * BLOCK + col[None, :]  # [ROWS, BLOCK] element ids (int64)
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [ROWS, BLOCK] element ids
     inb = offs < n
-    blk_ok = blk < nb
     scales_ptr = (out_ptr + 64).to(tl.pointer_type(tl.float32))
+    v = _load_v(x_ptr, res_ptr, offs, inb, HAS_RES)
+    vbits = v.to(tl.uint32, bitcast=True)
+    # NaN-propagating amax as an integer max over |v|'s bits: exact, order-free, and every
+    # NaN pattern sorts above +inf.
+    amax_bits = tl.max((vbits & 0x7FFFFFFF).to(tl.int32), axis=1)
+    qnan = tl.full([ROWS], QNAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
 
     if BITS == 1:
-        # Sum of |v| in the reference's order: lane j accumulates elements j, j+32, ...
-        lane_col = tl.arange(0, 32)
+        # Sum of |v| in the reference's order: lane j accumulates elements j, j+32, ... of
+        # its block one after the other (so the block is walked again in steps of 32).
+        lanes = tl.arange(0, 32)
         lane = tl.zeros([ROWS, 32], dtype=tl.float32)
-        for s in range(0, BLOCK // 32):
-            o32 = blk[:, None] * BLOCK + s * 32 + lane_col[None, :]
-            v32, _ = _load_v(x_ptr, res_ptr, o32, o32 < n, HAS_RES)
-            lane = lane + bits_f32(f32_bits(v32) & 0x7FFFFFFF)
-        # Shuffle-down tree: lane[i] += lane[i + h] for h = 16, 8, 4, 2, 1; each step adds
-        # exactly two values, so the reduction order inside tl.sum does not matter.
+        for s in range(BLOCK // 32):
+            o32 = blk[:, None] * BLOCK + s * 32 + lanes[None, :]
+            m32 = o32 < n
+            x32 = load_f32(x_ptr, o32, m32)
+            if HAS_RES:
+                # Plain add: a NaN here only has to stay NaN (the scale's bits are set below).
+                x32 = x32 + tl.load(res_ptr + o32, mask=m32, other=0.0)
+            lane = lane + tl.abs(x32)
+        # Shuffle-down tree, lane[i] += lane[i + h] for h = 16, 8, 4, 2, 1: each step adds
+        # exactly two values, so tl.sum's internal order cannot change the result.
         lane = tl.sum(tl.reshape(lane, [ROWS, 2, 16]), axis=1)
         lane = tl.sum(tl.reshape(lane, [ROWS, 2, 8]), axis=1)
         lane = tl.sum(tl.reshape(lane, [ROWS, 2, 4]), axis=1)
         lane = tl.sum(tl.reshape(lane, [ROWS, 2, 2]), axis=1)
-        total = tl.sum(tl.reshape(lane, [ROWS, 2, 1]), axis=1)
-        total = tl.reshape(total, [ROWS])
-        length = tl.minimum(n - blk * BLOCK, BLOCK)
-        length = tl.maximum(length, 1).to(tl.float32)
+        total = tl.reshape(tl.sum(tl.reshape(lane, [ROWS, 2, 1]), axis=1), [ROWS])
+        length = tl.maximum(tl.minimum(n - blk * BLOCK, BLOCK), 1).to(tl.float32)
         scale = tl.math.div_rn(total, length)
-        scale = tl.where(scale != scale, qnan_like(scale), scale)
-        tl.store(scales_ptr + blk, scale, mask=blk_ok)
-
-        v, r_old = _load_v(x_ptr, res_ptr, offs, inb, HAS_RES)
-        neg = v < 0.0
-        code = tl.where(neg & inb, 1, 0)
-        if HAS_RES:
-            dec = tl.where(neg, -scale[:, None], scale[:, None])
-            r_new = fsub_rn(v, dec)
-            tl.store(res_ptr + offs, r_new, mask=inb & is_finite(r_new))
+        # A block holding NaN has a NaN sum; write the quiet NaN the reference writes.
+        scale = tl.where(amax_bits > 0x7F800000, qnan, scale)
+        code = tl.where((v < 0.0) & inb, 1, 0)
+        dec = tl.where(v < 0.0, -scale[:, None], scale[:, None])
     else:
         QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-        v, r_old = _load_v(x_ptr, res_ptr, offs, inb, HAS_RES)
-        # NaN-propagating amax as an integer max over |v|'s bits: exact, order-free, and
-        # every NaN pattern sorts above +inf.
-        amax_bits = tl.max((f32_bits(v) & 0x7FFFFFFF).to(tl.int32), axis=1)
         nonfinite = amax_bits >= 0x7F800000
-        amax = bits_f32(amax_bits)
+        amax = amax_bits.to(tl.float32, bitcast=True)
         qmax = tl.full([ROWS], QMAX, tl.float32)
-        # (a zero amax is swapped for 1 only to keep the division quiet: such a block is
-        # all zeros and gets inv = 0 below either way)
+        # (a zero amax is swapped for 1 only to keep the division quiet: that block's
+        # codes are all zero whatever inv is)
         inv = tl.math.div_rn(qmax, tl.where(amax == 0.0, 1.0, amax))
         scale = tl.math.div_rn(amax, qmax)
-        zero = (~nonfinite) & ((amax == 0.0) | (f32_bits(inv) == 0x7F800000))
-        scale = tl.where(zero, 0.0, scale)
-        scale = tl.where(amax_bits > 0x7F800000, qnan_like(scale), scale)
-        tl.store(scales_ptr + blk, scale, mask=blk_ok)
+        zero = (~nonfinite) & ((amax == 0.0) | (inv.to(tl.uint32, bitcast=True) == 0x7F800000))
         coded = ~(zero | nonfinite)
+        scale = tl.where(zero, 0.0, scale)
+        scale = tl.where(amax_bits > 0x7F800000, qnan, scale)
         inv = tl.where(coded, inv, 0.0)
-
         t = fmul_rn(v, inv[:, None])
         if STOCHASTIC:
-            u = uniform(k1.to(tl.uint32), offs)
+            u = uniform((k1 + tl.zeros([], dtype=tl.int64)).to(tl.uint32), offs)
             q = tl.floor(fadd_rn(t, u))
         else:
             q = round_half_even(t)
@@ -131,12 +120,16 @@ def _quantize_pack_kernel(
         q = tl.where(q > QMAX, QMAX, q)
         q = tl.where(coded[:, None], q, 0.0)
         code = tl.where(inb, (q + QMAX).to(tl.int32), 0)
-        if HAS_RES:
-            r_new = fsub_rn(v, fmul_rn(q, scale[:, None]))
-            tl.store(res_ptr + offs, r_new, mask=inb & is_finite(r_new))
+        dec = fmul_rn(q, scale[:, None])
 
-    # Bit packing: element i's code at bit (i * BITS) % 8 of byte (i * BITS) // 8. The
-    # tile's codes are consecutive elements, so its bytes are consecutive too.
+    tl.store(scales_ptr + blk, scale, mask=blk < nb)
+    if HAS_RES:
+        r_new = fsub_rn(v, dec)
+        finite = (r_new.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+        tl.store(res_ptr + offs, r_new, mask=inb & finite)
+
+    # Bit packing: element i's code at bit (i * BITS) % 8 of byte (i * BITS) // 8. A tile's
+    # elements are consecutive, so its bytes are too.
     PER: tl.constexpr = 8 // BITS
     NBYTES: tl.constexpr = ROWS * BLOCK // PER
     if BITS == 8:
@@ -167,7 +160,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 def _interpreter_rows(block: int) -> int:
     # The interpreter's cost is per program and per operation, not per element: big tiles.
-    return max(1, 8192 // block)
+    return max(1, 32768 // block)
 
 
 if INTERPRET:
@@ -183,7 +176,7 @@ else:
 
 @triton_op("gradzip::triton_quantize_pack", mutates_args={"residual"})
 def triton_quantize_pack(x: torch.Tensor, bits: int, block: int,
-                         residual: Optional[torch.Tensor], stochastic: bool,
+                         residual: torch.Tensor | None, stochastic: bool,
                          seed: int) -> torch.Tensor:
     """Triton kernel behind ``gradzip.quantize_pack(..., backend="triton")``.
 
@@ -202,8 +195,8 @@ def triton_quantize_pack(x: torch.Tensor, bits: int, block: int,
     res = residual if residual is not None else dummy_like(x)
     codes_off = header.sections()["codes"][0]
     args = (xf, res, payload, n, nb, codes_off, seed_key(seed))
-    flags = dict(BITS=bits, BLOCK=block, HAS_RES=residual is not None,
-                 STOCHASTIC=bool(stochastic))
+    flags = {"BITS": bits, "BLOCK": block, "HAS_RES": residual is not None,
+             "STOCHASTIC": bool(stochastic)}
     if INTERPRET:
         rows = _interpreter_rows(block)
         wrap_triton(_kernel)[(triton.cdiv(nb, rows),)](*args, **flags, ROWS=rows)
