@@ -16,6 +16,10 @@ give by default, and this module is where each is handled:
 * **Round half to even** without libdevice (which the interpreter cannot run):
   :func:`round_half_even` adds and subtracts 1.5 * 2**23, exact for |t| < 2**22, which
   covers every value the kernels round (|t| <= qmax * (1 + 2**-22)).
+* **No flush-to-zero.** Triton links libdevice with ``__CUDA_FTZ`` set, so ``tl.floor``
+  becomes ``cvt.rmi.ftz.f32.f32``; :func:`floor_f32` uses ``cvt.rmi.f32.f32`` instead.
+  Plain arithmetic is compiled without ``.ftz``. (tests/test_triton.py compiles every
+  kernel for sm_90 and checks the PTX has no ``fma``, ``.ftz`` or approximate division.)
 
 Under ``TRITON_INTERPRET=1`` the kernels run on numpy, whose float32 operations are the
 IEEE operations the reference uses; the inline-PTX branches are skipped there (they are
@@ -108,6 +112,17 @@ def round_half_even(t):
         r = (t + 12582912.0) - 12582912.0
     signed_zero = (t.to(tl.uint32, bitcast=True) & 0x80000000).to(tl.float32, bitcast=True)
     return tl.where(r == 0.0, signed_zero, r)
+
+
+@triton.jit
+def floor_f32(t):
+    """floor(t). On CUDA as cvt.rmi.f32.f32: tl.floor lowers to libdevice, which Triton
+    links in flush-to-zero mode, so floor(-1e-40) would give -0.0 instead of -1.0."""
+    if _PTX:
+        return tl.inline_asm_elementwise("cvt.rmi.f32.f32 $0, $1;", "=f,f", [t],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.floor(t)
 
 
 @triton.jit

@@ -23,6 +23,7 @@ from ._common import (
     add_x86,
     dummy_like,
     fadd_rn,
+    floor_f32,
     fmul_rn,
     fsub_rn,
     load_f32,
@@ -92,8 +93,11 @@ def _quantize_pack_kernel(
         total = tl.reshape(tl.sum(tl.reshape(lane, [ROWS, 2, 1]), axis=1), [ROWS])
         length = tl.maximum(tl.minimum(n - blk * BLOCK, BLOCK), 1).to(tl.float32)
         scale = tl.math.div_rn(total, length)
-        # A block holding NaN has a NaN sum; write the quiet NaN the reference writes.
-        scale = tl.where(amax_bits > 0x7F800000, qnan, scale)
+        # A block holding NaN has a NaN sum. On x86 (the reference) that NaN is |v|'s NaN,
+        # quieted, carried through the additions; GPUs return a canonical NaN instead, so
+        # write the bits explicitly (the largest NaN pattern when a block holds several).
+        nan_scale = (amax_bits | 0x00400000).to(tl.float32, bitcast=True)
+        scale = tl.where(amax_bits > 0x7F800000, nan_scale, scale)
         code = tl.where((v < 0.0) & inb, 1, 0)
         dec = tl.where(v < 0.0, -scale[:, None], scale[:, None])
     else:
@@ -113,7 +117,7 @@ def _quantize_pack_kernel(
         t = fmul_rn(v, inv[:, None])
         if STOCHASTIC:
             u = uniform((k1 + tl.zeros([], dtype=tl.int64)).to(tl.uint32), offs)
-            q = tl.floor(fadd_rn(t, u))
+            q = floor_f32(fadd_rn(t, u))
         else:
             q = round_half_even(t)
         q = tl.where(q < -QMAX, -QMAX, q)
@@ -153,8 +157,7 @@ def quantize_pack_configs() -> list[triton.Config]:
 
 def _prune_configs(configs, named_args, **kwargs):
     block = kwargs.get("BLOCK", named_args.get("BLOCK"))
-    keep = [c for c in configs
-            if 1024 <= c.kwargs["ROWS"] * block <= 8192 or (c.kwargs["ROWS"] == 1 and block >= 8192)]
+    keep = [c for c in configs if 1024 <= c.kwargs["ROWS"] * block <= 8192]
     return keep or [c for c in configs if c.kwargs["ROWS"] == 1]
 
 
