@@ -283,13 +283,18 @@ def check_topk_indices(rows: torch.Tensor, header: fmt.Header) -> None:
                 f"payload {w}: corrupt gradzip top-k payload: indices not strictly ascending")
 
 
-def dequantize_accumulate(rows: torch.Tensor, out: torch.Tensor, alpha: float) -> None:
+def dequantize_accumulate(rows: torch.Tensor, out: torch.Tensor, alpha: float,
+                          header: fmt.Header | None = None) -> None:
     """Entry point used by :func:`gradzip.ops.dequantize_accumulate` for
-    ``backend="triton"``: ``rows`` [W, P] uint8 whose headers the caller has validated."""
+    ``backend="triton"``: ``rows`` [W, P] uint8 whose headers the caller has validated.
+
+    ``header``: the payloads' parsed header when the caller has it (saves reading payload 0's
+    header back from the device once more)."""
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    header = fmt.parse_header(rows[0, : fmt.HEADER_BYTES].cpu().numpy().tobytes(),
-                              length=rows.shape[1])
+    if header is None:
+        header = fmt.parse_header(rows[0, : fmt.HEADER_BYTES].cpu().numpy().tobytes(),
+                                  length=rows.shape[1])
     if header.codec == fmt.CODEC_TOPK:
         check_topk_indices(rows, header)
     torch.ops.gradzip.triton_dequantize_accumulate(
