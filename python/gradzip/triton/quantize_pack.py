@@ -8,6 +8,9 @@ residual. A second, one-program kernel writes the 64-byte header and the section
 The 1-bit scale is the sum of |v| in reference.block_abs_sum's fixed order: 32 lanes
 (lane j adds elements j, j+32, ... in increasing order) folded by a shuffle-down tree, so
 the kernel walks each block in steps of 32 elements before it packs the sign bits.
+
+Outside the kernels the launcher allocates the payload and, for a non-contiguous ``x``,
+makes one contiguous copy (``reshape(-1).contiguous()``).
 """
 
 import torch

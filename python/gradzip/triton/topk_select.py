@@ -30,6 +30,9 @@ see a zero "on" flag and return without touching memory.
 
 int8 values: the emit pass keeps the selected fp32 values in a scratch list; a reduction
 gives the one scale, and a last kernel writes the codes and the selected residuals.
+
+Besides the kernels, the launcher only allocates scratch tensors (``torch.empty``) and, for
+a non-contiguous ``x``, makes one contiguous copy (``reshape(-1).contiguous()``).
 """
 
 import torch
@@ -280,7 +283,8 @@ def _topk_compact_kernel(v_ptr, res_ptr, st_ptr, off_ptr, cv_ptr, ci_ptr, n,
     tl.store(cv_ptr + pos, v, mask=c)
     tl.store(ci_ptr + pos, offs, mask=c)
     if HAS_RES:
-        tl.store(res_ptr + offs, v, mask=m & (~c) & ((v.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000))
+        finite = (v.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+        tl.store(res_ptr + offs, v, mask=m & (~c) & finite)
 
 
 @triton.jit
@@ -338,7 +342,8 @@ def _topk_emit_kernel(v_ptr, idx_ptr, res_ptr, st_ptr, sel_off_ptr, b_off_ptr, o
 def _int8_amax_kernel(selv_ptr, part_ptr, k, TILE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     v = tl.load(selv_ptr + offs, mask=offs < k, other=0.0)
-    tl.store(part_ptr + tl.program_id(0), tl.max((v.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32)))
+    abs_bits = (v.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32)
+    tl.store(part_ptr + tl.program_id(0), tl.max(abs_bits))
 
 
 @triton.jit
@@ -357,7 +362,8 @@ def _int8_scale_kernel(part_ptr, nparts, out_ptr, vs_off, fs_ptr, CH: tl.constex
     scale = tl.math.div_rn(amax, q)
     zero = (~nonfinite) & ((amax == 0.0) | (inv.to(tl.uint32, bitcast=True) == 0x7F800000))
     scale = tl.where(zero, 0.0, scale)
-    scale = tl.where(amax_bits > 0x7F800000, tl.full(scale.shape, QNAN_BITS, tl.uint32).to(tl.float32, bitcast=True), scale)
+    qnan = tl.full(scale.shape, QNAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
+    scale = tl.where(amax_bits > 0x7F800000, qnan, scale)  # torch's amax: the default NaN
     inv = tl.where(zero | nonfinite, 0.0, inv)
     tl.store((out_ptr + vs_off).to(tl.pointer_type(tl.float32)), scale)
     tl.store(fs_ptr, scale)
@@ -385,7 +391,8 @@ def _int8_quant_kernel(selv_ptr, out_ptr, idx_off, val_off, res_ptr, fs_ptr, k,
             idx = tl.load((out_ptr + idx_off).to(tl.pointer_type(tl.int32)) + offs, mask=m,
                           other=0).to(tl.int64)
         r_new = fsub_rn(v, fmul_rn(q, scale))
-        tl.store(res_ptr + idx, r_new, mask=m & ((r_new.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000))
+        finite = (r_new.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+        tl.store(res_ptr + idx, r_new, mask=m & finite)
 
 
 def topk_select_configs() -> list[triton.Config]:
@@ -425,12 +432,11 @@ def _radix_select(vals: torch.Tensor, st: torch.Tensor, b: int, cap: int) -> Non
 
 
 def _select_and_emit(vals, idx, st, b, cap, res, payload, selv, idx_off, val_off,
-                     has_res, value_format, idx64, radix=True):
+                     has_res, value_format, idx64):
     """Count, scan and emit over the list ``vals`` (``idx``: their element indices, or
     None for the identity) for the selection kept in state block ``b``."""
     dev = vals.device
-    if radix:
-        _radix_select(vals, st, b, cap)
+    _radix_select(vals, st, b, cap)
     ntiles = triton.cdiv(cap, TILE)
     cnt = torch.empty(2, ntiles, dtype=torch.int64, device=dev)
     off = torch.empty(2, ntiles, dtype=torch.int64, device=dev)
