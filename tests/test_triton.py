@@ -809,7 +809,9 @@ def test_autotune_configs():
 # GPU only: opcheck and torch.compile on real CUDA tensors
 # ---------------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (real Triton)")
+def gpu(fn):
+    return pytest.mark.gpu(
+        pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (real Triton)")(fn))
 
 
 @gpu
@@ -839,3 +841,12 @@ def test_torch_compile_gpu():
         results.append((*fn(x, r1, r2, out), r1, r2, out))
     for got, want in zip(results[1], results[0]):
         assert torch.equal(got, want)
+
+
+@gpu
+def test_auto_backend_uses_triton_without_cuda_kernels():
+    """A build without CUDA kernels runs CUDA tensors through Triton under backend="auto"."""
+    if gradzip.build_info()["cuda_kernels_registered"]:
+        pytest.skip("this build has CUDA kernels: backend='auto' picks them")
+    x = _data(3000, seed=4).cuda()
+    assert torch.equal(gradzip.quantize_pack(x, 4), gradzip.quantize_pack(x, 4, backend="triton"))
