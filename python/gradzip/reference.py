@@ -217,13 +217,19 @@ def quantize_pack(
 SAMPLE_SIZE = 16384  # sampled elements for the approximate threshold
 
 
+CANONICAL_NAN_KEY = 0x7FC00000
+
+
 def magnitude_key(v: torch.Tensor) -> torch.Tensor:
     """Order key of |v|: the float32 bit pattern with the sign cleared, as int64.
 
-    For non-negative floats the bit pattern is monotonic in the value, and every NaN
-    orders above +inf, so non-finite entries are always selected first.
+    For non-negative floats the bit pattern is monotonic in the value. Every NaN gets the
+    key of the canonical quiet NaN (0x7FC00000, above +inf's 0x7F800000): non-finite
+    entries are always selected first, and NaNs tie (lower index first) whatever their
+    bit patterns, which differ between hardware.
     """
-    return (v.view(torch.int32).to(torch.int64)) & 0x7FFFFFFF
+    key = (v.view(torch.int32).to(torch.int64)) & 0x7FFFFFFF
+    return torch.where(torch.isnan(v), torch.full_like(key, CANONICAL_NAN_KEY), key)
 
 
 def _top_by_key(key: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
