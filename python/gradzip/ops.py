@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-from functools import cache
+from functools import lru_cache
 
 import torch
 
-from . import _checks, reference
+from . import _checks
 from . import format as fmt
+from . import reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
@@ -31,7 +32,7 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 # ---------------------------------------------------------------------------------------
 
 
-@cache
+@lru_cache(maxsize=None)
 def build_info() -> dict:
     """What the loaded ``gradzip._C`` was compiled with, and which backends are usable.
 
