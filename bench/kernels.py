@@ -20,7 +20,11 @@ with error feedback reads x and the residual and writes the residual and the pay
 Backends: ``cpu`` (C++ kernels) always; ``cuda`` and ``triton`` when a GPU is present and
 those backends are available (timed with CUDA events); ``reference`` (gradzip.reference,
 pure PyTorch written for clarity, not speed) only at sizes up to 2^20, because it takes
-seconds per call beyond that. bitsandbytes' ``quantize_blockwise`` (its dynamic 8-bit
+seconds per call beyond that.
+
+Every call of quantize_pack / topk_select returns a fresh payload, so part of their time at
+2^26 is the kernel faulting in new pages; torch's allocator can use transparent huge pages
+for large tensors (THP_MEM_ALLOC_ENABLE=1 in the environment), which removes most of that. bitsandbytes' ``quantize_blockwise`` (its dynamic 8-bit
 code, same block size) is a peer column for 8-bit quantize_pack without error feedback
 when bitsandbytes is importable; it is optional and not a gradzip dependency.
 """
@@ -117,14 +121,22 @@ def torch_topk_select(x: torch.Tensor, k: int,
 
 def torch_decode_dense(scales: torch.Tensor, packed: torch.Tensor, bits: int, block: int,
                        n: int) -> torch.Tensor:
-    """Unpack codes with shifts and masks and scale them per block."""
+    """Unpack codes with shifts and masks and scale them per block (broadcast, no copies of
+    the scales)."""
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
-    codes = ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
-    s = scales.repeat_interleave(block)[:n]
+    nb = scales.numel()
+    if per > 1:
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+        codes = ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    else:
+        codes = packed
+    codes = torch.nn.functional.pad(codes, (0, nb * block - codes.numel())).view(nb, block)
+    s = scales.view(nb, 1)
     if bits == 1:
-        return torch.where(codes == 1, -s, s)
-    return (codes.float() - (2 ** (bits - 1) - 1)) * s
+        dec = torch.where(codes == 1, -s, s)
+    else:
+        dec = (codes.float() - (2 ** (bits - 1) - 1)) * s
+    return dec.reshape(-1)[:n]
 
 
 def torch_accumulate_dense(sections: list[tuple[torch.Tensor, torch.Tensor]], bits: int,
