@@ -28,10 +28,9 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import gradzip
 import pytest
 import torch
-
-import gradzip  # noqa: F401  (loads gradzip._C, which registers torch.ops.gradzip.*)
 
 OPS = ("quantize_pack", "topk_select", "dequantize_accumulate")
 

@@ -17,7 +17,7 @@ def _cuda_device_present() -> bool:
 if not _cuda_device_present() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import backends  # noqa: E402  (after TRITON_INTERPRET is settled)
+import backends
 
 
 def pytest_report_header(config) -> list[str]:

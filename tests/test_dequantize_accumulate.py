@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import math
 
+import backends
+import expect
+import gradzip
+import inputs
 import numpy as np
 import pytest
 import torch
-
-import gradzip
 from gradzip import format as fmt
 from gradzip import reference
-
-import backends
-import expect
-import inputs
 
 OP = "dequantize_accumulate"
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -290,7 +288,7 @@ def _bad_cases():
     assert other_n.numel() == a.numel()  # same size, different numel
     topk = reference.topk_select(inputs.grad_like(N, seed=3), 1)
     bits4 = reference.quantize_pack(inputs.grad_like(N, seed=3), 4, 128)
-    out = lambda **kw: torch.zeros(N, **kw)  # noqa: E731
+    out = lambda **kw: torch.zeros(N, **kw)
     return [
         ("truncated", [a[:-1], b[:-1]], out(), ValueError, "truncated"),
         ("truncated to header", [a[:40]], out(), ValueError, "truncated"),
@@ -333,7 +331,7 @@ def test_bad_input_raises_and_leaves_out_alone(target, case):
     if out.device.type != "meta":
         out = out.to(dev)
     out_before = out.clone() if out.device.type != "meta" else None
-    kw = dict(alpha=1.0, backend=target.backend)
+    kw = {"alpha": 1.0, "backend": target.backend}
     if name == "alpha str":
         kw["alpha"] = "1"
     if name == "backend":

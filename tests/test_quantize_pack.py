@@ -7,17 +7,15 @@ from __future__ import annotations
 import math
 import zlib
 
+import backends
+import expect
+import gradzip
+import inputs
 import numpy as np
 import pytest
 import torch
-
-import gradzip
 from gradzip import format as fmt
 from gradzip import reference
-
-import backends
-import expect
-import inputs
 
 OP = "quantize_pack"
 BITS = (8, 4, 2, 1)
@@ -92,8 +90,8 @@ def _light(bits, rounding, block, dtype, with_residual, n):
 
 MATRIX = [
     p for p in backends.product(
-        OP, [BITS, ROUNDINGS, BLOCKS, DTYPES, (True, False), sorted(set(
-            s for b in BLOCKS for s in sizes(b)))],
+        OP, [BITS, ROUNDINGS, BLOCKS, DTYPES, (True, False), sorted({
+            s for b in BLOCKS for s in sizes(b)})],
         keep=lambda bits, rounding, block, dtype, res, n: defined(bits, rounding)
         and n in sizes(block),
         keep_light=_light, numel=lambda *c: c[-1])
@@ -262,7 +260,7 @@ def test_nearest_error_at_most_half_a_step(target, bits, block):
     most 4u * amax (|v|, |q*scale| <= amax(1 + 2u)); 5u * amax is used.
     """
     v, p, _, _ = _v_and_payload(target, bits, block, "nearest")
-    f, scales, q = expect.dense_parts(p)
+    _f, scales, q = expect.dense_parts(p)
     assert (np.abs(q) <= 2 ** (bits - 1) - 1).all()
     d = expect.decode64(p)
     s = np.repeat(scales.astype(np.float64), block)[: v.numel()]
@@ -287,7 +285,7 @@ def test_one_bit_sign_and_mean_scale(target, block):
     order; 1.01 * (m + 6) * u is used.
     """
     v, p, _, _ = _v_and_payload(target, 1, block, "nearest")
-    f, scales, q = expect.dense_parts(p)
+    _f, scales, q = expect.dense_parts(p)
     vn = v.numpy()
     np.testing.assert_array_equal(q == -1, vn < 0, err_msg=f"{target}: sign bits")
     for b in range(len(scales)):
@@ -308,7 +306,7 @@ def test_rounding_half_to_even(target, bits):
         vals += [float(qmax)] + ties[s:s + 31]
     x = torch.tensor(vals, dtype=torch.float32)
     p = gradzip.quantize_pack(x.to(target.device), bits, 32, backend=target.backend)
-    f, scales, q = expect.dense_parts(p)
+    _f, scales, q = expect.dense_parts(p)
     assert (scales == 1.0).all(), scales
     assert q.tolist() == [round(v) for v in vals], target
 
@@ -417,7 +415,7 @@ def test_stochastic_rounds_to_a_neighbour(target, bits):
     """Every stochastic code is floor(t) or floor(t)+1 (clamped): |decode - v| < scale
     (plus the 5u * amax float slack of the nearest-rounding bound)."""
     v, p, _, _ = _v_and_payload(target, bits, 128, "stochastic")
-    f, scales, q = expect.dense_parts(p)
+    _f, scales, _q = expect.dense_parts(p)
     d = expect.decode64(p)
     s = np.repeat(scales.astype(np.float64), 128)[: v.numel()]
     amax = s * (2 ** (bits - 1) - 1)
@@ -485,42 +483,42 @@ def _bad_cases():
     x = X
     meta_r = torch.empty(300, device="meta")
     return [
-        ("x int32", dict(x=x.to(torch.int32)), TypeError, "x must be float32"),
-        ("x float64", dict(x=x.double()), TypeError, "x must be float32"),
-        ("x list", dict(x=x.tolist()), TypeError, "x must be a torch.Tensor"),
-        ("bits 3", dict(bits=3), ValueError, "bits must be one of"),
-        ("bits 16", dict(bits=16), ValueError, "bits must be one of"),
-        ("bits 0", dict(bits=0), ValueError, "bits must be one of"),
-        ("bits True", dict(bits=True), ValueError, "bits must be one of"),
-        ("bits 8.0", dict(bits=8.0), ValueError, "bits must be one of"),
-        ("block 16", dict(block=16), ValueError, "block must be a power of two"),
-        ("block 8192", dict(block=8192), ValueError, "block must be a power of two"),
-        ("block 100", dict(block=100), ValueError, "block must be a power of two"),
-        ("block 0", dict(block=0), ValueError, "block must be a power of two"),
-        ("block 128.0", dict(block=128.0), ValueError, "block must be a power of two"),
-        ("rounding", dict(rounding="up"), ValueError, "rounding must be one of"),
-        ("1-bit stochastic", dict(bits=1, rounding="stochastic"), ValueError,
+        ("x int32", {"x": x.to(torch.int32)}, TypeError, "x must be float32"),
+        ("x float64", {"x": x.double()}, TypeError, "x must be float32"),
+        ("x list", {"x": x.tolist()}, TypeError, "x must be a torch.Tensor"),
+        ("bits 3", {"bits": 3}, ValueError, "bits must be one of"),
+        ("bits 16", {"bits": 16}, ValueError, "bits must be one of"),
+        ("bits 0", {"bits": 0}, ValueError, "bits must be one of"),
+        ("bits True", {"bits": True}, ValueError, "bits must be one of"),
+        ("bits 8.0", {"bits": 8.0}, ValueError, "bits must be one of"),
+        ("block 16", {"block": 16}, ValueError, "block must be a power of two"),
+        ("block 8192", {"block": 8192}, ValueError, "block must be a power of two"),
+        ("block 100", {"block": 100}, ValueError, "block must be a power of two"),
+        ("block 0", {"block": 0}, ValueError, "block must be a power of two"),
+        ("block 128.0", {"block": 128.0}, ValueError, "block must be a power of two"),
+        ("rounding", {"rounding": "up"}, ValueError, "rounding must be one of"),
+        ("1-bit stochastic", {"bits": 1, "rounding": "stochastic"}, ValueError,
          "stochastic rounding is not defined for bits=1"),
-        ("seed -1", dict(seed=-1), ValueError, "seed must be an int"),
-        ("seed 2**32", dict(seed=2**32), ValueError, "seed must be an int"),
-        ("seed float", dict(seed=1.5), ValueError, "seed must be an int"),
-        ("residual fp16", dict(residual=torch.zeros(300, dtype=torch.float16)), TypeError,
+        ("seed -1", {"seed": -1}, ValueError, "seed must be an int"),
+        ("seed 2**32", {"seed": 2**32}, ValueError, "seed must be an int"),
+        ("seed float", {"seed": 1.5}, ValueError, "seed must be an int"),
+        ("residual fp16", {"residual": torch.zeros(300, dtype=torch.float16)}, TypeError,
          "residual must be float32"),
-        ("residual fp64", dict(residual=torch.zeros(300, dtype=torch.float64)), TypeError,
+        ("residual fp64", {"residual": torch.zeros(300, dtype=torch.float64)}, TypeError,
          "residual must be float32"),
-        ("residual size", dict(residual=torch.zeros(299)), ValueError,
+        ("residual size", {"residual": torch.zeros(299)}, ValueError,
          "residual has 299 elements but x has 300"),
-        ("residual size+", dict(residual=torch.zeros(301)), ValueError,
+        ("residual size+", {"residual": torch.zeros(301)}, ValueError,
          "residual has 301 elements"),
-        ("residual strided", dict(residual=torch.zeros(600)[::2]), ValueError,
+        ("residual strided", {"residual": torch.zeros(600)[::2]}, ValueError,
          "residual must be contiguous"),
-        ("residual device", dict(residual=meta_r), ValueError, "residual is on meta"),
-        ("residual list", dict(residual=[0.0] * 300), TypeError, "residual must be a torch"),
-        ("residual aliases x", dict(x=x.clone(), residual="alias"), ValueError,
+        ("residual device", {"residual": meta_r}, ValueError, "residual is on meta"),
+        ("residual list", {"residual": [0.0] * 300}, TypeError, "residual must be a torch"),
+        ("residual aliases x", {"x": x.clone(), "residual": "alias"}, ValueError,
          "must not share memory with x"),
-        ("backend", dict(backend="tpu"), ValueError, "backend must be one of"),
-        ("backend cuda on cpu", dict(backend="cuda"), ValueError, "needs CUDA tensors"),
-        ("x on meta", dict(x=torch.empty(300, device="meta"), residual=None), ValueError,
+        ("backend", {"backend": "tpu"}, ValueError, "backend must be one of"),
+        ("backend cuda on cpu", {"backend": "cuda"}, ValueError, "needs CUDA tensors"),
+        ("x on meta", {"x": torch.empty(300, device="meta"), "residual": None}, ValueError,
          "device type"),
     ]
 
@@ -528,8 +526,8 @@ def _bad_cases():
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_bad_arguments_raise_and_touch_nothing(case):
     name, over, exc, match = case
-    kw = dict(x=X.clone(), bits=8, block=128, residual=inputs.residual_like(300), rounding="nearest",
-              seed=0, backend="auto")
+    kw = {"x": X.clone(), "bits": 8, "block": 128, "residual": inputs.residual_like(300), "rounding": "nearest",
+              "seed": 0, "backend": "auto"}
     kw.update(over)
     if isinstance(kw["residual"], str):
         kw["residual"] = kw["x"]
@@ -553,14 +551,14 @@ def test_bad_arguments_on_each_backend(target):
     r_before = r.clone()
     be = target.backend
     for kw, exc, match in [
-        (dict(bits=3), ValueError, "bits"),
-        (dict(block=48), ValueError, "block"),
-        (dict(bits=1, rounding="stochastic"), ValueError, "stochastic"),
-        (dict(residual=torch.zeros(299, device=target.device)), ValueError, "residual has"),
-        (dict(residual=torch.zeros(300, dtype=torch.float16, device=target.device)),
+        ({"bits": 3}, ValueError, "bits"),
+        ({"block": 48}, ValueError, "block"),
+        ({"bits": 1, "rounding": "stochastic"}, ValueError, "stochastic"),
+        ({"residual": torch.zeros(299, device=target.device)}, ValueError, "residual has"),
+        ({"residual": torch.zeros(300, dtype=torch.float16, device=target.device)},
          TypeError, "float32"),
     ]:
-        args = dict(bits=8, block=128, residual=r, rounding="nearest", seed=0, backend=be)
+        args = {"bits": 8, "block": 128, "residual": r, "rounding": "nearest", "seed": 0, "backend": be}
         args.update(kw)
         with pytest.raises(exc, match=match):
             gradzip.quantize_pack(x, **args)

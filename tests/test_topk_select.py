@@ -7,16 +7,14 @@ from __future__ import annotations
 import math
 import zlib
 
+import backends
+import expect
+import gradzip
+import inputs
 import numpy as np
 import pytest
 import torch
-
-import gradzip
 from gradzip import reference
-
-import backends
-import expect
-import inputs
 
 OP = "topk_select"
 VALUES = ("fp32", "bf16", "int8")
@@ -179,7 +177,7 @@ def test_nonfinite_selected_first_and_carried(target, values):
     r0 = inputs.residual_like(n, seed=3)
     r = r0.clone().to(target.device)
     p = gradzip.topk_select(x.to(target.device), 3, r, values=values, backend=target.backend)
-    idx, vals = check_well_formed(p, n, 3, values)
+    idx, _vals = check_well_formed(p, n, 3, values)
     assert idx.tolist() == [3, 17, 1500], f"{target}: {idx.tolist()}"
     d = expect.decode(p)
     # GradScaler must see the overflow after the all-reduce.
@@ -206,7 +204,7 @@ def test_approximate_recall(target, dist, kfrac):
     for seed in (0, 1, 2**31 + 5):
         p = gradzip.topk_select(x.to(target.device), k, exact=False, seed=seed,
                                 backend=target.backend)
-        idx, vals = check_well_formed(p, n, k, approximate=True)
+        idx, _vals = check_well_formed(p, n, k, approximate=True)
         recall = np.intersect1d(idx, np_topk(x.numpy(), k)).size / k
         assert recall >= 0.95, f"{target} {dist} k={k} seed={seed}: recall {recall:.3f}"
 
@@ -280,7 +278,7 @@ def test_payload_size_depends_only_on_codec_numel_k(target, values):
     got = {gradzip.topk_select(c.to(target.device), k, exact=e, values=values,
                                backend=target.backend).numel()
            for c in contents for e in (True, False)}
-    io, vo, so, total = expect.topk_layout(n, k, VF[values])
+    _io, _vo, _so, total = expect.topk_layout(n, k, VF[values])
     assert got == {total}
     assert gradzip.compressed_size(n, k=k, values=values) == total
 
@@ -306,37 +304,37 @@ X = inputs.grad_like(300, seed=9)
 
 def _bad_cases():
     return [
-        ("k 0", dict(k=0), ValueError, "k must be at least 1"),
-        ("k -1", dict(k=-1), ValueError, "k must be at least 1"),
-        ("k > numel", dict(k=301), ValueError, "k=301 is larger than the tensor's 300"),
-        ("k float", dict(k=3.0), TypeError, "k must be an int"),
-        ("k bool", dict(k=True), TypeError, "k must be an int"),
-        ("k on empty", dict(x=torch.zeros(0), k=1, residual=None), ValueError, "larger than"),
-        ("x int64", dict(x=X.long()), TypeError, "x must be float32"),
-        ("x float64", dict(x=X.double()), TypeError, "x must be float32"),
-        ("exact str", dict(exact="yes"), TypeError, "exact must be a bool"),
-        ("values fp16", dict(values="fp16"), ValueError, "values must be one of"),
-        ("values int", dict(values=1), ValueError, "values must be one of"),
-        ("seed", dict(seed=-3), ValueError, "seed must be an int"),
-        ("residual fp16", dict(residual=torch.zeros(300, dtype=torch.float16)), TypeError,
+        ("k 0", {"k": 0}, ValueError, "k must be at least 1"),
+        ("k -1", {"k": -1}, ValueError, "k must be at least 1"),
+        ("k > numel", {"k": 301}, ValueError, "k=301 is larger than the tensor's 300"),
+        ("k float", {"k": 3.0}, TypeError, "k must be an int"),
+        ("k bool", {"k": True}, TypeError, "k must be an int"),
+        ("k on empty", {"x": torch.zeros(0), "k": 1, "residual": None}, ValueError, "larger than"),
+        ("x int64", {"x": X.long()}, TypeError, "x must be float32"),
+        ("x float64", {"x": X.double()}, TypeError, "x must be float32"),
+        ("exact str", {"exact": "yes"}, TypeError, "exact must be a bool"),
+        ("values fp16", {"values": "fp16"}, ValueError, "values must be one of"),
+        ("values int", {"values": 1}, ValueError, "values must be one of"),
+        ("seed", {"seed": -3}, ValueError, "seed must be an int"),
+        ("residual fp16", {"residual": torch.zeros(300, dtype=torch.float16)}, TypeError,
          "residual must be float32"),
-        ("residual size", dict(residual=torch.zeros(30)), ValueError,
+        ("residual size", {"residual": torch.zeros(30)}, ValueError,
          "residual has 30 elements but x has 300"),
-        ("residual strided", dict(residual=torch.zeros(900)[::3]), ValueError,
+        ("residual strided", {"residual": torch.zeros(900)[::3]}, ValueError,
          "residual must be contiguous"),
-        ("residual device", dict(residual=torch.empty(300, device="meta")), ValueError,
+        ("residual device", {"residual": torch.empty(300, device="meta")}, ValueError,
          "residual is on meta"),
-        ("residual aliases x", dict(residual="alias"), ValueError, "must not share memory"),
-        ("backend", dict(backend="numpy"), ValueError, "backend must be one of"),
-        ("backend cuda on cpu", dict(backend="cuda"), ValueError, "needs CUDA tensors"),
+        ("residual aliases x", {"residual": "alias"}, ValueError, "must not share memory"),
+        ("backend", {"backend": "numpy"}, ValueError, "backend must be one of"),
+        ("backend cuda on cpu", {"backend": "cuda"}, ValueError, "needs CUDA tensors"),
     ]
 
 
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_bad_arguments_raise_and_touch_nothing(case):
     name, over, exc, match = case
-    kw = dict(x=X.clone(), k=10, residual=inputs.residual_like(300), exact=True, values="fp32",
-              seed=0, backend="auto")
+    kw = {"x": X.clone(), "k": 10, "residual": inputs.residual_like(300), "exact": True, "values": "fp32",
+              "seed": 0, "backend": "auto"}
     kw.update(over)
     if isinstance(kw["residual"], str):
         kw["residual"] = kw["x"]
