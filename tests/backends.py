@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import gradzip
+import gradzip  # loads gradzip._C, which registers torch.ops.gradzip.*
 import pytest
 import torch
 

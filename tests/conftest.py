@@ -17,6 +17,7 @@ def _cuda_device_present() -> bool:
 if not _cuda_device_present() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Imported only now: it imports gradzip, and nothing may import triton before the line above.
 import backends
 
 
