@@ -44,6 +44,7 @@ def build_info() -> dict:
     from . import _C  # noqa: F401  (loads the operator library)
 
     info = json.loads(torch.ops.gradzip._build_info())
+    info["cpu_isa"] = torch.ops.gradzip._cpu_isa()
     info["cuda_kernels_registered"] = torch._C._dispatch_has_kernel_for_dispatch_key(
         "gradzip::quantize_pack", "CUDA")
     try:
