@@ -261,6 +261,12 @@ def test_values_and_residual(target, values):
         assert abs(scale - amax / 127) <= expect.U32 * amax / 127
         err = (d[sel].double() - v[sel].double()).abs()
         assert float(err.max()) <= scale / 2 + 5 * expect.U32 * amax
+        # Codes and scale exactly as the documented arithmetic (inv = 127/amax, one division).
+        vo = expect.topk_layout(n, k, 3)[1]
+        codes = np.frombuffer(expect.raw(p)[vo:vo + k], np.int8)
+        s_want, q_want = expect.np_absmax_nearest(v[sel].numpy(), 127)
+        assert scale == s_want
+        np.testing.assert_array_equal(codes, q_want, err_msg=f"{target} int8 codes")
     rc = r.cpu()
     expect.assert_bits_equal(rc, v - d, f"{target} residual != v - decode")
     if values == "fp32":
