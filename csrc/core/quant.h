@@ -163,8 +163,33 @@ GZ_HOST_DEVICE float residual_update(float v, float decoded, float old_residual)
 GZ_HOST_DEVICE uint32_t sign_code(float v) { return v < 0.0f ? 1u : 0u; }
 GZ_HOST_DEVICE float sign_decode(uint32_t bit, float scale) { return bit ? -scale : scale; }
 
-// Order key of |v| for top-k (reference.magnitude_key): sign bit cleared; NaN > inf.
-GZ_HOST_DEVICE uint32_t magnitude_key(float v) { return float_bits(v) & 0x7FFFFFFFu; }
+// Order key of |v| for top-k (reference.magnitude_key): sign bit cleared; every NaN gets
+// the canonical quiet NaN's key 0x7FC00000 (> inf's 0x7F800000), whatever its bits.
+constexpr uint32_t kCanonicalNanBits = 0x7FC00000u;
+GZ_HOST_DEVICE uint32_t magnitude_key(float v) {
+  const uint32_t k = float_bits(v) & 0x7FFFFFFFu;
+  return k > 0x7F800000u ? kCanonicalNanBits : k;
+}
+
+// Every NaN written into a payload is the canonical quiet NaN (docs/format.md).
+GZ_HOST_DEVICE float float_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+GZ_HOST_DEVICE float canonical_nan(float v) {
+  return v != v ? float_from_bits(kCanonicalNanBits) : v;
+}
+// bfloat16 bits of v, rounded to nearest even; NaN -> the canonical 0x7FC0.
+GZ_HOST_DEVICE uint16_t bf16_bits(float v) {
+  const uint32_t u = float_bits(v);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
 
 // Sum of |v| over one block in the fixed order of reference.block_abs_sum: 32 lanes, lane j
 // adds elements j, j+32, ... in order, then a shuffle-down tree (h = 16, 8, 4, 2, 1).

@@ -212,9 +212,9 @@ def dequantize_accumulate(
     if be in ("cpu", "cuda"):
         torch.ops.gradzip.dequantize_accumulate(rows, out, float(alpha))
         return out
-    _checks.check_accumulate_headers(rows, out)
+    header = _checks.check_accumulate_headers(rows, out)
     if be == "triton":
-        _triton().dequantize_accumulate(rows, out, float(alpha))
+        _triton().dequantize_accumulate(rows, out, float(alpha), header=header)
         return out
     o = out.detach().cpu()
     reference.dequantize_accumulate(rows.cpu(), o, float(alpha))
