@@ -172,40 +172,8 @@ def _section_of(b: bytes, offset: int) -> str:
         return "?"
 
 
-def _float_sections(b: bytes) -> list[tuple[int, int, str]]:
-    """(offset, count, numpy dtype) of the float sections of a payload."""
-    f = fields(b)
-    if f.codec == 1:
-        return [(HEADER_BYTES, -(-f.numel // f.block), "<f4")]
-    _io, vo, so, _ = topk_layout(f.numel, f.k, f.value_format)
-    if f.value_format == 1:
-        return [(vo, f.k, "<f4")]
-    if f.value_format == 2:
-        return [(vo, f.k, "bf16")]
-    return [(so, 1, "<f4")]
-
-
-def _nan_bytes(b: bytes) -> np.ndarray:
-    """Mask of the bytes that belong to a NaN in one of the payload's float sections."""
-    mask = np.zeros(len(b), dtype=bool)
-    for off, count, dt in _float_sections(b):
-        if dt == "bf16":
-            u = np.frombuffer(b[off:off + 2 * count], "<u2").astype(np.uint32) << 16
-            isnan, size = np.isnan(u.view(np.float32)), 2
-        else:
-            isnan, size = np.isnan(np.frombuffer(b[off:off + 4 * count], dt)), 4
-        mask[off:off + size * count] = np.repeat(isnan, size)
-    return mask
-
-
-def assert_payload_equal(got: torch.Tensor, want: torch.Tensor, context: str = "",
-                         nan_equal: bool = False) -> None:
-    """Byte-exact payload comparison; on failure, names the first differing section.
-
-    ``nan_equal``: a float in the payload (a scale, a top-k value) may be a different NaN
-    where the reference has a NaN (see assert_bits_equal for why NaN payloads are not
-    reproducible); every other byte must be identical.
-    """
+def assert_payload_equal(got: torch.Tensor, want: torch.Tensor, context: str = "") -> None:
+    """Byte-exact payload comparison; on failure, names the first differing section."""
     assert got.dtype == torch.uint8, f"{context}: payload dtype {got.dtype}, expected uint8"
     assert got.dim() == 1, f"{context}: payload shape {tuple(got.shape)}, expected 1-D"
     g, w = raw(got), raw(want)
@@ -214,12 +182,7 @@ def assert_payload_equal(got: torch.Tensor, want: torch.Tensor, context: str = "
     if len(g) != len(w):
         raise AssertionError(f"{context}: payload is {len(g)} bytes, reference {len(w)}")
     ga, wa = np.frombuffer(g, np.uint8), np.frombuffer(w, np.uint8)
-    neq = ga != wa
-    if nan_equal and g[:HEADER_BYTES] == w[:HEADER_BYTES]:
-        neq &= ~(_nan_bytes(g) & _nan_bytes(w))
-        if not neq.any():
-            return
-    diff = np.nonzero(neq)[0]
+    diff = np.nonzero(ga != wa)[0]
     first = int(diff[0])
     raise AssertionError(
         f"{context}: {len(diff)} of {len(g)} payload bytes differ; first at byte {first} "
@@ -235,9 +198,10 @@ def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, context: str = "",
                       nan_equal: bool = False) -> None:
     """Bit-exact float comparison (``-0.0 != +0.0``).
 
-    ``nan_equal``: any NaN matches any NaN. IEEE 754 does not pin down which NaN an
-    operation returns (x86 returns the first NaN operand or a negative default NaN, GPUs
-    a canonical one), so NaN *payloads* are not part of the contract; NaN-ness is.
+    ``nan_equal``: any NaN matches any NaN, for computed outputs such as accumulate's
+    ``out``. IEEE 754 does not pin down which NaN an operation returns (x86 returns the
+    first NaN operand or a negative default NaN, GPUs a canonical one); only payloads
+    promise the canonical NaN.
     """
     assert got.dtype == want.dtype, f"{context}: dtype {got.dtype}, expected {want.dtype}"
     assert got.shape == want.shape, f"{context}: shape {tuple(got.shape)} != {tuple(want.shape)}"

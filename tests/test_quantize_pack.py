@@ -59,14 +59,14 @@ def run_both(target, x, bits, block, residual, rounding, seed):
     return got, got_r, want, want_r
 
 
-def check_case(target, x, bits, block, with_residual, rounding, seed, ctx, nan_equal=False):
+def check_case(target, x, bits, block, with_residual, rounding, seed, ctx):
     if isinstance(with_residual, torch.Tensor):
         r = with_residual
     else:
         r = inputs.residual_like(x.numel(), seed=seed % 1000) if with_residual else None
     got, got_r, want, want_r = run_both(target, x, bits, block, r, rounding, seed)
-    # nan_equal: a NaN scale may carry another NaN's bits (see expect.assert_bits_equal).
-    expect.assert_payload_equal(got, want, ctx, nan_equal=nan_equal)
+    # NaN scales too: every NaN written into a payload is the canonical 0x7FC00000.
+    expect.assert_payload_equal(got, want, ctx)
     if r is not None:
         expect.assert_bits_equal(got_r, want_r, ctx + " residual")
 
@@ -181,7 +181,7 @@ def test_special_values_match_reference(target, bits, rounding, block, with_resi
     x = torch.cat([x, x[: block // 2 + 3]])  # and a short last block
     ctx = f"{target} special values bits={bits} {rounding} block={block}"
     check_case(target, x, bits, block, sparse_residual(x.numel(), block) if with_residual
-               else False, rounding, 99, ctx, nan_equal=True)
+               else False, rounding, 99, ctx)
 
 
 def sparse_residual(n: int, block: int) -> torch.Tensor:
@@ -202,7 +202,7 @@ def test_half_special_values_match_reference(target, dtype):
     for bits in BITS:
         for block in (32, 64):
             check_case(target, x, bits, block, sparse_residual(x.numel(), block), "nearest", 1,
-                       f"{target} {dtype} extremes bits={bits} block={block}", nan_equal=True)
+                       f"{target} {dtype} extremes bits={bits} block={block}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,6 +495,26 @@ def test_nonfinite_reaches_payload_and_spares_residual(target, bits, rounding):
                                rounding, 6, backend=target.backend)
     assert np.isfinite(expect.decode(p2)).all()
     assert torch.isfinite(r.cpu()).all()
+
+
+NAN_BITS = (0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7FFF0000, 0xFFFF0000)
+
+
+@pytest.mark.parametrize("target,bits,dtype", backends.product(
+    OP, [BITS, (torch.float32, torch.bfloat16)], reference=True))
+def test_nan_scales_are_canonical(target, bits, dtype):
+    """Whatever the NaN's bits in x (signalling, negative, other payloads), a NaN block's
+    scale is written as the canonical quiet NaN 0x7FC00000 (docs/format.md)."""
+    block = 32
+    x = torch.ones(block * len(NAN_BITS))
+    xi = x.view(torch.int32)
+    for b, nb in enumerate(NAN_BITS):
+        xi[b * block + 3] = nb - 2**32 if nb >= 2**31 else nb
+    x = x.to(dtype)  # bf16 NaNs keep (a truncation of) their bits
+    p = expect.raw(gradzip.quantize_pack(x.to(target.device), bits, block,
+                                         backend=target.backend))
+    scales = np.frombuffer(p[64:64 + 4 * len(NAN_BITS)], "<u4")
+    assert [hex(s) for s in scales] == [hex(0x7FC00000)] * len(NAN_BITS), target
 
 
 # ---------------------------------------------------------------------------------------

@@ -119,6 +119,11 @@ def test_magnitude_key_orders_by_magnitude_nan_first():
         assert keys == sorted(keys) and len(set(keys)) == len(keys)
     expect.assert_bits_equal(reference.magnitude_key(t), reference.magnitude_key(-t),
                              "key depends on sign")
+    # Every NaN has the canonical NaN's key, whatever its bits.
+    nans = torch.tensor([0x7FC00000, -0x400000, 0x7F800001, -1, 0x7FFFFFFF],
+                        dtype=torch.int32).view(torch.float32)
+    assert torch.isnan(nans).all()
+    assert reference.magnitude_key(nans).tolist() == [0x7FC00000] * 5
 
 
 @pytest.mark.parametrize("n", [1, 100, 16383, 16384, 16385, 20011, 10**6 + 3])

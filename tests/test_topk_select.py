@@ -192,6 +192,29 @@ def test_nonfinite_selected_first_and_carried(target, values):
     assert torch.isfinite(r.cpu()).all()
 
 
+@pytest.mark.parametrize("target,values", backends.product(OP, [("fp32", "bf16")],
+                                                     reference=True))
+def test_nan_values_are_canonical_and_tie(target, values):
+    """NaNs of any bit pattern order above inf and tie with each other (lower index
+    first); the payload carries them as the canonical quiet NaN (0x7FC00000 / 0x7FC0)."""
+    n = 100
+    x = torch.linspace(1, 2, n)
+    xi = x.view(torch.int32)
+    for i, nb in zip((40, 10, 70, 90), (0xFFFFFFFF, 0x7F800001, 0xFFC00000, 0x7FC00000),
+                     strict=True):
+        xi[i] = nb - 2**32 if nb >= 2**31 else nb
+    x[5] = -math.inf
+    p = gradzip.topk_select(x.to(target.device), 3, values=values, backend=target.backend)
+    idx, _ = check_well_formed(p, n, 3, values)
+    assert idx.tolist() == [10, 40, 70], f"{target}: {idx.tolist()}"
+    vo = expect.topk_layout(n, 3, VF[values])[1]
+    b = expect.raw(p)
+    if values == "fp32":
+        assert list(np.frombuffer(b[vo:vo + 12], "<u4")) == [0x7FC00000] * 3
+    else:
+        assert list(np.frombuffer(b[vo:vo + 6], "<u2")) == [0x7FC0] * 3
+
+
 @pytest.mark.parametrize("target,dist,kfrac", backends.product(
     OP, [("gaussian", "heavy_tailed"), (0.01, 0.001)], reference=True, light=False))
 def test_approximate_recall(target, dist, kfrac):
