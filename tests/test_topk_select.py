@@ -299,7 +299,8 @@ def test_values_and_residual(target, values):
     expect.assert_bits_equal(rc[unsel], v[unsel], f"{target} unselected residual != v")
 
 
-@pytest.mark.parametrize("target,values", backends.product(OP, [VALUES], reference=True))
+@pytest.mark.parametrize("target,values", backends.product(
+    OP, [VALUES], reference=True, keep_light=lambda values: values == "int8"))
 def test_payload_size_depends_only_on_codec_numel_k(target, values):
     n, k = 3001, 77
     contents = [torch.zeros(n), inputs.grad_like(n, seed=1), torch.full((n,), math.nan),
