@@ -191,6 +191,21 @@ GZ_HOST_DEVICE uint16_t bf16_bits(float v) {
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// max |v| of a block from the largest magnitude_key of its elements. The max of keys is
+// order-independent (any reduction tree or thread layout gives it) and NaN keys exceed
+// inf's, so a block holding a NaN gets a NaN amax: the canonical quiet NaN 0x7FC00000,
+// which is what torch's NaN-propagating amax (the reference) returns whatever NaN it saw.
+GZ_HOST_DEVICE float amax_from_key(uint32_t max_key) {
+  const uint32_t bits = max_key > 0x7F800000u ? 0x7FC00000u : max_key;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
 // Sum of |v| over one block in the fixed order of reference.block_abs_sum: 32 lanes, lane j
 // adds elements j, j+32, ... in order, then a shuffle-down tree (h = 16, 8, 4, 2, 1).
 // Scalar form for host code and tests; vector and warp implementations must match it.

@@ -84,8 +84,7 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
       pack_tail<1>(tail, len - n32, cb + n32 / 8);
     } else {
       // ---- symmetric absmax ---------------------------------------------------------------
-      // max |v| as the max of the magnitude keys: order-independent, and NaN (whose key
-      // exceeds +inf's) wins, like the reference's NaN-propagating amax.
+      // max |v| as the max of the magnitude keys (core::amax_from_key).
       I m = V::set1i(0);
       for (int64_t i = 0; i < nvec; i += W) {
         F v = V::load_x(xb + i);
@@ -101,7 +100,7 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
         const uint32_t kk = core::magnitude_key(v);
         mk = kk > mk ? kk : mk;
       }
-      const core::BlockParams p = core::absmax_params(float_from_bits(mk), BITS);
+      const core::BlockParams p = core::absmax_params(core::amax_from_key(mk), BITS);
       a.scales[b] = p.scale;
       constexpr int qmax = (1 << (BITS - 1)) - 1;
       if (p.inv == 0.0f) {

@@ -302,7 +302,7 @@ at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, const std::optional<a
   o.int8_scale = 0.0f;
   if (vf == format::kValueInt8) {
     // amax of the selected values is the largest key overall: the top-k always holds it.
-    const core::BlockParams bp = core::absmax_params(float_from_bits(max_key), 8);
+    const core::BlockParams bp = core::absmax_params(core::amax_from_key(max_key), 8);
     o.int8_inv = bp.inv;
     o.int8_scale = bp.scale;
     store_unaligned<float>(p + layout.scale_offset, bp.scale);
