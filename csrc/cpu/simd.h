@@ -151,7 +151,6 @@ struct Scalar {
   static GZ_INLINE F uniform(uint32_t k1, uint32_t k2, uint32_t lo0) {
     return static_cast<float>(core::hash32_low(k1, k2, lo0) >> 8) * core::kUniformScale;
   }
-  static GZ_INLINE void store_lanes(float* dst, F v) { *dst = v; }
   // 32 codes (0 .. 2^BITS - 1) -> 32 * BITS / 8 bytes, element j at bit (j*BITS) % 8 of
   // byte (j*BITS) / 8.
   template <int BITS>
@@ -334,7 +333,6 @@ struct Avx2 {
     }
   }
   static GZ_INLINE uint32_t unpack_signs(const uint8_t* codes, int64_t e) { return codes[e >> 3]; }
-  // Bit 2^j set in the mask for the W lanes -> compressed output; used for top-k.
 };
 
 }  // namespace simd
