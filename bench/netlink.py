@@ -202,9 +202,19 @@ def _cleanup_all() -> None:
         link.remove()
 
 
+_PREVIOUS: dict[int, object] = {}
+
+
 def _on_signal(signum, frame) -> None:
     _cleanup_all()
-    # Restore the default action and re-deliver, so the exit status says which signal.
+    prev = _PREVIOUS.get(signum)
+    if callable(prev):
+        # e.g. Python's SIGINT handler, which raises KeyboardInterrupt in the main thread.
+        prev(signum, frame)
+        return
+    if prev == signal.SIG_IGN:
+        return
+    # Default action: re-deliver with it, so the exit status says which signal.
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -216,7 +226,7 @@ def _install_cleanup_handlers() -> None:
     atexit.register(_cleanup_all)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
-            signal.signal(sig, _on_signal)
+            _PREVIOUS[sig] = signal.signal(sig, _on_signal)
         except ValueError:  # not the main thread: atexit and finally still cover us
             pass
     _HANDLERS_INSTALLED = True
