@@ -176,6 +176,13 @@ def _hook_method(name, bucket, world):
     raise ValueError(f"unknown baseline {name!r}")
 
 
+def _innermost(e: BaseException) -> str:
+    """The root message of an error re-raised through future callbacks, on one line."""
+    text = f"{type(e).__name__}: {e}"
+    text = text.split("Got the following error when running the callback: ")[-1]
+    return text.strip().splitlines()[0]
+
+
 def _theory_bytes(method: str, numel: int, world: int, shape, gz=None) -> float | None:
     """Payload bytes one rank sends for one call (see module docstring)."""
     ring = 2 * (world - 1) / world
@@ -193,20 +200,41 @@ def _theory_bytes(method: str, numel: int, world: int, shape, gz=None) -> float 
         r = min(r, n, m)
         return ring * 4 * r * (n + m)
     if method.startswith("gz:") and gz is not None:
-        codec, algo = gz
+        codec, algo, chunk_bytes = gz
+        if algo == "plain":
+            return ring * 4 * numel
         if algo == "allgather":
             return (world - 1) * codec.compressed_size(numel)
         if algo == "alltoall":
-            chunk = -(-numel // world)
-            return 2 * (world - 1) * codec.compressed_size(chunk)
+            # W-1 chunk payloads out in the all-to-all, W-1 in the all-gather; every
+            # message is padded to the largest chunk payload.
+            if chunk_bytes is None:
+                chunk_bytes = codec.compressed_size(-(-numel // world))
+            return 2 * (world - 1) * chunk_bytes
     return None
 
 
-def _gz_profile_split(call, restore, reps):
-    """Mean compress / decompress seconds per call from the profiler's view of gradzip ops."""
+def _gz_split(call, restore, reps: int, gz) -> tuple[float, float, float, str]:
+    """Mean compress / decompress / verify seconds per call on this rank.
+
+    gradzip.all_reduce's ``timings`` sink when it has one (wall time of its compress and
+    decompress phases, glue included), else the PyTorch profiler's CPU time of the gradzip
+    ops (``quantize_pack``/``topk_select`` = compress, ``dequantize_accumulate`` =
+    decompress). Either way "communicate + other" is the median call time minus these.
+    """
+    import inspect
+
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
+    if "timings" in inspect.signature(gz.all_reduce).parameters:
+        sink: dict[str, float] = {}
+        for _ in range(reps):
+            restore()
+            dist.barrier()
+            call(sink)
+        return (sink.get("compress", 0.0) / reps, sink.get("decompress", 0.0) / reps,
+                sink.get("verify", 0.0) / reps, "gradzip.all_reduce(timings=...)")
     compress = decompress = 0.0
     for _ in range(reps):
         restore()
@@ -218,7 +246,7 @@ def _gz_profile_split(call, restore, reps):
                 compress += ev.cpu_time_total / 1e6
             elif ev.name == "gradzip::dequantize_accumulate":
                 decompress += ev.cpu_time_total / 1e6
-    return compress / reps, decompress / reps
+    return compress / reps, decompress / reps, 0.0, "torch.profiler (gradzip ops only)"
 
 
 def _slowest(t: float) -> float:
@@ -282,13 +310,30 @@ class Bench:
             codec = gz.Codec(spec)
             ef = gz.ErrorFeedback()
             buf = self.buf
+            fields = {"kind": "gradzip", "codec": spec, "algorithm": algo,
+                      "codec_repr": repr(codec)}
+            plan = getattr(getattr(gz, "comm", None), "plan", None)
+            if plan is not None:
+                pl = plan(codec, self.numel, buf.dtype, self.world, algo)
+                fields["algorithm_used"] = pl.algorithm
+                if pl.algorithm == "alltoall":
+                    fields["chunk_payload_bytes"] = pl.payload_bytes
 
-            def call() -> None:
-                gz.all_reduce(buf, codec, state=ef, algorithm=algo)
+            def call(timings: dict | None = None) -> None:
+                if timings is None:
+                    gz.all_reduce(buf, codec, state=ef, algorithm=algo)
+                else:
+                    gz.all_reduce(buf, codec, state=ef, algorithm=algo, timings=timings)
 
-            return call, {"kind": "gradzip", "codec": spec, "algorithm": algo,
-                          "codec_repr": repr(codec)}, codec
-        call, _ = _hook_method(method, self.bucket, self.world)
+            return call, fields, codec
+        call, state = _hook_method(method, self.bucket, self.world)
+        if state is not None:
+            # PowerSGD all-reduces uncompressed until its iteration counter (advanced once
+            # per call on the last bucket) reaches start_powerSGD_iter: get past that, so
+            # the check and every timed call below are compressed calls.
+            while state.iter < state.start_powerSGD_iter:
+                self.restore()
+                call()
         return call, {"kind": "baseline"}, None
 
     def timed(self, call) -> float:
@@ -323,8 +368,8 @@ class Bench:
             dist.barrier()
             call()
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-            rec["error_full"] = str(e)
+            rec["error"] = _innermost(e)
+            rec["error_full"] = f"{type(e).__name__}: {e}"
             log(f"{method}: failed ({rec['error']})")
             dist.barrier()
             return rec
@@ -354,16 +399,18 @@ class Bench:
                    bytes_per_rank_measured=max(0.0, (tx1 - tx0) - (txb1 - txb0)) / world / reps,
                    bytes_per_rank_theory=_theory_bytes(
                        method, self.numel, world, self.shape,
-                       (codec, rec.get("algorithm")) if codec is not None else None))
+                       (codec, rec.get("algorithm_used", rec.get("algorithm")),
+                        rec.get("chunk_payload_bytes")) if codec is not None else None))
         if codec is not None:
             rec["compressed_size"] = codec.compressed_size(self.numel)
             if cfg["split_reps"] > 0:
-                c, d = _gz_profile_split(call, self.restore, cfg["split_reps"])
-                cd = torch.tensor([c, d], dtype=torch.float64)
+                c, d, v, how = _gz_split(call, self.restore, cfg["split_reps"], gz)
+                cd = torch.tensor([c, d, v], dtype=torch.float64)
                 dist.all_reduce(cd)
-                c, d = (cd / world).tolist()
-                rec["split"] = {"compress_s": c, "decompress_s": d,
-                                "communicate_other_s": max(0.0, rec["median_s"] - c - d)}
+                c, d, v = (cd / world).tolist()
+                rec["split"] = {"compress_s": c, "decompress_s": d, "verify_s": v,
+                                "communicate_other_s": max(0.0, rec["median_s"] - c - d - v),
+                                "source": how}
         log(f"{fmt_bytes(self.size):>10} {method:<22} {rec['median_s'] * 1e3:9.2f} ms  "
             f"reps={reps} rel_err={rec['rel_err']:.2e} "
             f"wire/rank={fmt_bytes(rec['bytes_per_rank_measured'])}")
@@ -554,6 +601,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-netns", action="store_true", help="use the host loopback, no namespace")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per link before giving up")
+    p.add_argument("--pg-timeout", type=float, default=900,
+                   help="process-group timeout: a hung collective fails after this long")
     p.add_argument("--out", default="bench/results/allreduce.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -590,7 +639,7 @@ def main(argv=None) -> int:
                 cfg = {"sizes": sizes, "baselines": baselines, "gz_methods": gz_methods,
                        "reps": a.reps, "warmup": a.warmup, "min_time": a.min_time,
                        "max_reps": a.max_reps, "split_reps": a.split_reps,
-                       "threads": a.threads, "seed": a.seed, "pg_timeout": a.timeout,
+                       "threads": a.threads, "seed": a.seed, "pg_timeout": a.pg_timeout,
                        "result_path": os.path.join(tmp, f"result{i}.json")}
                 cfg_path = os.path.join(tmp, f"cfg{i}.json")
                 Path(cfg_path).write_text(json.dumps(cfg))

@@ -314,7 +314,9 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int) -> dict:
     torch.manual_seed(cfg["seed"])
     net = task.model()
     n_params = sum(p.numel() for p in net.parameters())
-    model = DDP(net)
+    # One bucket for every method (see --bucket-mb): an explicit bucket_cap_mb also sets
+    # the size of DDP's first bucket.
+    model = DDP(net, bucket_cap_mb=cfg["bucket_mb"])
     register_method(model, method, cfg)
     opt = task.optimizer(model.parameters(), cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -492,12 +494,18 @@ def main(argv=None) -> int:
     p.add_argument("--min-numel", type=int, default=1024,
                    help="gradzip: buckets below this go through a plain all-reduce")
     p.add_argument("--algorithm", default="auto", help="gradzip all-reduce algorithm")
+    p.add_argument("--bucket-mb", type=float, default=1024,
+                   help="DDP bucket_cap_mb for every method; the default puts each model in "
+                        "one bucket (PowerSGD's hook can deadlock or mismatch on Gloo with "
+                        "several buckets, see docs/results.md)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny models, few steps (smoke test)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-netns", action="store_true")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--pg-timeout", type=float, default=600,
+                   help="process-group timeout: a hung collective fails after this long")
     p.add_argument("--out", default="bench/results/train.json")
     p.add_argument("--plot", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -529,7 +537,8 @@ def main(argv=None) -> int:
                     "lr_warmup": a.lr_warmup or max(1, steps // 20),
                     "compress_warmup": a.compress_warmup, "min_numel": a.min_numel,
                     "algorithm": a.algorithm, "threads": a.threads, "seed": a.seed,
-                    "quick": a.quick, "progress": not a.no_progress, "pg_timeout": a.timeout}
+                    "bucket_mb": a.bucket_mb, "quick": a.quick,
+                    "progress": not a.no_progress, "pg_timeout": a.pg_timeout}
         with tempfile.TemporaryDirectory(prefix="gz-train-") as tmp:
             for task in tasks:
                 runs += run_task(task, methods, base_cfg, a, link, tmp)
