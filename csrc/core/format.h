@@ -64,7 +64,7 @@ struct DenseLayout {
   int64_t scales_offset, codes_offset, total_bytes;
 };
 
-GZ_HOST_DEVICE inline DenseLayout dense_layout(int64_t numel, int bits, int64_t block) {
+GZ_HOST_DEVICE DenseLayout dense_layout(int64_t numel, int bits, int64_t block) {
   DenseLayout l;
   l.scales_offset = kHeaderBytes;
   l.codes_offset = l.scales_offset + align16(4 * num_blocks(numel, block));
@@ -87,7 +87,7 @@ struct TopkLayout {
   int64_t indices_offset, values_offset, scale_offset, total_bytes;  // scale_offset -1 if none
 };
 
-GZ_HOST_DEVICE inline TopkLayout topk_layout(int64_t numel, int64_t k, uint8_t value_format) {
+GZ_HOST_DEVICE TopkLayout topk_layout(int64_t numel, int64_t k, uint8_t value_format) {
   TopkLayout l;
   l.indices_offset = kHeaderBytes;
   l.values_offset = l.indices_offset + align16(k * index_bytes(index_format_for(numel)));

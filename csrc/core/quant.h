@@ -76,17 +76,31 @@ GZ_HOST_DEVICE float nan_max(float a, float b) {
 }
 
 // ---- counter-based random numbers (reference.hash32 / reference.uniform) ------------
+// Multipliers of lowbias32, named so that vectorised copies use the same constants.
+constexpr uint32_t kLowbiasMul1 = 0x7FEB352Du;
+constexpr uint32_t kLowbiasMul2 = 0x846CA68Bu;
+// 2^-24: uniform() scales the top 24 bits of the hash by it (exact in float32).
+constexpr float kUniformScale = 5.9604644775390625e-08f;
+
 GZ_HOST_DEVICE uint32_t lowbias32(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x7FEB352Du;
+  x *= kLowbiasMul1;
   x ^= x >> 15;
-  x *= 0x846CA68Bu;
+  x *= kLowbiasMul2;
   x ^= x >> 16;
   return x;
 }
 
 // Per-seed key, hoisted out of element loops: k1 = lowbias32(seed ^ golden).
 GZ_HOST_DEVICE uint32_t seed_key(uint32_t seed) { return lowbias32(seed ^ 0x9E3779B9u); }
+
+// hash32 in two halves, for loops whose indices share their high 32 bits (a block never
+// straddles a multiple of 2^32): k2 = hash32_high_key(k1, index >> 32) once per block, then
+// hash32_low(k1, k2, uint32(index)) per element. hash32 == hash32_low(k1, hash32_high_key).
+GZ_HOST_DEVICE uint32_t hash32_high_key(uint32_t k1, uint32_t hi) { return lowbias32(hi ^ k1); }
+GZ_HOST_DEVICE uint32_t hash32_low(uint32_t k1, uint32_t k2, uint32_t lo) {
+  return lowbias32(lowbias32(lo ^ k2) + k1);
+}
 
 GZ_HOST_DEVICE uint32_t hash32(uint32_t k1, uint64_t index) {
   uint32_t lo = static_cast<uint32_t>(index);
@@ -97,7 +111,7 @@ GZ_HOST_DEVICE uint32_t hash32(uint32_t k1, uint64_t index) {
 
 // Uniform float in [0, 1): top 24 bits of the hash times 2^-24 (exact in float32).
 GZ_HOST_DEVICE float uniform(uint32_t k1, uint64_t index) {
-  return static_cast<float>(hash32(k1, index) >> 8) * 5.9604644775390625e-08f;
+  return static_cast<float>(hash32(k1, index) >> 8) * kUniformScale;
 }
 
 // ---- dense quantization -------------------------------------------------------------

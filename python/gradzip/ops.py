@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
-from . import _checks
+from . import _checks, reference
 from . import format as fmt
-from . import reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
@@ -32,7 +31,7 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 # ---------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def build_info() -> dict:
     """What the loaded ``gradzip._C`` was compiled with, and which backends are usable.
 
@@ -44,6 +43,7 @@ def build_info() -> dict:
     from . import _C  # noqa: F401  (loads the operator library)
 
     info = json.loads(torch.ops.gradzip._build_info())
+    info["cpu_isa"] = torch.ops.gradzip._cpu_isa()
     info["cuda_kernels_registered"] = torch._C._dispatch_has_kernel_for_dispatch_key(
         "gradzip::quantize_pack", "CUDA")
     try:
