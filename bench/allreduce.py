@@ -584,7 +584,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=4, help="number of ranks (default 4)")
     p.add_argument("--link", default="1gbit",
-                   help="emulated link(s), comma-separated: none, 1gbit, 10gbit, 500mbit, ...")
+                   help="emulated link(s), comma-separated: none, 1gbit, 10gbit, 500mbit, ... "
+                        "(one bucket shared by all ranks) or 1gbit/rank (each rank's share)")
     p.add_argument("--sizes", default="64MiB", help="tensor sizes in bytes of fp32, e.g. 1MiB,64MiB")
     p.add_argument("--codecs", default=",".join(DEFAULT_CODECS),
                    help="gradzip codec specs ('' for none); topk:0.01 is top-k 1%%")
@@ -627,14 +628,14 @@ def main(argv=None) -> int:
     gz_methods = [f"gz:{c}:{al}" for c in codecs for al in algos]
     links = [s.strip() for s in a.link.split(",") if s.strip()]
     for spec in links:
-        netlink.parse_rate(spec)
+        netlink.parse_link(spec, a.world)
 
     info = machine_info()
     all_results: list[dict] = []
     link_info = []
     with tempfile.TemporaryDirectory(prefix="gz-bench-") as tmp:
         for i, spec in enumerate(links):
-            link, eff = netlink.open_link(spec, netns=not a.no_netns)
+            link, eff = netlink.open_link(spec, world=a.world, netns=not a.no_netns)
             try:
                 cfg = {"sizes": sizes, "baselines": baselines, "gz_methods": gz_methods,
                        "reps": a.reps, "warmup": a.warmup, "min_time": a.min_time,
@@ -654,10 +655,11 @@ def main(argv=None) -> int:
                 if link is not None:
                     link.remove()
             res = json.loads(Path(cfg["result_path"]).read_text())
-            rate = netlink.parse_rate(eff)
+            rate = netlink.parse_link(eff, a.world)
             for r in res:
                 r["link"] = eff
-                r["rate_bps"] = rate
+                r["rate_bps"] = rate  # of the shared token bucket
+                r["per_rank_bps"] = None if rate is None else rate / a.world
                 if link is None:
                     # Host loopback: other processes' traffic is in the counters too.
                     r["bytes_per_rank_measured"] = None

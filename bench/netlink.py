@@ -11,7 +11,9 @@ hosts each with its own full-duplex NIC on a switch. Every byte any rank sends p
 bucket once, so a collective that moves ``b`` bytes per rank takes about ``W * b / rate``
 on this link. Ratios between methods (which is what speed-ups are) follow the ratios of
 the bytes they send either way; absolute times are W times those of a switched network
-of the same per-port rate. bench/allreduce.py reports both.
+of the same per-port rate. A spec ``"1gbit/rank"`` emulates the switched case instead:
+the shared bucket runs at W x 1 Gbit/s, so in the symmetric collectives benchmarked here
+each rank gets 1 Gbit/s (:func:`parse_link`).
 
 Namespaces and qdiscs need root (CAP_NET_ADMIN and CAP_SYS_ADMIN). Without root the
 launcher says so and runs the ranks on the host's loopback unshaped (``--link none``).
@@ -331,15 +333,41 @@ def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
             _CHILDREN.pop(p.pid, None)
 
 
-def open_link(spec: str, *, netns: bool = True, run: Runner = _default_run,
+def parse_link(spec: str, world: int) -> float | None:
+    """Link spec -> the token bucket's rate in bits/s (``None``: unshaped).
+
+    ``"1gbit"``: one bucket of that rate shared by all W ranks (the literal ``tc ... tbf
+    rate 1gbit`` on ``lo``), which in a symmetric collective gives each rank rate/W.
+    ``"1gbit/rank"``: each rank gets the rate, as with one NIC per host on a switch: the
+    shared bucket runs at W times the rate (every rank sends the same amount at once in
+    the collectives measured here, so each gets its share).
+    """
+    s = spec.strip().lower()
+    per_rank = s.endswith("/rank")
+    rate = parse_rate(s[: -len("/rank")] if per_rank else s)
+    if rate is None:
+        if per_rank:
+            raise ValueError(f"'none' takes no '/rank': {spec!r}")
+        return None
+    return rate * world if per_rank else rate
+
+
+def per_rank_rate(spec: str, world: int) -> float | None:
+    """Bits/s each rank gets in a symmetric collective on the link ``spec``."""
+    rate = parse_link(spec, world)
+    return None if rate is None else rate / world
+
+
+def open_link(spec: str, *, world: int, netns: bool = True, run: Runner = _default_run,
               log: Callable[[str], None] = print) -> tuple[EmulatedLink | None, str]:
-    """Make the link for ``spec``; returns ``(link or None, effective spec)``.
+    """Make the link for ``spec`` (see :func:`parse_link`); returns ``(link or None,
+    effective spec)``.
 
     ``spec="none"`` still uses a private (unshaped) namespace when possible, so the byte
     counters see only the benchmark's traffic. Without root, a shaped spec falls back to
     ``none`` on the host loopback with a clear message.
     """
-    rate = parse_rate(spec)
+    rate = parse_link(spec, world)
     problem = root_problem() if netns else "namespaces disabled (--no-netns)"
     if problem is not None:
         if rate is not None:

@@ -30,7 +30,7 @@ def allreduce_plot(doc: dict, png: Path) -> None:
     links = list(dict.fromkeys(r["link"] for r in res))
     sizes = sorted({r["size_bytes"] for r in res})
     panels = [(lk, s) for lk in links for s in sizes]
-    shaped = sorted({r["rate_bps"] for r in res if r.get("rate_bps")})
+    shaped = sorted({r["per_rank_bps"] for r in res if r.get("per_rank_bps")})
     extra = 1 if len(shaped) >= 2 else 0
     n = len(panels) + extra
     if n == 0:
@@ -57,17 +57,18 @@ def allreduce_plot(doc: dict, png: Path) -> None:
         ax = flat[len(panels)]
         size = max(sizes)
         methods = sorted({r["method"] for r in res if r["size_bytes"] == size
-                          and r.get("rate_bps")})
+                          and r.get("per_rank_bps")})
         for m in methods:
-            pts = sorted((r["rate_bps"], r["speedup_vs_fp32"]) for r in res
-                         if r["method"] == m and r["size_bytes"] == size and r.get("rate_bps"))
+            pts = sorted((r["per_rank_bps"], r["speedup_vs_fp32"]) for r in res
+                         if r["method"] == m and r["size_bytes"] == size
+                         and r.get("per_rank_bps"))
             if len(pts) >= 2 and m != "fp32":
                 ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], marker="o",
                         label=m, ls="-" if m.startswith("gz:") else "--")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("emulated link rate (Gbit/s, shared by all ranks)")
+        ax.set_xlabel("each rank's share of the emulated link (Gbit/s) = bucket rate / W")
         ax.set_ylabel("speed-up over fp32")
         ax.set_title(f"crossover, {_label_size(size)}", fontsize=9)
         ax.legend(fontsize=6, ncol=2)

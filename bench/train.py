@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netlink
 
 TASKS = ("digits", "chargpt")
+TASK_STEPS = {"digits": 150, "chargpt": 300}
 DEFAULT_CODECS = ("int8", "int4", "sign", "topk:0.01")
 BASELINE_METHODS = ("fp32", "fp16_hook", "powersgd_r4")
 
@@ -298,15 +299,25 @@ def worker(cfg_path: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=cfg["pg_timeout"]))
     task = make_task(cfg["task"], cfg)
+    target = cfg.get("target")
     for method, result_path in zip(cfg["methods"], cfg["result_paths"]):
-        out = train_one(task, method, cfg, rank, world)
+        out = train_one(task, method, cfg, rank, world, None if method == "fp32" else target)
+        if method == "fp32":
+            # Every rank needs fp32's final loss (known on rank 0) to know when to stop.
+            t = torch.tensor([out["final_loss"] if rank == 0 else 0.0], dtype=torch.float64)
+            dist.broadcast(t, 0)
+            target = float(t)
         if rank == 0:
             Path(result_path).write_text(json.dumps(out))
         dist.barrier()
     dist.destroy_process_group()
 
 
-def train_one(task, method: str, cfg: dict, rank: int, world: int) -> dict:
+def train_one(task, method: str, cfg: dict, rank: int, world: int,
+              target: float | None) -> dict:
+    """Train ``method`` for ``cfg['steps']`` steps; then, if its loss is still above
+    ``target`` (fp32's final loss), go on at the final learning rate for up to
+    ``cfg['extend']`` x steps more, until it gets there (the time-to-target measurement)."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -323,15 +334,20 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int) -> dict:
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + 17 * rank + 1)
     batches = task.batch_iter(gen)
     steps = cfg["steps"]
+    max_steps = steps + (int(cfg["extend"] * steps) if target is not None else 0)
 
     evals, step_times, losses = [], [], []
     wall = 0.0
 
-    def do_eval(step):
+    def do_eval(step: int) -> bool:
+        """Evaluate on rank 0; every rank learns whether the target is reached."""
+        flag = torch.zeros(1)
         if rank == 0:
             loss, acc = task.evaluate(net)
             evals.append({"step": step, "wall_s": wall, "loss": loss, "acc": acc})
-        dist.barrier()
+            flag[0] = float(target is not None and loss <= target)
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
 
     bar = None
     if rank == 0 and cfg["progress"]:
@@ -341,8 +357,9 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int) -> dict:
                    dynamic_ncols=True, mininterval=1.0)
     model.train()
     do_eval(0)
-    for step in range(steps):
-        f = lr_factor(step, steps, cfg["lr_warmup"])
+    final = None
+    for step in range(max_steps):
+        f = lr_factor(min(step, steps - 1), steps, cfg["lr_warmup"])
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * f
         batch = next(batches)
@@ -356,10 +373,17 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int) -> dict:
         step_times.append(dt)
         losses.append(loss.item())
         if bar is not None:
+            if step + 1 == steps + 1:
+                bar.set_description(f"{cfg['task']} {method} (to fp32's loss)")
+                bar.total = max_steps
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
-            do_eval(step + 1)
+            reached = do_eval(step + 1)
+            if step + 1 == steps and rank == 0:
+                final = dict(evals[-1])
+            if step + 1 >= steps and (reached or target is None):
+                break
     if bar is not None:
         bar.close()
     # Parameters must be identical on every rank after DDP (a check, not a timing).
@@ -371,13 +395,15 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int) -> dict:
     batch_losses = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(batch_losses)
     batch_losses /= world
+    main_times = step_times[:steps]
     out = {"task": cfg["task"], "method": method, "steps": steps,
+           "steps_run": len(step_times), "target_loss": target,
            "params": n_params, "evals": evals, "step_times_s": step_times,
-           "batch_loss": batch_losses.tolist(), "wall_s": wall,
-           "median_step_s": statistics.median(step_times),
+           "batch_loss": batch_losses.tolist(), "wall_s": sum(main_times),
+           "wall_total_s": wall, "median_step_s": statistics.median(main_times),
            "params_identical_across_ranks": bool(torch.equal(lo, hi)),
-           "final_loss": evals[-1]["loss"] if evals else None,
-           "final_acc": evals[-1]["acc"] if evals else None}
+           "final_loss": final["loss"] if final else None,
+           "final_acc": final["acc"] if final else None}
     if cfg["task"] == "chargpt":
         out["corpus"] = task.source
     return out
@@ -388,15 +414,17 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int) -> dict:
 # ===========================================================================================
 
 
-def time_to_reach(evals: list[dict], target: float) -> float | None:
-    """Wall time at which the eval loss first reaches ``target`` (linear between evals)."""
+def time_to_reach(evals: list[dict], target: float) -> tuple[float, float] | None:
+    """(wall time, step) at which the eval loss first reaches ``target``, linear between
+    evaluations; ``None`` if it never does."""
     prev = None
     for e in evals:
         if e["loss"] <= target:
             if prev is None:
-                return e["wall_s"]
+                return e["wall_s"], e["step"]
             f = (prev["loss"] - target) / (prev["loss"] - e["loss"])
-            return prev["wall_s"] + f * (e["wall_s"] - prev["wall_s"])
+            return (prev["wall_s"] + f * (e["wall_s"] - prev["wall_s"]),
+                    prev["step"] + f * (e["step"] - prev["step"]))
         prev = e
     return None
 
@@ -416,22 +444,27 @@ def summarize(runs: list[dict]) -> tuple[str, list[dict]]:
                    "identical": r["params_identical_across_ranks"]}
             if ref is not None:
                 row["loss_vs_fp32"] = r["final_loss"] / ref["final_loss"] - 1
-                row["time_to_fp32_loss_s"] = time_to_reach(r["evals"], ref["final_loss"])
+                hit = time_to_reach(r["evals"], ref["final_loss"])
+                row["time_to_fp32_loss_s"] = hit[0] if hit else None
+                row["steps_to_fp32_loss"] = hit[1] if hit else None
+                row["steps_run"] = r.get("steps_run")
                 row["step_speedup_vs_fp32"] = ref["median_step_s"] / r["median_step_s"]
             rows.append(row)
     head = (f"{'task':<8} {'method':<20} {'final loss':>10} {'vs fp32':>8} {'acc':>6} "
-            f"{'step':>8} {'speedup':>7} {'wall':>8} {'t->fp32 loss':>12} {'same':>4}")
+            f"{'step':>8} {'speedup':>7} {'wall':>8} {'to fp32 loss':>21} {'same':>4}")
     lines = [head, "-" * len(head)]
     for row in rows:
         if "error" in row:
             lines.append(f"{row['task']:<8} {row['method']:<20} {row['error']}")
             continue
-        ttr = row.get("time_to_fp32_loss_s")
+        ttr, sto = row.get("time_to_fp32_loss_s"), row.get("steps_to_fp32_loss")
+        reach = (f"{ttr:.1f}s @{sto:.0f} steps" if ttr is not None
+                 else f"not in {row.get('steps_run')} steps")
         lines.append(
             f"{row['task']:<8} {row['method']:<20} {row['final_loss']:10.4f} "
             f"{row.get('loss_vs_fp32', float('nan')) * 100:+7.2f}% {row['final_acc']:6.3f} "
             f"{row['median_step_s'] * 1e3:6.1f}ms {row.get('step_speedup_vs_fp32', 0):6.2f}x "
-            f"{row['wall_s']:7.1f}s {f'{ttr:.1f}s' if ttr is not None else 'not reached':>12} "
+            f"{row['wall_s']:7.1f}s {reach:>21} "
             f"{'yes' if row['identical'] else 'NO':>4}")
     return "\n".join(lines), rows
 
@@ -442,9 +475,15 @@ def run_task(task: str, methods: list[str], base_cfg: dict, a, link, tmp: str) -
     If that launch fails, the methods that did not finish are retried one launch each, so
     one broken method does not take the others' results with it.
     """
-    def launch(ms: list[str], tag: str) -> tuple[dict, str | None]:
+    steps = a.steps or (12 if a.quick else TASK_STEPS[task])
+    task_cfg = dict(base_cfg, task=task, steps=steps,
+                    eval_every=a.eval_every or max(1, steps // 30),
+                    lr_warmup=a.lr_warmup or max(1, steps // 20))
+
+    def launch(ms: list[str], tag: str, target: float | None = None
+               ) -> tuple[dict, str | None]:
         paths = [os.path.join(tmp, f"{task}-{tag}-{i}.json") for i in range(len(ms))]
-        cfg = dict(base_cfg, task=task, methods=ms, result_paths=paths)
+        cfg = dict(task_cfg, methods=ms, result_paths=paths, target=target)
         cfg_path = os.path.join(tmp, f"cfg-{task}-{tag}.json")
         Path(cfg_path).write_text(json.dumps(cfg))
         err = None
@@ -466,8 +505,9 @@ def run_task(task: str, methods: list[str], base_cfg: dict, a, link, tmp: str) -
     done, err = launch(methods, "all")
     if err is not None:
         print(f"[train] {task}: {err}; retrying the unfinished methods one by one", flush=True)
+        target = done["fp32"]["final_loss"] if "fp32" in done else None
         for i, m in enumerate(x for x in methods if x not in done):
-            one, e1 = launch([m], f"retry{i}")
+            one, e1 = launch([m], f"retry{i}", target)
             if m in one:
                 done[m] = one[m]
             else:
@@ -483,8 +523,14 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(default_methods()),
                    help="fp32, fp16_hook, powersgd_r<r>, gz:<codec>, gz:<codec>:noef")
     p.add_argument("--world", type=int, default=4)
-    p.add_argument("--link", default="1gbit", help="none, 1gbit, 10gbit, ...")
-    p.add_argument("--steps", type=int, default=None, help="default 300 (--quick: 12)")
+    p.add_argument("--link", default="1gbit",
+                   help="none, 1gbit, 10gbit, ... (one bucket shared by all ranks) or "
+                        "1gbit/rank (W times the rate: each rank's share)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default digits 150, chargpt 300; --quick 12)")
+    p.add_argument("--extend", type=float, default=0.5,
+                   help="a run still above fp32's final loss after --steps goes on at the "
+                        "final learning rate for up to this fraction of --steps more")
     p.add_argument("--eval-every", type=int, default=None, help="default steps/30")
     p.add_argument("--batch", type=int, default=None, help="per-rank batch (task default)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (task default)")
@@ -514,8 +560,6 @@ def main(argv=None) -> int:
         worker(a.worker)
         return 0
 
-    steps = a.steps or (12 if a.quick else 300)
-    eval_every = a.eval_every or max(1, steps // 30)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in TASKS:
@@ -523,18 +567,17 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if "fp32" not in methods:
         methods.insert(0, "fp32")
-    netlink.parse_rate(a.link)
+    netlink.parse_link(a.link, a.world)
 
     from allreduce import machine_info
 
     info = machine_info()
     runs = []
-    link, eff = netlink.open_link(a.link, netns=not a.no_netns)
+    link, eff = netlink.open_link(a.link, world=a.world, netns=not a.no_netns)
     try:
         qdisc = link.qdisc() if link is not None else "host loopback"
-        print(f"[train] link {eff}: {qdisc}; {a.world} ranks; {steps} steps", flush=True)
-        base_cfg = {"steps": steps, "eval_every": eval_every, "batch": a.batch, "lr": a.lr,
-                    "lr_warmup": a.lr_warmup or max(1, steps // 20),
+        print(f"[train] link {eff}: {qdisc}; {a.world} ranks", flush=True)
+        base_cfg = {"batch": a.batch, "lr": a.lr, "extend": a.extend,
                     "compress_warmup": a.compress_warmup, "min_numel": a.min_numel,
                     "algorithm": a.algorithm, "threads": a.threads, "seed": a.seed,
                     "bucket_mb": a.bucket_mb, "quick": a.quick,
@@ -550,7 +593,7 @@ def main(argv=None) -> int:
     print(table)
     info["loadavg_end"] = os.getloadavg()
     doc = {"argv": sys.argv, "machine": info, "link": eff, "qdisc": qdisc, "world": a.world,
-           "steps": steps, "config": {k: v for k, v in vars(a).items() if k != "worker"},
+           "config": {k: v for k, v in vars(a).items() if k != "worker"},
            "runs": runs, "summary": rows, "table": table}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,17 @@ def test_parse_rate():
             netlink.parse_rate(bad)
 
 
+def test_parse_link_shared_and_per_rank():
+    assert netlink.parse_link("none", 4) is None
+    assert netlink.parse_link("1gbit", 4) == 1e9
+    assert netlink.parse_link("1gbit/rank", 4) == 4e9
+    assert netlink.parse_link("10gbit/rank", 3) == 30e9
+    assert netlink.per_rank_rate("1gbit", 4) == 250e6
+    assert netlink.per_rank_rate("1gbit/rank", 4) == 1e9
+    with pytest.raises(ValueError, match="none"):
+        netlink.parse_link("none/rank", 4)
+
+
 def test_setup_commands_shaped():
     link = netlink.EmulatedLink(1e9, name="gz-test")
     # 1 ms at 1 Gbit/s is 125000 bytes, below the 128 KiB floor (two 64 KiB lo segments).
@@ -168,7 +179,7 @@ def test_real_namespace_removed_when_process_is_killed_by_signal():
         import os, signal, sys
         sys.path.insert(0, {str(BENCH)!r})
         import netlink
-        link, eff = netlink.open_link("1gbit")
+        link, eff = netlink.open_link("1gbit", world=4)
         print(link.name, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
     """)
