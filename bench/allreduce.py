@@ -314,16 +314,25 @@ class Bench:
                       "codec_repr": repr(codec)}
             plan = getattr(getattr(gz, "comm", None), "plan", None)
             if plan is not None:
-                pl = plan(codec, self.numel, buf.dtype, self.world, algo)
+                pl = plan(codec, self.numel, buf.dtype, self.world, algo,
+                          **({"min_numel": self.cfg["gz_min_numel"]}
+                             if self.cfg.get("gz_min_numel") is not None else {}))
                 fields["algorithm_used"] = pl.algorithm
                 if pl.algorithm == "alltoall":
                     fields["chunk_payload_bytes"] = pl.payload_bytes
 
+            # Only what the user chose is passed, so the library's defaults are what is timed.
+            extra = {"verify": self.cfg["gz_verify"]} if self.cfg.get("gz_verify") else {}
+            if self.cfg.get("gz_min_numel") is not None:
+                extra["min_numel"] = self.cfg["gz_min_numel"]
+            fields["options"] = extra
+
             def call(timings: dict | None = None) -> None:
                 if timings is None:
-                    gz.all_reduce(buf, codec, state=ef, algorithm=algo)
+                    gz.all_reduce(buf, codec, state=ef, algorithm=algo, **extra)
                 else:
-                    gz.all_reduce(buf, codec, state=ef, algorithm=algo, timings=timings)
+                    gz.all_reduce(buf, codec, state=ef, algorithm=algo, timings=timings,
+                                  **extra)
 
             return call, fields, codec
         call, state = _hook_method(method, self.bucket, self.world)
@@ -575,7 +584,10 @@ def crossover(results: list[dict], world: int) -> list[dict]:
             if pts:
                 out.append({"size_bytes": size, "method": m, "points": pts,
                             "measured_crossover_bps": measured, "status": status,
-                            "model_crossover_bps": model})
+                            "model_crossover_bps": model,
+                            "measured_crossover_per_rank_bps":
+                                measured / world if measured else None,
+                            "model_crossover_per_rank_bps": model / world if model else None})
     return out
 
 
@@ -590,6 +602,10 @@ def main(argv=None) -> int:
     p.add_argument("--codecs", default=",".join(DEFAULT_CODECS),
                    help="gradzip codec specs ('' for none); topk:0.01 is top-k 1%%")
     p.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS))
+    p.add_argument("--gz-verify", default=None,
+                   help="pass verify=... to gradzip.all_reduce (default: the library's)")
+    p.add_argument("--gz-min-numel", type=int, default=None,
+                   help="pass min_numel=... to gradzip.all_reduce (default: the library's)")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"subset of {','.join(BASELINES)} (fp32 always runs)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per method (minimum)")
@@ -641,6 +657,7 @@ def main(argv=None) -> int:
                        "reps": a.reps, "warmup": a.warmup, "min_time": a.min_time,
                        "max_reps": a.max_reps, "split_reps": a.split_reps,
                        "threads": a.threads, "seed": a.seed, "pg_timeout": a.pg_timeout,
+                       "gz_verify": a.gz_verify, "gz_min_numel": a.gz_min_numel,
                        "result_path": os.path.join(tmp, f"result{i}.json")}
                 cfg_path = os.path.join(tmp, f"cfg{i}.json")
                 Path(cfg_path).write_text(json.dumps(cfg))
@@ -673,8 +690,10 @@ def main(argv=None) -> int:
         ms = c["measured_crossover_bps"]
         mo = c["model_crossover_bps"]
         print(f"[crossover] {fmt_bytes(c['size_bytes'])} {c['method']}: {c['status']}"
-              + (f" at {ms / 1e9:.2f} Gbit/s" if ms else "")
-              + (f"; bandwidth model {mo / 1e9:.2f} Gbit/s" if mo else ""))
+              + (f" at a {ms / 1e9:.2f} Gbit/s bucket ({ms / a.world / 1e9:.2f}/rank)"
+                 if ms else "")
+              + (f"; bandwidth model {mo / 1e9:.2f} Gbit/s ({mo / a.world / 1e9:.2f}/rank)"
+                 if mo else ""))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"argv": sys.argv, "machine": info, "links": link_info, "world": a.world,

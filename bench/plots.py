@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 MiB = 1 << 20
 
@@ -48,6 +49,8 @@ def allreduce_plot(doc: dict, png: Path) -> None:
         ax.barh(names, vals, color=[_color(m) for m in names])
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
         ax.set_title(f"{doc['world']} ranks, {_label_size(s)} fp32, link {lk}", fontsize=9)
@@ -68,6 +71,9 @@ def allreduce_plot(doc: dict, png: Path) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_xlabel("each rank's share of the emulated link (Gbit/s) = bucket rate / W")
         ax.set_ylabel("speed-up over fp32")
         ax.set_title(f"crossover, {_label_size(size)}", fontsize=9)
