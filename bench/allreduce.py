@@ -37,10 +37,12 @@ average is reported. Bytes on the wire are the ``lo`` transmit counter of the pr
 namespace over the timed calls, divided by W and the number of calls; the theory column
 is the payload a rank must send for that algorithm (ring all-reduce 2(W-1)/W of the
 tensor, ring all-gather (W-1) payloads, two-phase 2(W-1)/W of the compressed size).
-For gradzip the time is split into compress (``gradzip::quantize_pack`` and
-``gradzip::topk_select`` as seen by the PyTorch profiler), decompress
-(``gradzip::dequantize_accumulate``) and the rest (collectives, waiting, glue), from
-``--split-reps`` extra profiled calls.
+For gradzip the time is split into compress, decompress and verify (the agreement check)
+as reported by ``gradzip.all_reduce(..., timings=...)`` during the timed calls themselves
+(each phase averaged over the ranks, then the median over calls), and "communicate +
+other" = median call time minus those (the collectives and the wait for the slowest
+rank). Without a ``timings`` sink the PyTorch profiler's CPU time of the gradzip ops is
+used instead, from ``--split-reps`` extra calls.
 
 Writes JSON (``--out``), prints a table and draws a PNG next to the JSON (``--plot``).
 """
@@ -214,27 +216,19 @@ def _theory_bytes(method: str, numel: int, world: int, shape, gz=None) -> float 
     return None
 
 
-def _gz_split(call, restore, reps: int, gz) -> tuple[float, float, float, str]:
-    """Mean compress / decompress / verify seconds per call on this rank.
-
-    gradzip.all_reduce's ``timings`` sink when it has one (wall time of its compress and
-    decompress phases, glue included), else the PyTorch profiler's CPU time of the gradzip
-    ops (``quantize_pack``/``topk_select`` = compress, ``dequantize_accumulate`` =
-    decompress). Either way "communicate + other" is the median call time minus these.
-    """
+def _has_timings(gz) -> bool:
     import inspect
 
+    return "timings" in inspect.signature(gz.all_reduce).parameters
+
+
+def _gz_split(call, restore, reps: int) -> tuple[float, float, float, str]:
+    """Mean compress / decompress seconds per call from the PyTorch profiler's CPU time of
+    the gradzip ops (``quantize_pack``/``topk_select`` = compress, ``dequantize_accumulate``
+    = decompress); used when ``gradzip.all_reduce`` has no ``timings`` sink."""
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    if "timings" in inspect.signature(gz.all_reduce).parameters:
-        sink: dict[str, float] = {}
-        for _ in range(reps):
-            restore()
-            dist.barrier()
-            call(sink)
-        return (sink.get("compress", 0.0) / reps, sink.get("decompress", 0.0) / reps,
-                sink.get("verify", 0.0) / reps, "gradzip.all_reduce(timings=...)")
     compress = decompress = 0.0
     for _ in range(reps):
         restore()
@@ -392,9 +386,18 @@ class Bench:
         if 0 < est and est * reps < cfg["min_time"]:
             reps = min(cfg["max_reps"], max(reps, int(cfg["min_time"] / est)))
 
+        # gradzip's own phase timings come from the timed calls themselves when
+        # all_reduce offers a ``timings`` sink (a few perf_counter calls per phase).
+        sinks: list[dict] = []
+        timed_call = call
+        if codec is not None and _has_timings(gz):
+            def timed_call():
+                sinks.append({})
+                call(sinks[-1])
+
         dist.barrier()
         tx0 = netlink.lo_bytes()[1]
-        times = [self.timed(call) for _ in range(reps)]
+        times = [self.timed(timed_call) for _ in range(reps)]
         dist.barrier()
         tx1 = netlink.lo_bytes()[1]
         # What the barriers and the timing reductions send by themselves, measured the same
@@ -412,11 +415,19 @@ class Bench:
                         rec.get("chunk_payload_bytes")) if codec is not None else None))
         if codec is not None:
             rec["compressed_size"] = codec.compressed_size(self.numel)
-            if cfg["split_reps"] > 0:
-                c, d, v, how = _gz_split(call, self.restore, cfg["split_reps"], gz)
+            if sinks:
+                # Per call, each phase averaged over the ranks; then the median over calls.
+                ph = torch.tensor([[sk.get(k, 0.0) for k in ("compress", "decompress", "verify")]
+                                   for sk in sinks], dtype=torch.float64)
+                dist.all_reduce(ph)
+                c, d, v = (ph / world).median(dim=0).values.tolist()
+                how = "gradzip.all_reduce(timings=...) during the timed calls"
+            elif cfg["split_reps"] > 0:
+                c, d, v, how = _gz_split(call, self.restore, cfg["split_reps"])
                 cd = torch.tensor([c, d, v], dtype=torch.float64)
                 dist.all_reduce(cd)
                 c, d, v = (cd / world).tolist()
+            if sinks or cfg["split_reps"] > 0:
                 rec["split"] = {"compress_s": c, "decompress_s": d, "verify_s": v,
                                 "communicate_other_s": max(0.0, rec["median_s"] - c - d - v),
                                 "source": how}
@@ -518,7 +529,7 @@ def print_table(results: list[dict]) -> str:
     lines = []
     head = (f"{'link':>7} {'size':>9} {'method':<24} {'median':>10} {'speedup':>8} "
             f"{'wire/rank':>11} {'theory':>11} {'rel_err':>9} {'compress':>9} {'decomp':>9} "
-            f"{'comm+':>9}")
+            f"{'verify':>9} {'comm+':>9}")
     lines.append(head)
     lines.append("-" * len(head))
     for r in results:
@@ -533,10 +544,54 @@ def print_table(results: list[dict]) -> str:
             f"{fmt_bytes(r.get('bytes_per_rank_measured')):>11} "
             f"{fmt_bytes(r.get('bytes_per_rank_theory')):>11} {r['rel_err']:9.2e} "
             f"{_ms(sp.get('compress_s')):>9} {_ms(sp.get('decompress_s')):>9} "
-            f"{_ms(sp.get('communicate_other_s')):>9}")
+            f"{_ms(sp.get('verify_s')):>9} {_ms(sp.get('communicate_other_s')):>9}")
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def markdown(doc: dict) -> str:
+    """The results of a run as Markdown tables (for docs/results.md)."""
+    out = []
+    for link in dict.fromkeys(r["link"] for r in doc["results"]):
+        for size in sorted({r["size_bytes"] for r in doc["results"] if r["link"] == link}):
+            rr = [r for r in doc["results"] if r["link"] == link and r["size_bytes"] == size]
+            per = netlink.per_rank_rate(link, doc["world"])
+            share = f", {per / 1e9:g} Gbit/s per rank" if per else ""
+            out.append(f"**{doc['world']} ranks, {fmt_bytes(size)} fp32, link `{link}`"
+                       f"{share}**\n")
+            out.append("| method | median | speed-up vs fp32 | wire/rank measured | theory "
+                       "| rel. error | compress | decompress | verify | communicate + other |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for r in rr:
+                name = r["method"]
+                if r.get("algorithm_used") and r.get("algorithm") == "auto":
+                    name += f" (→{r['algorithm_used']})"
+                if "error" in r:
+                    out.append(f"| {name} | fails: `{r['error']}` ||||||||| ")
+                    continue
+                sp = r.get("split", {})
+                ms = lambda v: f"{v * 1e3:.1f} ms" if v is not None else "–"
+                out.append(
+                    f"| {name} | {ms(r['median_s'])} | {r['speedup_vs_fp32']:.2f}× | "
+                    f"{fmt_bytes(r.get('bytes_per_rank_measured'))} | "
+                    f"{fmt_bytes(r.get('bytes_per_rank_theory'))} | {r['rel_err']:.2e} | "
+                    f"{ms(sp.get('compress_s'))} | {ms(sp.get('decompress_s'))} | "
+                    f"{ms(sp.get('verify_s'))} | {ms(sp.get('communicate_other_s'))} |")
+            out.append("")
+    if doc.get("crossover"):
+        out.append("| size | method | speed-up at each bucket rate | measured crossover "
+                   "(bucket / per rank) | bandwidth model (bucket / per rank) |")
+        out.append("|---|---|---|---:|---:|")
+        for c in doc["crossover"]:
+            pts = ", ".join(f"{r / 1e9:g}G: {v:.2f}×" for r, v in c["points"])
+            ms, mo = c["measured_crossover_bps"], c["model_crossover_bps"]
+            fmt_x = (lambda v: f"{v / 1e9:.1f} / {v / doc['world'] / 1e9:.2f} Gbit/s"
+                     if v else "–")
+            out.append(f"| {fmt_bytes(c['size_bytes'])} | {c['method']} | {pts} | "
+                       f"{fmt_x(ms) if ms else c['status']} | {fmt_x(mo)} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def crossover(results: list[dict], world: int) -> list[dict]:
@@ -613,7 +668,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=1.0,
                    help="fast calls are repeated until this many seconds (up to --max-reps)")
     p.add_argument("--max-reps", type=int, default=200)
-    p.add_argument("--split-reps", type=int, default=2, help="profiled calls for the split")
+    p.add_argument("--split-reps", type=int, default=2,
+                   help="profiled calls for the split when gradzip.all_reduce has no timings")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-netns", action="store_true", help="use the host loopback, no namespace")
@@ -622,11 +678,16 @@ def main(argv=None) -> int:
                    help="process-group timeout: a hung collective fails after this long")
     p.add_argument("--out", default="bench/results/allreduce.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="print the Markdown tables of an earlier run's JSON and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
     if a.worker:
         worker(a.worker)
+        return 0
+    if a.report:
+        print(markdown(json.loads(Path(a.report).read_text())))
         return 0
 
     if a.world < 2:
