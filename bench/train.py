@@ -151,7 +151,7 @@ class CharGPTTask:
         self.d = 32 if quick else 128
         self.layers = 1 if quick else 4
         self.heads = 2 if quick else 4
-        self.batch = cfg["batch"] or 16
+        self.batch = cfg["batch"] or 8
         g = torch.Generator().manual_seed(4321)
         n_eval = 16 if quick else 64
         self.eval_train = self._windows(self.train, n_eval, g)
