@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import itertools
 
+import gradzip
 import pytest
 import torch
-
-import gradzip
 from gradzip import format as fmt
 from gradzip import reference
 

@@ -21,16 +21,15 @@ import shutil
 import subprocess
 import sys
 
+import gradzip
 import numpy as np
 import pytest
 import torch
-
-import gradzip
 from gradzip import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-import ptxas_report  # noqa: E402
+import ptxas_report
 
 OPS = ("quantize_pack", "topk_select", "dequantize_accumulate")
 
@@ -38,7 +37,7 @@ OPS = ("quantize_pack", "topk_select", "dequantize_accumulate")
 def _toolkit() -> str | None:
     try:
         return ptxas_report.read_setup().helpers["_find_cuda_home"]()
-    except Exception:
+    except (OSError, RuntimeError, ValueError):
         return None
 
 
@@ -96,7 +95,8 @@ def test_cuda_sources_compile_without_spills(tmp_path):
     out = tmp_path / "ptxas.json"
     env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "ptxas_report.py"),
-                          "--json", str(out)], capture_output=True, text=True, env=env)
+                          "--json", str(out)], capture_output=True, text=True, env=env,
+                         check=False)
     print(res.stdout)
     assert res.returncode == 0, f"ptxas report failed (exit {res.returncode}):\n" \
                                 f"{res.stdout[-4000:]}\n{res.stderr[-8000:]}"

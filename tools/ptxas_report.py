@@ -49,17 +49,21 @@ class BuildConfig:
 def read_setup(path: str = SETUP) -> BuildConfig:
     """Extract DEFAULT_ARCHS, the nvcc flag list (and its appends) and the toolkit-finding
     helpers from setup.py without running its setup() call."""
-    tree = ast.parse(open(path).read(), path)
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
     default_archs = None
     namespace: dict = {}
-    exec("import glob, os, re, shutil, subprocess, sys, sysconfig", namespace)
+    # setup.py's own helper definitions are run (never its setup() call), so that toolkit
+    # discovery here is the build's, not a copy of it.
+    exec("import glob, os, re, shutil, subprocess, sys, sysconfig", namespace)  # noqa: S102
     flags: list[str] = []
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Name) and t.id == "DEFAULT_ARCHS" for t in node.targets):
             default_archs = ast.literal_eval(node.value)
         if isinstance(node, ast.FunctionDef) and node.name in _SETUP_FUNCTIONS:
-            exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
+            code = compile(ast.Module(body=[node], type_ignores=[]), path, "exec")
+            exec(code, namespace)  # noqa: S102
         if isinstance(node, ast.FunctionDef) and node.name == "_extensions":
             for sub in ast.walk(node):
                 if (isinstance(sub, ast.Assign) and len(sub.targets) == 1
@@ -134,7 +138,8 @@ def demangle(names: list[str]) -> dict[str, str]:
     tool = shutil.which("c++filt")
     if tool is None or not names:
         return {n: n for n in names}
-    res = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
+    res = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True,
+                         check=False)
     out = res.stdout.splitlines()
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
@@ -147,6 +152,28 @@ def short_name(demangled: str) -> str:
     cut = s.find("<")
     head = s if cut < 0 else s[:cut]
     return s[head.rfind("::") + 2:] if "::" in head else s
+
+
+def markdown_summary(kernels: list[KernelReport], archs: list[str]) -> str:
+    """One row per kernel (template arguments folded): register range per architecture,
+    static shared memory, and the largest spill."""
+    groups: dict[tuple[str, str], list[KernelReport]] = {}
+    for k in kernels:
+        name = short_name(k.kernel).split("<", 1)[0]
+        groups.setdefault((os.path.basename(k.file), name), []).append(k)
+    head = "| file | kernel | " + " | ".join(f"regs {a}" for a in archs) + \
+        " | static smem (B) | spills (B) |"
+    lines = [head, "|" + "---|" * (len(archs) + 4)]
+    for (file, name), ks in sorted(groups.items()):
+        cells = []
+        for a in archs:
+            regs = sorted({k.registers for k in ks if k.arch == a})
+            cells.append(f"{regs[0]}-{regs[-1]}" if len(regs) > 1 else (str(regs[0]) if regs else "-"))
+        smem = sorted({k.smem_bytes for k in ks})
+        spill = max(k.spill_stores + k.spill_loads for k in ks)
+        lines.append(f"| {file} | `{name}` | " + " | ".join(cells) +
+                     f" | {'/'.join(map(str, smem))} | {spill} |")
+    return "\n".join(lines)
 
 
 def nvcc_command(nvcc: str, source: str, archs: list[int], cfg: BuildConfig,
@@ -176,7 +203,7 @@ def nvcc_command(nvcc: str, source: str, archs: list[int], cfg: BuildConfig,
 def compile_one(nvcc: str, source: str, archs: list[int], cfg: BuildConfig):
     with tempfile.TemporaryDirectory() as tmp:
         cmd = nvcc_command(nvcc, source, archs, cfg, os.path.join(tmp, "out.fatbin"))
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     rel = os.path.relpath(source, ROOT)
     return rel, res.returncode, res.stdout + res.stderr, cmd
 
@@ -188,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archs", help="e.g. 80,90 (default: TORCH_CUDA_ARCH_LIST or setup.py's)")
     ap.add_argument("--jobs", type=int, default=0, help="parallel compiles (default: CPUs)")
     ap.add_argument("--verbose", action="store_true", help="print the nvcc commands")
+    ap.add_argument("--markdown", action="store_true",
+                    help="also print a per-kernel summary table (docs/kernels.md)")
     args = ap.parse_args(argv)
 
     cfg = read_setup()
@@ -202,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         archs = parse_archs(os.environ.get("TORCH_CUDA_ARCH_LIST") or cfg.default_archs)
     files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                             check=False).stdout
     version = (re.findall(r"release [\d.]+, V[\d.]+", version) or ["?"])[0]
     print(f"nvcc {version} ({nvcc}); archs {', '.join(f'sm_{a}' for a in archs)}; "
           f"{len(files)} file(s)", flush=True)
@@ -234,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{os.path.basename(k.file):28s} {short_name(k.kernel)[:52]:52s} {k.arch:6s} "
               f"{k.registers:4d} {k.smem_bytes:6d} {k.stack_bytes:5d} {k.spill_stores:8d} "
               f"{k.spill_loads:8d}")
+    if args.markdown:
+        print()
+        print(markdown_summary(kernels, [f"sm_{a}" for a in archs]))
     spills = [k for k in kernels if k.spill_stores or k.spill_loads]
     print(f"\n{len(kernels)} kernel builds, {len(spills)} with spills, "
           f"{len(failures)} failed compile(s)")

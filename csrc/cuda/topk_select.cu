@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "core/checks.h"
 #include "cuda/common.cuh"
@@ -444,10 +445,18 @@ __global__ void __launch_bounds__(kThreads) topk_int8_kernel(const TopkArgs a) {
 // ---- host -------------------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename Kernel>
-void set_smem_limit(Kernel kernel) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      kSampleSmem));
+// The sample kernel's 64 KB of dynamic shared memory is above the default 48 KB limit: opt
+// in once per device and dtype (sm_80 and newer allow at least 99 KB per block). Once, so
+// that a call captured in a CUDA graph after a warm-up makes no such API call.
+template <int DT>
+void allow_sample_smem() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> done[kMaxDevices];
+  const int dev = c10::cuda::current_device();
+  if (dev < kMaxDevices && done[dev].load()) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(topk_sample_kernel<DT>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSampleSmem));
+  if (dev < kMaxDevices) done[dev].store(true);
 }
 
 // Launches KERNEL<dtype>; SMEM is the dynamic shared memory in bytes.
@@ -528,12 +537,10 @@ at::Tensor topk_select_cuda(const at::Tensor& x_in, int64_t k,
   topk_init_kernel<<<1, kThreads, 0, s>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.approx) {
-    // 64 KB of dynamic shared memory is above the default 48 KB limit: opt in (every
-    // supported architecture, sm_80 and newer, allows at least 99 KB per block).
     switch (dt) {
-      case kF32: set_smem_limit(topk_sample_kernel<kF32>); break;
-      case kF16: set_smem_limit(topk_sample_kernel<kF16>); break;
-      case kBF16: set_smem_limit(topk_sample_kernel<kBF16>); break;
+      case kF32: allow_sample_smem<kF32>(); break;
+      case kF16: allow_sample_smem<kF16>(); break;
+      case kBF16: allow_sample_smem<kBF16>(); break;
     }
     GZ_DISPATCH_DT(dt, topk_sample_kernel, 1, kSampleThreads, kSampleSmem, s, a);
   }
