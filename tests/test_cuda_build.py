@@ -25,6 +25,7 @@ import gradzip
 import numpy as np
 import pytest
 import torch
+from gradzip import format as fmt
 from gradzip import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -414,8 +415,8 @@ def test_topk_algorithm_model_selects_the_reference_indices(case, exact):
     n, k, seed, tpc = 40_000, 400, 5, None
     if case == "normal":
         v = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))
-    elif case == "ties":
-        v = torch.randint(-3, 4, (n,), generator=g).float()
+    elif case == "ties":  # S = {|v| = 3}, W = {|v| = 2} partly taken
+        v, k = torch.randint(-3, 4, (n,), generator=g).float(), 15_000
     elif case == "zeros":
         v = torch.zeros(n)
     elif case == "nonfinite":
@@ -431,8 +432,198 @@ def test_topk_algorithm_model_selects_the_reference_indices(case, exact):
         v, k = torch.randn(77_777, generator=g), 1
     elif case == "equal":
         v, k = torch.full((100_000,), -0.25), 300
-    else:  # many chunks, ties straddling chunk boundaries
-        v, k, tpc = torch.randint(0, 5, (50_001,), generator=g).float(), 20_000, 1
+    else:  # many chunks; W = {v = 3} half taken, across chunk boundaries
+        v, k, tpc = torch.randint(0, 5, (50_001,), generator=g).float(), 15_000, 1
     got = model_select(v, k, exact, seed, tpc)
     want = reference.select_indices(v, k, exact, seed).numpy()
     assert np.array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA kernels' own source, run on CPU threads (csrc/cuda/cpu_emulation.cuh)
+# ---------------------------------------------------------------------------------------
+# csrc/cuda/*.cu compiled as C++ with GZ_CUDA_EMULATION: each CUDA thread an OS thread,
+# __syncthreads and warp shuffles real barriers, the host code (launch shapes, workspace
+# layout, checks) unchanged. The device float intrinsics are replaced by the host branch of
+# csrc/core, whose equivalence the float_bits tests above establish. Compared with the
+# reference byte for byte, like tests/test_cuda.py does on a GPU.
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_floating_point():
+        view = torch.int32 if a.element_size() == 4 else torch.int16
+        a, b = a.view(view), b.view(view)
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if sys.platform != "linux":
+        pytest.skip("the CPU emulation of the CUDA kernels uses pthreads (Linux)")
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler to build the CPU emulation of the CUDA kernels")
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension
+
+    build = os.path.join(ROOT, "build", "cuda_emulation")
+    os.makedirs(build, exist_ok=True)
+    sources = []
+    for op in OPS:
+        path = os.path.join(build, f"emulated_{op}.cpp")
+        text = f'#define GZ_CUDA_EMULATION 1\n#include "cuda/{op}.cu"\n'
+        old = None
+        if os.path.exists(path):
+            with open(path) as f:
+                old = f.read()
+        if old != text:  # rewriting an unchanged file would make ninja rebuild it
+            with open(path, "w") as f:
+                f.write(text)
+        sources.append(path)
+    cpp_extension.load(name="gradzip_cuda_emu", sources=sources,
+                       extra_include_paths=[os.path.join(ROOT, "csrc")],
+                       extra_cflags=["-O1", "-std=c++20", "-ffp-contract=off", "-fno-fast-math"],
+                       build_directory=build, is_python_module=False, verbose=False)
+    return torch.ops.gradzip_cuda_emu
+
+
+def _emulated_quantize(emu, x, bits, block, residual, rounding, seed=3):
+    r_ref = residual.clone() if residual is not None else None
+    want = reference.quantize_pack(x, bits, block, r_ref, rounding, seed)
+    r = residual.clone() if residual is not None else None
+    got = emu.quantize_pack(x, bits, block, r, rounding == "stochastic", seed)
+    assert _bits_equal(got, want), "payload differs from the reference"
+    if residual is not None:
+        assert _bits_equal(r, r_ref), "residual differs from the reference"
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+def test_emulated_quantize_pack_matches_reference(emu, bits):
+    g = torch.Generator().manual_seed(bits)
+    rounding = "stochastic" if bits > 1 else "nearest"
+    for block in (32, 128, 512, 4096):
+        for n in (1, 33, 5000):
+            x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))
+            _emulated_quantize(emu, x, bits, block, torch.randn(n, generator=g) * 0.01, rounding)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(1000, generator=g) * 4).to(dtype)
+        _emulated_quantize(emu, x, bits, 64, torch.randn(1000, generator=g), "nearest")
+        _emulated_quantize(emu, x, bits, 64, None, rounding)
+
+
+@pytest.mark.parametrize("bits", [8, 1])
+def test_emulated_quantize_pack_scalar_paths_and_special_values(emu, bits):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4001, generator=g)
+    r_base = torch.randn(4001, generator=g) * 0.01
+    # Views that are not 16-byte aligned take the scalar load / store path.
+    _emulated_quantize(emu, base[1:], bits, 128, None, "nearest")
+    r_ref = r_base[1:].clone()
+    want = reference.quantize_pack(base[1:], bits, 128, r_ref)
+    r = r_base.clone()
+    got = emu.quantize_pack(base[1:], bits, 128, r[1:], False, 0)
+    assert _bits_equal(got, want) and _bits_equal(r[1:], r_ref)
+    assert _bits_equal(r[:1], r_base[:1]), "wrote outside the residual view"
+    special = torch.randn(3000, generator=g)
+    special[[0, 700, 1500, 2999]] = torch.tensor([float("inf"), float("nan"), -float("inf"),
+                                                  float("nan")])
+    _emulated_quantize(emu, special, bits, 32, torch.randn(3000, generator=g), "nearest")
+    # Zero and tiny blocks (scale 0): a zero residual keeps v = x.
+    for x in (torch.zeros(3000), torch.randn(3000, generator=g) * 1e-44):
+        _emulated_quantize(emu, x, bits, 32, torch.zeros(3000), "nearest")
+
+
+def _emulated_topk(emu, x, k, exact, values, seed=5, keep_ties=False):
+    g = torch.Generator().manual_seed(x.numel())
+    # A zero residual keeps the ties of x in v = x + residual (and still gets updated).
+    residual = torch.zeros(x.numel()) if keep_ties else torch.randn(x.numel(), generator=g) * 0.01
+    r_ref = residual.clone()
+    want = reference.topk_select(x, k, r_ref, exact, values, seed)
+    r = residual.clone()
+    got = emu.topk_select(x, k, r, exact, fmt.VALUE_FORMATS[values], seed)
+    assert _bits_equal(got, want), f"payload differs (n={x.numel()} k={k})"
+    assert _bits_equal(r, r_ref), f"residual differs (n={x.numel()} k={k})"
+
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "approx"])
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
+def test_emulated_topk_select_matches_reference(emu, exact, values):
+    g = torch.Generator().manual_seed(1)
+    for n, k in ((1, 1), (33, 5), (3000, 30), (5000, 1700)):
+        _emulated_topk(emu, torch.randn(n, generator=g) * 3, k, exact, values)
+    # Ties: S = {|x| = 3}, and only some of W = {|x| = 2}, lowest indices first.
+    _emulated_topk(emu, torch.randint(-3, 4, (4000,), generator=g).float(), 1500, exact, values,
+                   keep_ties=True)
+
+
+def test_emulated_topk_select_special_cases(emu):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5000, generator=g)
+    x[[0, 100, 2500, 4999]] = torch.tensor([float("inf"), float("nan"), -float("inf"),
+                                            float("nan")])
+    _emulated_topk(emu, x, 10, False, "int8")
+    _emulated_topk(emu, x, 3, True, "fp32")
+    _emulated_topk(emu, torch.randn(3000, generator=g).half(), 30, True, "bf16")
+    _emulated_topk(emu, torch.zeros(3000), 30, False, "int8", keep_ties=True)
+    _emulated_topk(emu, torch.full((30_000,), 0.5), 10, True, "bf16", keep_ties=True)
+
+
+@pytest.mark.slow
+def test_emulated_topk_select_fill_and_buffer_overflow(emu):
+    x, k, seed = _fill_case()  # approximate mode with fewer candidates than k
+    _emulated_topk(emu, x, k, False, "fp32", seed)
+    # Every key ties: more candidates than the key buffer holds, passes over the tensor.
+    _emulated_topk(emu, torch.full((30_000,), 0.5), 10, False, "bf16", keep_ties=True)
+    g = torch.Generator().manual_seed(3)
+    _emulated_topk(emu, torch.randn(40_000, generator=g), 400, True, "fp32")
+    _emulated_topk(emu, torch.randn(40_000, generator=g), 40_000, False, "int8")
+
+
+def _payload(codec: str, n: int, seed: int) -> torch.Tensor:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    if codec.startswith("dense"):
+        return reference.quantize_pack(x, int(codec[5:]), 64)
+    return reference.topk_select(x, max(1, n // 20), values=codec.split("_")[1])
+
+
+@pytest.mark.parametrize("codec", ["dense8", "dense4", "dense2", "dense1", "topk_fp32",
+                                   "topk_bf16", "topk_int8"])
+def test_emulated_dequantize_accumulate_matches_reference(emu, codec):
+    for n in (1, 1000, 5000):
+        for w in (1, 3):
+            rows = torch.stack([_payload(codec, n, 10 * n + i) for i in range(w)])
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                out0 = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+                want = reference.dequantize_accumulate(rows, out0.clone(), -0.3)
+                out = out0.clone()
+                emu.dequantize_accumulate(rows, out, -0.3)
+                assert _bits_equal(out, want), f"n={n} w={w} {dtype}"
+
+
+def test_emulated_dequantize_accumulate_rejects_corrupt_payloads(emu):
+    n, k = 5000, 100
+    good = reference.topk_select(torch.randn(n, generator=torch.Generator().manual_seed(0)), k)
+    off, _ = fmt.parse_header(good).sections()["indices"]
+    idx = good[off: off + 4 * k].clone().view(torch.int32)
+    bad_range = idx.clone()
+    bad_range[k - 1] = n
+    bad_order = idx.clone()
+    bad_order[10] = bad_order[9]
+    for bad_idx, message in ((bad_range, "out of range"), (bad_order, "ascending")):
+        bad = good.clone()
+        bad[off: off + 4 * k] = bad_idx.view(torch.uint8)
+        out = torch.ones(n)
+        with pytest.raises(ValueError, match=f"payload 1: .*{message}"):
+            emu.dequantize_accumulate(torch.stack([good, bad]), out, 1.0)
+        assert bool((out == 1).all()), "out was written despite a corrupt payload"
+    dense = reference.quantize_pack(torch.randn(n), 8, 128)
+    bad = dense.clone()
+    bad[0] ^= 1
+    with pytest.raises(ValueError, match="magic"):
+        emu.dequantize_accumulate(bad.unsqueeze(0), torch.ones(n), 1.0)
+    with pytest.raises(ValueError, match="truncated"):
+        emu.dequantize_accumulate(dense[:32].unsqueeze(0), torch.ones(n), 1.0)
+    with pytest.raises(ValueError, match="elements"):
+        emu.dequantize_accumulate(dense.unsqueeze(0), torch.ones(n + 1), 1.0)

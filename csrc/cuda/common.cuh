@@ -4,20 +4,57 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(GZ_CUDA_EMULATION)
+#include "cuda/cpu_emulation.cuh"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
-
-#include <cstdint>
-#include <cstring>
+#endif
 
 #include "core/float_bits.h"
 #include "core/format.h"
 #include "core/quant.h"
 
+// The few host-side constructs that differ when the kernels are run by the CPU emulation
+// of tests/test_cuda_build.py (cuda/cpu_emulation.cuh); identical CUDA code otherwise.
+#if defined(GZ_CUDA_EMULATION)
+#define GZ_LAUNCH(grid, block, smem, stream, ...) \
+  ::gradzip::emu::launcher(&__VA_ARGS__, grid, block, smem)
+#define GZ_DYNAMIC_SHARED(type, name) \
+  type* name = reinterpret_cast<type*>(::gradzip::emu::g_block->dynamic_smem.data())
+#define GZ_DEVICE_GUARD(tensor) \
+  do {                          \
+  } while (0)
+#define GZ_REGISTER_CUDA_OP(name, fn) \
+  TORCH_LIBRARY_FRAGMENT(gradzip_cuda_emu, m) { m.def(name, fn); }
+#else
+// Launches KERNEL<<<grid, block, smem, stream>>>; the kernel comes last so that template
+// arguments with commas need no parentheses.
+#define GZ_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define GZ_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define GZ_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard gz_device_guard((tensor).device())
+#define GZ_REGISTER_CUDA_OP(name, fn) \
+  TORCH_LIBRARY_IMPL(gradzip, CUDA, m) { m.impl(name, fn); }
+#endif
+
 namespace gradzip {
 namespace cuda {
+
+#if defined(GZ_CUDA_EMULATION)
+inline cudaStream_t current_stream() { return nullptr; }
+inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+inline int num_sms() { return 2; }  // few blocks: the grid-stride loops take several turns
+#else
+inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+#endif
 
 // Every kernel gives each thread 8 consecutive elements: 32 bytes of float32 (two 128-bit
 // accesses) or 16 bytes of float16/bfloat16 (one), and a whole number of code bytes for
@@ -39,8 +76,6 @@ inline DType dtype_of(const at::Tensor& t) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // The 64-byte payload header as a kernel argument: written by the kernel, so creating a
 // payload needs no host-to-device copy (and can be captured in a CUDA graph).

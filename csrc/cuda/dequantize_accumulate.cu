@@ -269,9 +269,9 @@ template <int BITS>
 void launch_dense(DType odt, const AccumulateArgs& a, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(a.ntiles)), block(kThreads);
   switch (odt) {
-    case kF32: accumulate_dense_kernel<BITS, kF32><<<grid, block, 0, s>>>(a); break;
-    case kF16: accumulate_dense_kernel<BITS, kF16><<<grid, block, 0, s>>>(a); break;
-    case kBF16: accumulate_dense_kernel<BITS, kBF16><<<grid, block, 0, s>>>(a); break;
+    case kF32: GZ_LAUNCH(grid, block, 0, s, accumulate_dense_kernel<BITS, kF32>)(a); break;
+    case kF16: GZ_LAUNCH(grid, block, 0, s, accumulate_dense_kernel<BITS, kF16>)(a); break;
+    case kBF16: GZ_LAUNCH(grid, block, 0, s, accumulate_dense_kernel<BITS, kBF16>)(a); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -280,29 +280,29 @@ template <int IB>
 void launch_sparse(DType odt, const AccumulateArgs& a, cudaStream_t s) {
   const int64_t nb = a.W * (a.ntiles + 1);
   const int64_t bgrid = std::min<int64_t>(ceil_div(nb, kThreads), int64_t(num_sms()) * 8);
-  accumulate_bounds_kernel<IB><<<static_cast<unsigned>(bgrid), kThreads, 0, s>>>(a);
+  GZ_LAUNCH(static_cast<unsigned>(bgrid), kThreads, 0, s, accumulate_bounds_kernel<IB>)(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 grid(static_cast<unsigned>(a.ntiles)), block(kThreads);
   switch (odt) {
-    case kF32: accumulate_sparse_kernel<IB, kF32><<<grid, block, 0, s>>>(a); break;
-    case kF16: accumulate_sparse_kernel<IB, kF16><<<grid, block, 0, s>>>(a); break;
-    case kBF16: accumulate_sparse_kernel<IB, kBF16><<<grid, block, 0, s>>>(a); break;
+    case kF32: GZ_LAUNCH(grid, block, 0, s, accumulate_sparse_kernel<IB, kF32>)(a); break;
+    case kF16: GZ_LAUNCH(grid, block, 0, s, accumulate_sparse_kernel<IB, kF16>)(a); break;
+    case kBF16: GZ_LAUNCH(grid, block, 0, s, accumulate_sparse_kernel<IB, kBF16>)(a); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void dequantize_accumulate_cuda(const at::Tensor& payloads_in, at::Tensor& out, double alpha) {
   checks::check_accumulate_args(payloads_in, out);
-  TORCH_CHECK_VALUE(out.is_cuda(), "out must be a CUDA tensor for the CUDA kernel, got ",
+  TORCH_CHECK_VALUE(on_device(out), "out must be a CUDA tensor for the CUDA kernel, got ",
                     out.device());
-  const c10::cuda::CUDAGuard guard(out.device());
+  GZ_DEVICE_GUARD(out);
   const int64_t W = payloads_in.size(0), P = payloads_in.size(1), n = out.numel();
   TORCH_CHECK_VALUE(P >= format::kHeaderBytes, "truncated payload: ", P,
                     " bytes is shorter than the 64-byte header");
   at::Tensor payloads = payloads_in.contiguous();
   if (!aligned16(payloads.data_ptr())) payloads = payloads.clone();  // a fresh, aligned copy
   const uint8_t* base = payloads.data_ptr<uint8_t>();
-  const cudaStream_t s = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t s = current_stream();
 
   // Headers and index flags, copied to the host in one transfer (the one host sync).
   const int64_t flags_at = W * format::kHeaderBytes;
@@ -312,7 +312,7 @@ void dequantize_accumulate_cuda(const at::Tensor& payloads_in, at::Tensor& out, 
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(max_k, kThreads), 256)),
                     static_cast<unsigned>(std::min<int64_t>(W, 65535)));
     uint8_t* st = staging.data_ptr<uint8_t>();
-    accumulate_check_kernel<<<grid, kThreads, 0, s>>>(
+    GZ_LAUNCH(grid, kThreads, 0, s, accumulate_check_kernel)(
         base, W, P, st, reinterpret_cast<uint32_t*>(st + flags_at));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -370,6 +370,4 @@ void dequantize_accumulate_cuda(const at::Tensor& payloads_in, at::Tensor& out, 
 }  // namespace cuda
 }  // namespace gradzip
 
-TORCH_LIBRARY_IMPL(gradzip, CUDA, m) {
-  m.impl("dequantize_accumulate", &gradzip::cuda::dequantize_accumulate_cuda);
-}
+GZ_REGISTER_CUDA_OP("dequantize_accumulate", &gradzip::cuda::dequantize_accumulate_cuda)

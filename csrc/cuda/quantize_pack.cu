@@ -169,9 +169,9 @@ template <int BITS>
 void launch_bits(DType dt, const QuantizeArgs& a, int64_t tiles, int threads, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(tiles)), block(threads);
   switch (dt) {
-    case kF32: quantize_pack_kernel<BITS, kF32><<<grid, block, 0, s>>>(a); break;
-    case kF16: quantize_pack_kernel<BITS, kF16><<<grid, block, 0, s>>>(a); break;
-    case kBF16: quantize_pack_kernel<BITS, kBF16><<<grid, block, 0, s>>>(a); break;
+    case kF32: GZ_LAUNCH(grid, block, 0, s, quantize_pack_kernel<BITS, kF32>)(a); break;
+    case kF16: GZ_LAUNCH(grid, block, 0, s, quantize_pack_kernel<BITS, kF16>)(a); break;
+    case kBF16: GZ_LAUNCH(grid, block, 0, s, quantize_pack_kernel<BITS, kBF16>)(a); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -180,9 +180,9 @@ at::Tensor quantize_pack_cuda(const at::Tensor& x_in, int64_t bits, int64_t bloc
                               const std::optional<at::Tensor>& residual, bool stochastic,
                               int64_t seed) {
   checks::check_quantize_args(x_in, bits, block, residual, stochastic, seed);
-  TORCH_CHECK_VALUE(x_in.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ",
+  TORCH_CHECK_VALUE(on_device(x_in), "x must be a CUDA tensor for the CUDA kernel, got ",
                     x_in.device());
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  GZ_DEVICE_GUARD(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
   const auto layout = format::dense_layout(n, static_cast<int>(bits), block);
@@ -210,7 +210,7 @@ at::Tensor quantize_pack_cuda(const at::Tensor& x_in, int64_t bits, int64_t bloc
   const int64_t tile = int64_t(threads) * kVec;
   const int64_t tiles = n == 0 ? 1 : (n + tile - 1) / tile;  // block 0 writes the header
   TORCH_CHECK_VALUE(tiles <= 0x7FFFFFFF, "tensor of ", n, " elements is too large");
-  const cudaStream_t s = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t s = current_stream();
   const DType dt = dtype_of(x);
   switch (bits) {
     case 8: launch_bits<8>(dt, a, tiles, threads, s); break;
@@ -225,6 +225,4 @@ at::Tensor quantize_pack_cuda(const at::Tensor& x_in, int64_t bits, int64_t bloc
 }  // namespace cuda
 }  // namespace gradzip
 
-TORCH_LIBRARY_IMPL(gradzip, CUDA, m) {
-  m.impl("quantize_pack", &gradzip::cuda::quantize_pack_cuda);
-}
+GZ_REGISTER_CUDA_OP("quantize_pack", &gradzip::cuda::quantize_pack_cuda)

@@ -124,7 +124,7 @@ __device__ __forceinline__ float load_v1(const TopkArgs& a, int64_t i) {
 
 template <int DT>
 __global__ void __launch_bounds__(kSampleThreads) topk_sample_kernel(const TopkArgs a) {
-  extern __shared__ uint32_t sample_keys[];  // kSampleSize keys (64 KB, dynamic)
+  GZ_DYNAMIC_SHARED(uint32_t, sample_keys);  // kSampleSize keys (64 KB)
   __shared__ uint32_t hist[2048];
   __shared__ uint32_t sh_prefix, sh_mask;
   __shared__ long long sh_rank;
@@ -450,6 +450,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // that a call captured in a CUDA graph after a warm-up makes no such API call.
 template <int DT>
 void allow_sample_smem() {
+#if !defined(GZ_CUDA_EMULATION)
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> done[kMaxDevices];
   const int dev = c10::cuda::current_device();
@@ -457,15 +458,16 @@ void allow_sample_smem() {
   C10_CUDA_CHECK(cudaFuncSetAttribute(topk_sample_kernel<DT>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSampleSmem));
   if (dev < kMaxDevices) done[dev].store(true);
+#endif
 }
 
 // Launches KERNEL<dtype>; SMEM is the dynamic shared memory in bytes.
 #define GZ_DISPATCH_DT(dt, KERNEL, GRID, BLOCK, SMEM, STREAM, ...)                      \
   do {                                                                                  \
     switch (dt) {                                                                       \
-      case kF32: KERNEL<kF32><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break;       \
-      case kF16: KERNEL<kF16><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break;       \
-      case kBF16: KERNEL<kBF16><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break;     \
+      case kF32: GZ_LAUNCH(GRID, BLOCK, SMEM, STREAM, KERNEL<kF32>)(__VA_ARGS__); break;       \
+      case kF16: GZ_LAUNCH(GRID, BLOCK, SMEM, STREAM, KERNEL<kF16>)(__VA_ARGS__); break;       \
+      case kBF16: GZ_LAUNCH(GRID, BLOCK, SMEM, STREAM, KERNEL<kBF16>)(__VA_ARGS__); break;     \
     }                                                                                   \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                     \
   } while (0)
@@ -474,9 +476,9 @@ at::Tensor topk_select_cuda(const at::Tensor& x_in, int64_t k,
                             const std::optional<at::Tensor>& residual, bool exact,
                             int64_t value_format, int64_t seed) {
   checks::check_topk_args(x_in, k, residual, value_format, seed);
-  TORCH_CHECK_VALUE(x_in.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ",
+  TORCH_CHECK_VALUE(on_device(x_in), "x must be a CUDA tensor for the CUDA kernel, got ",
                     x_in.device());
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  GZ_DEVICE_GUARD(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();  // >= k >= 1
   const uint8_t vf = static_cast<uint8_t>(value_format);
@@ -532,9 +534,9 @@ at::Tensor topk_select_cuda(const at::Tensor& x_in, int64_t k,
   w += buf_bytes;
   a.tmp_values = tmp_bytes ? reinterpret_cast<float*>(w) : nullptr;
 
-  const cudaStream_t s = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t s = current_stream();
   const DType dt = dtype_of(x);
-  topk_init_kernel<<<1, kThreads, 0, s>>>(a);
+  GZ_LAUNCH(1, kThreads, 0, s, topk_init_kernel)(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.approx) {
     switch (dt) {
@@ -549,17 +551,17 @@ at::Tensor topk_select_cuda(const at::Tensor& x_in, int64_t k,
   for (int pass = 0; pass < 3; ++pass) {
     GZ_DISPATCH_DT(dt, topk_hist_kernel, static_cast<unsigned>(hist_grid), kThreads, 0, s, a,
                    pass);
-    topk_find_kernel<<<1, kThreads, 0, s>>>(a, pass);
+    GZ_LAUNCH(1, kThreads, 0, s, topk_find_kernel)(a, pass);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const unsigned chunks = static_cast<unsigned>(a.nchunks);
   GZ_DISPATCH_DT(dt, topk_count_kernel, chunks, kThreads, 0, s, a);
-  topk_scan_kernel<<<1, kScanThreads, 0, s>>>(a);
+  GZ_LAUNCH(1, kScanThreads, 0, s, topk_scan_kernel)(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   GZ_DISPATCH_DT(dt, topk_write_kernel, chunks, kThreads, 0, s, a);
   if (vf == format::kValueInt8) {
     const int64_t grid = std::min<int64_t>(ceil_div(k, kThreads), int64_t(num_sms()) * 8);
-    topk_int8_kernel<<<static_cast<unsigned>(grid), kThreads, 0, s>>>(a);
+    GZ_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, s, topk_int8_kernel)(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return payload;
@@ -569,6 +571,4 @@ at::Tensor topk_select_cuda(const at::Tensor& x_in, int64_t k,
 }  // namespace cuda
 }  // namespace gradzip
 
-TORCH_LIBRARY_IMPL(gradzip, CUDA, m) {
-  m.impl("topk_select", &gradzip::cuda::topk_select_cuda);
-}
+GZ_REGISTER_CUDA_OP("topk_select", &gradzip::cuda::topk_select_cuda)
