@@ -304,7 +304,7 @@ def test_topk_select_int64_indices():
     out = torch.zeros(n, dtype=torch.bfloat16, device=DEV)
     gradzip.dequantize_accumulate(payload, out, 2.0, backend="cuda")
     assert torch.equal(out[pos.to(DEV)].cpu().float(), 2 * vals.float())
-    assert float(out.float().abs().sum()) == float(2 * vals.float().sum())
+    assert int(torch.count_nonzero(out)) == k
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,7 +384,8 @@ def test_dequantize_round_trip_on_device():
     x = make_input(10_000, seed=8)
     payload = gradzip.quantize_pack(x.to(DEV), 8, 128, backend="cuda")
     got = gradzip.dequantize(payload, torch.float32, backend="cuda")
-    assert_same(got, reference.dequantize(reference.quantize_pack(x, 8, 128)), "decoded")
+    want = reference.dequantize_accumulate(reference.quantize_pack(x, 8, 128), torch.zeros(10_000))
+    assert_same(got, want, "decoded")
 
 
 # ---------------------------------------------------------------------------------------
