@@ -76,17 +76,31 @@ GZ_HOST_DEVICE float nan_max(float a, float b) {
 }
 
 // ---- counter-based random numbers (reference.hash32 / reference.uniform) ------------
+// Multipliers of lowbias32, named so that vectorised copies use the same constants.
+constexpr uint32_t kLowbiasMul1 = 0x7FEB352Du;
+constexpr uint32_t kLowbiasMul2 = 0x846CA68Bu;
+// 2^-24: uniform() scales the top 24 bits of the hash by it (exact in float32).
+constexpr float kUniformScale = 5.9604644775390625e-08f;
+
 GZ_HOST_DEVICE uint32_t lowbias32(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x7FEB352Du;
+  x *= kLowbiasMul1;
   x ^= x >> 15;
-  x *= 0x846CA68Bu;
+  x *= kLowbiasMul2;
   x ^= x >> 16;
   return x;
 }
 
 // Per-seed key, hoisted out of element loops: k1 = lowbias32(seed ^ golden).
 GZ_HOST_DEVICE uint32_t seed_key(uint32_t seed) { return lowbias32(seed ^ 0x9E3779B9u); }
+
+// hash32 in two halves, for loops whose indices share their high 32 bits (a block never
+// straddles a multiple of 2^32): k2 = hash32_high_key(k1, index >> 32) once per block, then
+// hash32_low(k1, k2, uint32(index)) per element. hash32 == hash32_low(k1, hash32_high_key).
+GZ_HOST_DEVICE uint32_t hash32_high_key(uint32_t k1, uint32_t hi) { return lowbias32(hi ^ k1); }
+GZ_HOST_DEVICE uint32_t hash32_low(uint32_t k1, uint32_t k2, uint32_t lo) {
+  return lowbias32(lowbias32(lo ^ k2) + k1);
+}
 
 GZ_HOST_DEVICE uint32_t hash32(uint32_t k1, uint64_t index) {
   uint32_t lo = static_cast<uint32_t>(index);
@@ -97,7 +111,7 @@ GZ_HOST_DEVICE uint32_t hash32(uint32_t k1, uint64_t index) {
 
 // Uniform float in [0, 1): top 24 bits of the hash times 2^-24 (exact in float32).
 GZ_HOST_DEVICE float uniform(uint32_t k1, uint64_t index) {
-  return static_cast<float>(hash32(k1, index) >> 8) * 5.9604644775390625e-08f;
+  return static_cast<float>(hash32(k1, index) >> 8) * kUniformScale;
 }
 
 // ---- dense quantization -------------------------------------------------------------
@@ -149,8 +163,48 @@ GZ_HOST_DEVICE float residual_update(float v, float decoded, float old_residual)
 GZ_HOST_DEVICE uint32_t sign_code(float v) { return v < 0.0f ? 1u : 0u; }
 GZ_HOST_DEVICE float sign_decode(uint32_t bit, float scale) { return bit ? -scale : scale; }
 
-// Order key of |v| for top-k (reference.magnitude_key): sign bit cleared; NaN > inf.
-GZ_HOST_DEVICE uint32_t magnitude_key(float v) { return float_bits(v) & 0x7FFFFFFFu; }
+// Order key of |v| for top-k (reference.magnitude_key): sign bit cleared; every NaN gets
+// the canonical quiet NaN's key 0x7FC00000 (> inf's 0x7F800000), whatever its bits.
+constexpr uint32_t kCanonicalNanBits = 0x7FC00000u;
+GZ_HOST_DEVICE uint32_t magnitude_key(float v) {
+  const uint32_t k = float_bits(v) & 0x7FFFFFFFu;
+  return k > 0x7F800000u ? kCanonicalNanBits : k;
+}
+
+// Every NaN written into a payload is the canonical quiet NaN (docs/format.md).
+GZ_HOST_DEVICE float float_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+GZ_HOST_DEVICE float canonical_nan(float v) {
+  return v != v ? float_from_bits(kCanonicalNanBits) : v;
+}
+// bfloat16 bits of v, rounded to nearest even; NaN -> the canonical 0x7FC0.
+GZ_HOST_DEVICE uint16_t bf16_bits(float v) {
+  const uint32_t u = float_bits(v);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// max |v| of a block from the largest magnitude_key of its elements. The max of keys is
+// order-independent (any reduction tree or thread layout gives it) and NaN keys exceed
+// inf's, so a block holding a NaN gets a NaN amax: the canonical quiet NaN 0x7FC00000,
+// which is what torch's NaN-propagating amax (the reference) returns whatever NaN it saw.
+GZ_HOST_DEVICE float amax_from_key(uint32_t max_key) {
+  const uint32_t bits = max_key > 0x7F800000u ? 0x7FC00000u : max_key;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
 
 // Sum of |v| over one block in the fixed order of reference.block_abs_sum: 32 lanes, lane j
 // adds elements j, j+32, ... in order, then a shuffle-down tree (h = 16, 8, 4, 2, 1).

@@ -44,6 +44,7 @@ def build_info() -> dict:
     from . import _C  # noqa: F401  (loads the operator library)
 
     info = json.loads(torch.ops.gradzip._build_info())
+    info["cpu_isa"] = torch.ops.gradzip._cpu_isa()
     info["cuda_kernels_registered"] = torch._C._dispatch_has_kernel_for_dispatch_key(
         "gradzip::quantize_pack", "CUDA")
     try:
@@ -211,9 +212,9 @@ def dequantize_accumulate(
     if be in ("cpu", "cuda"):
         torch.ops.gradzip.dequantize_accumulate(rows, out, float(alpha))
         return out
-    _checks.check_accumulate_headers(rows, out)
+    header = _checks.check_accumulate_headers(rows, out)
     if be == "triton":
-        _triton().dequantize_accumulate(rows, out, float(alpha))
+        _triton().dequantize_accumulate(rows, out, float(alpha), header=header)
         return out
     o = out.detach().cpu()
     reference.dequantize_accumulate(rows.cpu(), o, float(alpha))

@@ -99,7 +99,7 @@ def block_abs_sum(vb: torch.Tensor) -> torch.Tensor:
     lane[i] += lane[i + h] for h = 16, 8, 4, 2, 1 (a warp shuffle-down tree).
     Elements past the end of a short last block are +0.0 and change nothing.
     """
-    a = vb.abs().view(vb.shape[0], -1, 32)
+    a = vb.abs().view(vb.shape[0], vb.shape[1] // 32, 32)
     lane = a[:, 0, :].clone()
     for s in range(1, a.shape[1]):
         lane = lane + a[:, s, :]
@@ -129,11 +129,19 @@ def _unpack_codes(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return c.reshape(-1)[:n]
 
 
+def canonical_nan(t: torch.Tensor) -> torch.Tensor:
+    """Every NaN written into a payload is the canonical quiet NaN (float32 0x7FC00000,
+    bfloat16 0x7FC0): NaN bit patterns otherwise depend on the hardware and code path."""
+    if not t.is_floating_point():
+        return t
+    return torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
+
+
 def _assemble(header: fmt.Header, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     out = torch.zeros(header.total_bytes, dtype=torch.uint8)
     out[: fmt.HEADER_BYTES] = torch.frombuffer(bytearray(header.pack()), dtype=torch.uint8)
     for name, (off, length) in header.sections().items():
-        raw = parts[name].contiguous().view(torch.uint8).reshape(-1)
+        raw = canonical_nan(parts[name].contiguous()).view(torch.uint8).reshape(-1)
         assert raw.numel() == length, (name, raw.numel(), length)
         out[off : off + length] = raw
     return out
@@ -154,8 +162,8 @@ def quantize_pack(
     * bits 8, 4, 2 (symmetric absmax, ``qmax = 2**(bits-1) - 1``):
       ``amax = max |v|`` (NaN if any element is NaN), ``scale = amax / qmax``,
       ``inv = qmax / amax``.
-      - amax not finite: codes 0, scale stored as computed (inf or NaN): the block decodes
-        to NaN, so the overflow reaches every rank.
+      - amax not finite: codes 0, scale stored as computed (inf, or the canonical NaN):
+        the block decodes to NaN, so the overflow reaches every rank.
       - amax == 0, or ``inv`` overflows to inf (amax tiny): codes 0, scale stored as 0.
       - otherwise ``t = v * inv``; nearest: ``q = round_half_even(t)``; stochastic:
         ``q = floor(t + uniform(seed, i))``; then ``q = clamp(q, -qmax, qmax)``.
@@ -182,9 +190,12 @@ def quantize_pack(
         qmax = float(2 ** (bits - 1) - 1)
         amax = vb.abs().amax(dim=1) if nb else torch.zeros(0)
         nonfinite = ~torch.isfinite(amax)
-        inv = qmax / amax
+        # tensor / tensor: one correctly rounded division (a Python number divided by a
+        # tensor is evaluated as reciprocal-then-multiply, which rounds twice).
+        qmax_t = torch.full_like(amax, qmax)
+        inv = qmax_t / amax
         zero = ~nonfinite & ((amax == 0) | torch.isinf(inv))
-        scale = torch.where(zero, torch.zeros_like(amax), amax / qmax)
+        scale = torch.where(zero, torch.zeros_like(amax), amax / qmax_t)
         t = vb * inv[:, None]
         if rounding == "stochastic":
             u = uniform(seed, torch.arange(nb * block, dtype=torch.int64)).view(nb, block)
@@ -206,13 +217,19 @@ def quantize_pack(
 SAMPLE_SIZE = 16384  # sampled elements for the approximate threshold
 
 
+CANONICAL_NAN_KEY = 0x7FC00000
+
+
 def magnitude_key(v: torch.Tensor) -> torch.Tensor:
     """Order key of |v|: the float32 bit pattern with the sign cleared, as int64.
 
-    For non-negative floats the bit pattern is monotonic in the value, and every NaN
-    orders above +inf, so non-finite entries are always selected first.
+    For non-negative floats the bit pattern is monotonic in the value. Every NaN gets the
+    key of the canonical quiet NaN (0x7FC00000, above +inf's 0x7F800000): non-finite
+    entries are always selected first, and NaNs tie (lower index first) whatever their
+    bit patterns, which differ between hardware.
     """
-    return (v.view(torch.int32).to(torch.int64)) & 0x7FFFFFFF
+    key = (v.view(torch.int32).to(torch.int64)) & 0x7FFFFFFF
+    return torch.where(torch.isnan(v), torch.full_like(key, CANONICAL_NAN_KEY), key)
 
 
 def _top_by_key(key: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
@@ -267,13 +284,14 @@ def _quantize_values_int8(vals: torch.Tensor):
     """One-block symmetric int8 (qmax 127) of the selected values, same rules as dense."""
     amax = vals.abs().amax() if vals.numel() else torch.tensor(0.0)
     nonfinite = not bool(torch.isfinite(amax))
-    inv = 127.0 / amax
+    qmax_t = torch.full_like(amax, 127.0)
+    inv = qmax_t / amax  # tensor / tensor: correctly rounded (see quantize_pack)
     if nonfinite:
-        scale, q = amax / 127.0, torch.zeros_like(vals)
+        scale, q = amax / qmax_t, torch.zeros_like(vals)
     elif amax == 0 or torch.isinf(inv):
         scale, q = torch.tensor(0.0), torch.zeros_like(vals)
     else:
-        scale = amax / 127.0
+        scale = amax / qmax_t
         q = torch.clamp(torch.round(vals * inv), -127.0, 127.0)
     return q, scale.reshape(1).to(torch.float32)
 

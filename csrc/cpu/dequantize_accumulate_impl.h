@@ -1,0 +1,98 @@
+// dequantize_accumulate kernel bodies. No include guard on purpose: included once per
+// instruction set by dequantize_accumulate.cpp (see quantize_pack_impl.h).
+//
+// Dense: each W-lane vector of `out` is read once, the W payloads' codes for those lanes
+// are decoded and summed in payload order in a register, and `out` is written once.
+// Sparse: the scatter-add into an fp32 range buffer happens in the op file; the final
+// out = out + alpha * acc over the range is vectorised here.
+
+template <int BITS, typename OT>
+void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
+  constexpr int W = V::W;
+  using F = typename V::F;
+  constexpr int qmax = BITS > 1 ? (1 << (BITS - 1)) - 1 : 0;
+  OT* out = static_cast<OT*>(a.out);
+  const F alpha = V::set1(a.alpha);
+  const typename V::I iq = V::set1i(static_cast<uint32_t>(-qmax));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * a.block;
+    const int64_t len = a.n - start < a.block ? a.n - start : a.block;
+    const int64_t code_off = a.codes_offset + start * BITS / 8;
+    for (int64_t w = 0; w < a.W; ++w)
+      sc[w] = load_unaligned<float>(a.payloads + w * a.stride + a.scales_offset + 4 * b);
+    const int64_t nvec = len / W * W;
+    for (int64_t i = 0; i < nvec; i += W) {
+      F acc = V::zero();  // the reference's ((0 + d0) + d1) + ...
+      const uint8_t* row = a.payloads + code_off;
+      for (int64_t w = 0; w < a.W; ++w, row += a.stride) {
+        const F s = V::set1(sc[w]);
+        F d;
+        if constexpr (BITS == 1) {
+          d = V::select(V::unpack_signs(row, i), V::neg(s), s);
+        } else {
+          d = V::mul(V::cvt_f32(V::add_i(V::template unpack<BITS>(row, i), iq)), s);
+        }
+        acc = V::add(acc, d);
+      }
+      OT* o = out + start + i;
+      V::store_x(o, V::add(V::load_x(o), V::mul(alpha, acc)));
+    }
+    for (int64_t i = nvec; i < len; ++i) {
+      float acc = 0.0f;
+      const uint8_t* row = a.payloads + code_off;
+      for (int64_t w = 0; w < a.W; ++w, row += a.stride) {
+        float d;
+        if constexpr (BITS == 1) {
+          d = core::sign_decode((row[i >> 3] >> (i & 7)) & 1u, sc[w]);
+        } else {
+          constexpr int per = 8 / BITS;
+          const int code = (row[i / per] >> ((i % per) * BITS)) & ((1 << BITS) - 1);
+          d = core::fmul(static_cast<float>(code - qmax), sc[w]);
+        }
+        acc = core::fadd(acc, d);
+      }
+      OT* o = out + start + i;
+      from_float(core::fadd(to_float(*o), core::fmul(a.alpha, acc)), o);
+    }
+  }
+}
+
+template <typename OT>
+void dense_accumulate_o(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
+  switch (a.bits) {
+    case 8: dense_accumulate_t<8, OT>(a, b0, b1, sc); break;
+    case 4: dense_accumulate_t<4, OT>(a, b0, b1, sc); break;
+    case 2: dense_accumulate_t<2, OT>(a, b0, b1, sc); break;
+    default: dense_accumulate_t<1, OT>(a, b0, b1, sc); break;
+  }
+}
+
+void dense_accumulate_blocks(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
+  switch (a.out_dtype) {
+    case Dtype::kFloat: dense_accumulate_o<float>(a, b0, b1, sc); break;
+    case Dtype::kHalf: dense_accumulate_o<c10::Half>(a, b0, b1, sc); break;
+    default: dense_accumulate_o<c10::BFloat16>(a, b0, b1, sc); break;
+  }
+}
+
+template <typename OT>
+void sparse_finish_t(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {
+  constexpr int W = V::W;
+  OT* out = static_cast<OT*>(a.out);
+  const typename V::F alpha = V::set1(a.alpha);
+  int64_t i = e0;
+  for (; i + W <= e1; i += W) {
+    OT* o = out + i;
+    V::store_x(o, V::add(V::load_x(o), V::mul(alpha, V::load(acc + (i - e0)))));
+  }
+  for (; i < e1; ++i)
+    from_float(core::fadd(to_float(out[i]), core::fmul(a.alpha, acc[i - e0])), out + i);
+}
+
+void sparse_finish_range(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {
+  switch (a.out_dtype) {
+    case Dtype::kFloat: sparse_finish_t<float>(a, acc, e0, e1); break;
+    case Dtype::kHalf: sparse_finish_t<c10::Half>(a, acc, e0, e1); break;
+    default: sparse_finish_t<c10::BFloat16>(a, acc, e0, e1); break;
+  }
+}

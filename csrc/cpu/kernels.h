@@ -1,0 +1,151 @@
+// Arguments of the CPU kernels and their per-instruction-set entry points. Each op file
+// (quantize_pack.cpp, topk_select.cpp, dequantize_accumulate.cpp) compiles its kernel
+// template once per instruction set into namespaces scalar / avx2 / avx512 and calls the
+// one that cpu::active_isa() names.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace gradzip {
+namespace cpu {
+
+inline Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::kFloat;
+    case at::kHalf: return Dtype::kHalf;
+    default: return Dtype::kBFloat16;
+  }
+}
+
+// ---- quantize_pack --------------------------------------------------------------------
+struct QuantizeArgs {
+  const void* x;      // n elements of x_dtype, contiguous
+  Dtype x_dtype;
+  float* residual;    // n floats, or nullptr
+  int64_t n;
+  int bits;
+  int64_t block;
+  bool stochastic;
+  uint32_t k1;        // core::seed_key(seed)
+  float* scales;      // nblocks floats
+  uint8_t* codes;     // code section
+};
+
+// ---- topk_select ----------------------------------------------------------------------
+// The flat tensor is cut into chunks of kTopkChunk elements; per-chunk work is independent
+// so that any thread layout gives the same result.
+constexpr int64_t kTopkChunk = int64_t(1) << 16;
+
+struct TopkArgs {
+  const void* x;
+  Dtype x_dtype;
+  float* residual;  // nullptr without error feedback
+  int64_t n;
+};
+
+// One level of the radix select over 31-bit magnitude keys: counts keys whose bits above
+// `prefix_shift` equal `prefix` (all keys when prefix_shift is 32), binned by
+// (key >> shift) & mask.
+struct RadixLevel {
+  int shift;
+  uint32_t mask;
+  int prefix_shift;
+  uint32_t prefix;
+  GZ_INLINE bool matches(uint32_t key) const {
+    return prefix_shift >= 32 || (key >> prefix_shift) == prefix;
+  }
+  GZ_INLINE uint32_t bin(uint32_t key) const { return (key >> shift) & mask; }
+};
+
+// What the final pass selects in each chunk.
+struct TopkSelectRule {
+  // Mode kThreshold: key > T, or key == T while the chunk's tie budget lasts.
+  // Mode kFill: index < fill_end, or key >= t.
+  enum Mode { kThreshold, kFill } mode;
+  uint32_t T;     // kThreshold: the k-th largest key; kFill: t
+  int64_t fill_end;
+};
+
+struct TopkOutput {
+  uint8_t* indices;  // int32 or int64 little-endian
+  bool index64;
+  uint8_t* values;
+  int value_format;  // format::kValue*
+  float int8_inv;    // int8 values: core::absmax_params(amax, 8)
+  float int8_scale;
+};
+
+// ---- dequantize_accumulate ------------------------------------------------------------
+struct DenseAccArgs {
+  const uint8_t* payloads;  // W rows
+  int64_t stride;           // bytes between rows
+  int64_t W;
+  int64_t n;
+  int bits;
+  int64_t block;
+  int64_t scales_offset, codes_offset;
+  void* out;
+  Dtype out_dtype;
+  float alpha;
+};
+
+struct SparseAccArgs {
+  const uint8_t* payloads;
+  int64_t stride;
+  int64_t W;
+  int64_t n;
+  int64_t k;
+  bool index64;
+  int value_format;
+  int64_t indices_offset, values_offset, scale_offset;
+  void* out;
+  Dtype out_dtype;
+  float alpha;
+};
+
+#define GZ_DECLARE_CPU_KERNELS(NS)                                                          \
+  namespace NS {                                                                          \
+  void quantize_blocks(const QuantizeArgs& a, int64_t b0, int64_t b1);                    \
+  void topk_scan_chunk(const TopkArgs& a, int64_t c, uint32_t t, uint32_t* keys,           \
+                       int64_t* count, uint32_t* max_key);                                \
+  void topk_histogram_chunk(const TopkArgs& a, int64_t c, const RadixLevel& level,         \
+                            uint32_t* hist);                                               \
+  void topk_count_chunk(const TopkArgs& a, int64_t c, uint32_t T, int64_t* gt, int64_t* eq); \
+  void topk_write_chunk(const TopkArgs& a, int64_t c, const TopkSelectRule& rule,           \
+                        int64_t tie_budget, int64_t out_pos, const TopkOutput& o);         \
+  void dense_accumulate_blocks(const DenseAccArgs& a, int64_t b0, int64_t b1, float* scales); \
+  void sparse_finish_range(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1); \
+  }
+
+GZ_DECLARE_CPU_KERNELS(scalar)
+#if GZ_X86
+GZ_DECLARE_CPU_KERNELS(avx2)
+GZ_DECLARE_CPU_KERNELS(avx512)
+#endif
+
+// Calls NS::FN(args...) for the active instruction set.
+#if GZ_X86
+#define GZ_DISPATCH_ISA(FN, ...)                               \
+  do {                                                         \
+    switch (::gradzip::cpu::active_isa()) {                    \
+      case ::gradzip::cpu::Isa::kAvx512:                       \
+        ::gradzip::cpu::avx512::FN(__VA_ARGS__);               \
+        break;                                                 \
+      case ::gradzip::cpu::Isa::kAvx2:                         \
+        ::gradzip::cpu::avx2::FN(__VA_ARGS__);                 \
+        break;                                                 \
+      default:                                                 \
+        ::gradzip::cpu::scalar::FN(__VA_ARGS__);               \
+    }                                                          \
+  } while (0)
+#else
+#define GZ_DISPATCH_ISA(FN, ...) ::gradzip::cpu::scalar::FN(__VA_ARGS__)
+#endif
+
+}  // namespace cpu
+}  // namespace gradzip

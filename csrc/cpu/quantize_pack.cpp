@@ -1,0 +1,104 @@
+// gradzip::quantize_pack on CPU: v = x + residual, blockwise absmax (8/4/2 bits) or scaled
+// sign (1 bit) quantization, bit packing and the error-feedback residual update, fused
+// into one pass over memory. Byte-identical to gradzip.reference.quantize_pack.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <optional>
+
+#include "core/checks.h"
+#include "core/format.h"
+#include "core/quant.h"
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+
+namespace gradzip {
+namespace cpu {
+namespace scalar {
+using V = simd::Scalar;
+#include "cpu/quantize_pack_impl.h"
+}  // namespace scalar
+}  // namespace cpu
+}  // namespace gradzip
+
+#if GZ_X86
+GZ_TARGET_BEGIN_AVX2
+namespace gradzip {
+namespace cpu {
+namespace avx2 {
+using V = simd::Avx2;
+#include "cpu/quantize_pack_impl.h"
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace gradzip
+GZ_TARGET_END
+
+GZ_TARGET_BEGIN_AVX512
+namespace gradzip {
+namespace cpu {
+namespace avx512 {
+using V = simd::Avx512;
+#include "cpu/quantize_pack_impl.h"
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace gradzip
+GZ_TARGET_END
+#endif
+
+namespace gradzip {
+namespace cpu {
+
+at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t block,
+                             const std::optional<at::Tensor>& residual, bool stochastic,
+                             int64_t seed) {
+  checks::check_quantize_args(x, bits, block, residual, stochastic, seed);
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  const format::DenseLayout layout = format::dense_layout(n, static_cast<int>(bits), block);
+  at::Tensor payload = at::empty({layout.total_bytes}, xc.options().dtype(at::kByte));
+  uint8_t* p = payload.data_ptr<uint8_t>();
+  const format::Header h =
+      format::make_dense_header(n, static_cast<int>(bits), static_cast<int>(block), stochastic);
+  std::memcpy(p, &h, sizeof(h));
+  // Section padding is part of the format (zero bytes), so payloads compare byte for byte.
+  const int64_t nb = format::num_blocks(n, block);
+  const int64_t scales_end = layout.scales_offset + 4 * nb;
+  std::memset(p + scales_end, 0, static_cast<size_t>(layout.codes_offset - scales_end));
+  const int64_t codes_end = layout.codes_offset + format::code_bytes(n, static_cast<int>(bits));
+  std::memset(p + codes_end, 0, static_cast<size_t>(layout.total_bytes - codes_end));
+  if (n == 0) return payload;
+
+  QuantizeArgs a;
+  a.x = xc.data_ptr();
+  a.x_dtype = dtype_of(xc);
+  a.residual = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  a.n = n;
+  a.bits = static_cast<int>(bits);
+  a.block = block;
+  a.stochastic = stochastic;
+  a.k1 = core::seed_key(static_cast<uint32_t>(seed));
+  a.scales = reinterpret_cast<float*>(p + layout.scales_offset);
+  a.codes = p + layout.codes_offset;
+  const Isa isa = active_isa();
+  // ~64K elements per task: enough work to amortise scheduling, small enough to balance.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / block);
+  at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
+    switch (isa) {
+#if GZ_X86
+      case Isa::kAvx512: avx512::quantize_blocks(a, b0, b1); break;
+      case Isa::kAvx2: avx2::quantize_blocks(a, b0, b1); break;
+#endif
+      default: scalar::quantize_blocks(a, b0, b1);
+    }
+  });
+  return payload;
+}
+
+}  // namespace cpu
+}  // namespace gradzip
+
+TORCH_LIBRARY_IMPL(gradzip, CPU, m) {
+  m.impl("quantize_pack", &gradzip::cpu::quantize_pack_cpu);
+}

@@ -1,0 +1,330 @@
+// gradzip::topk_select on CPU: the k entries of largest |v| (v = x + residual), with the
+// residual update, byte-identical to gradzip.reference.topk_select.
+//
+// Both modes start from the reference's sampled threshold t (16384 strided-hash positions):
+//   1. scan: one pass reads v, counts the candidates key >= t per chunk and keeps their
+//      keys (about 1.3% of n), and the largest key;
+//   2. select: the k-th largest key T and the tie rule (key == T entries go to the lowest
+//      indices) from a radix select over the kept keys (approximate mode: the reference's
+//      rule exactly; exact mode: t from a deeper sample rank, so that almost always at least
+//      k candidates pass it and the top-k lie among them). When that cannot work (too few
+//      candidates in exact mode, or more candidates than we keep), a radix select over all
+//      of v: three histogram passes and a counting pass (exact, never approximated);
+//   3. write: a second pass reads v, writes each chunk's entries at its prefix-sum slot, and
+//      the residual.
+// Results do not depend on the thread layout: chunks are fixed, and everything per chunk
+// is combined in chunk order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "core/checks.h"
+#include "core/format.h"
+#include "core/quant.h"
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+
+namespace gradzip {
+namespace cpu {
+namespace scalar {
+using V = simd::Scalar;
+#include "cpu/topk_select_impl.h"
+}  // namespace scalar
+}  // namespace cpu
+}  // namespace gradzip
+
+#if GZ_X86
+GZ_TARGET_BEGIN_AVX2
+namespace gradzip {
+namespace cpu {
+namespace avx2 {
+using V = simd::Avx2;
+#include "cpu/topk_select_impl.h"
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace gradzip
+GZ_TARGET_END
+
+GZ_TARGET_BEGIN_AVX512
+namespace gradzip {
+namespace cpu {
+namespace avx512 {
+using V = simd::Avx512;
+#include "cpu/topk_select_impl.h"
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace gradzip
+GZ_TARGET_END
+#endif
+
+namespace gradzip {
+namespace cpu {
+namespace {
+
+#if GZ_X86
+#define GZ_ISA_CALL(isa, FN, ...)                                    \
+  do {                                                               \
+    if ((isa) == Isa::kAvx512) avx512::FN(__VA_ARGS__);              \
+    else if ((isa) == Isa::kAvx2) avx2::FN(__VA_ARGS__);             \
+    else scalar::FN(__VA_ARGS__);                                    \
+  } while (0)
+#else
+#define GZ_ISA_CALL(isa, FN, ...) scalar::FN(__VA_ARGS__)
+#endif
+
+constexpr int kBins = 2048;
+
+// The three levels of the radix select over 31-bit keys: bits 30..20, 19..9, 8..0.
+RadixLevel radix_level(int level, uint32_t prefix) {
+  static const int shifts[3] = {20, 9, 0};
+  static const uint32_t masks[3] = {0x7FF, 0x7FF, 0x1FF};
+  RadixLevel l;
+  l.shift = shifts[level];
+  l.mask = masks[level];
+  l.prefix_shift = level == 0 ? 32 : shifts[level - 1];
+  l.prefix = prefix;
+  return l;
+}
+
+struct RadixResult {
+  uint32_t T;        // the k-th largest key
+  int64_t ties;      // how many entries with key == T the top-k takes
+};
+
+// k-th largest of a key multiset given as per-chunk histogram passes:
+// fill(c, level, hist) adds chunk c's matching keys to hist.
+RadixResult radix_select(int64_t nchunks, int64_t k,
+                         const std::function<void(int64_t, const RadixLevel&, uint32_t*)>& fill) {
+  uint32_t prefix = 0;
+  int64_t remaining = k;
+  for (int level = 0; level < 3; ++level) {
+    const RadixLevel l = radix_level(level, prefix);
+    std::vector<int64_t> hist(kBins, 0);
+    std::mutex mu;
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<uint32_t> local(kBins, 0);
+      for (int64_t c = c0; c < c1; ++c) fill(c, l, local.data());
+      std::lock_guard<std::mutex> guard(mu);
+      for (int b = 0; b < kBins; ++b) hist[b] += local[b];
+    });
+    int b = static_cast<int>(l.mask);
+    for (; b > 0 && hist[b] < remaining; --b) remaining -= hist[b];
+    prefix = level == 0 ? uint32_t(b) : (prefix << (level == 1 ? 11 : 9)) | uint32_t(b);
+  }
+  return {prefix, remaining};
+}
+
+// k-th largest key of the reference's sample (positions from core::sample_position).
+uint32_t sample_threshold(const TopkArgs& a, uint32_t k1, int64_t rank) {
+  const int64_t s = core::sample_count(a.n);
+  std::vector<uint32_t> keys(static_cast<size_t>(s));
+  at::parallel_for(0, s, 1024, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t p = core::sample_position(a.n, k1, j);
+      float v;
+      switch (a.x_dtype) {
+        case Dtype::kFloat: v = static_cast<const float*>(a.x)[p]; break;
+        case Dtype::kHalf: v = to_float(static_cast<const c10::Half*>(a.x)[p]); break;
+        default: v = to_float(static_cast<const c10::BFloat16*>(a.x)[p]);
+      }
+      if (a.residual) v = core::fadd(v, a.residual[p]);
+      keys[static_cast<size_t>(j)] = core::magnitude_key(v);
+    }
+  });
+  std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end(), std::greater<uint32_t>());
+  return keys[static_cast<size_t>(rank - 1)];
+}
+
+struct ChunkScan {
+  std::vector<uint32_t> keys;
+  int64_t count = 0;
+  bool stored = false;
+  uint32_t max_key = 0;
+};
+
+}  // namespace
+
+at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& residual,
+                           bool exact, int64_t value_format, int64_t seed) {
+  checks::check_topk_args(x, k, residual, value_format, seed);
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  const uint8_t vf = static_cast<uint8_t>(value_format);
+  const format::TopkLayout layout = format::topk_layout(n, k, vf);
+  at::Tensor payload = at::empty({layout.total_bytes}, xc.options().dtype(at::kByte));
+  uint8_t* p = payload.data_ptr<uint8_t>();
+  const format::Header h = format::make_topk_header(n, k, vf, !exact);
+  std::memcpy(p, &h, sizeof(h));
+  const bool index64 = h.index_format == format::kIndexInt64;
+  // Zero padding after each section (part of the format).
+  const int64_t idx_end = layout.indices_offset + k * (index64 ? 8 : 4);
+  std::memset(p + idx_end, 0, static_cast<size_t>(layout.values_offset - idx_end));
+  const int64_t val_end = layout.values_offset + k * format::value_bytes(vf);
+  std::memset(p + val_end, 0, static_cast<size_t>(layout.total_bytes - val_end));
+
+  TopkArgs a;
+  a.x = xc.data_ptr();
+  a.x_dtype = dtype_of(xc);
+  a.residual = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  a.n = n;
+  const Isa isa = active_isa();
+  const int64_t nchunks = (n + kTopkChunk - 1) / kTopkChunk;
+  auto chunk_len = [&](int64_t c) { return std::min(n, (c + 1) * kTopkChunk) - c * kTopkChunk; };
+
+  // ---- 1. sampled threshold and scan ----------------------------------------------------
+  const uint32_t k1 = core::seed_key(static_cast<uint32_t>(seed));
+  const int64_t s = core::sample_count(n);
+  // Exact mode only needs t low enough that >= k candidates pass: a deeper rank
+  // (about 1.5 k s / n + 64) makes a shortfall (and the slower fallback) very unlikely.
+  const int64_t rank = exact ? std::min(s, (3 * k * s + 2 * n - 1) / (2 * n) + 64)
+                             : core::approximate_rank(n, k);
+  const uint32_t t = sample_threshold(a, k1, rank);
+  // Candidate keys kept in memory at most (beyond it: the full radix select).
+  const int64_t budget = std::min(n, 3 * k + 128 * (n / s) + 4096);
+  std::vector<ChunkScan> scans(static_cast<size_t>(nchunks));
+  std::atomic<int64_t> kept{0};
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint32_t> buf(static_cast<size_t>(kTopkChunk));
+    for (int64_t c = c0; c < c1; ++c) {
+      ChunkScan& cs = scans[static_cast<size_t>(c)];
+      cs.stored = kept.load(std::memory_order_relaxed) < budget;
+      GZ_ISA_CALL(isa, topk_scan_chunk, a, c, t, cs.stored ? buf.data() : nullptr, &cs.count,
+                  &cs.max_key);
+      if (cs.stored) {
+        cs.keys.assign(buf.begin(), buf.begin() + cs.count);
+        kept.fetch_add(cs.count, std::memory_order_relaxed);
+      }
+    }
+  });
+  int64_t ncand = 0;
+  bool all_stored = true;
+  uint32_t max_key = 0;
+  for (const ChunkScan& cs : scans) {
+    ncand += cs.count;
+    all_stored = all_stored && cs.stored;
+    max_key = std::max(max_key, cs.max_key);
+  }
+
+  // ---- 2. the selection rule, and each chunk's share of the k slots ---------------------
+  TopkSelectRule rule;
+  std::vector<int64_t> take(static_cast<size_t>(nchunks)), ties(static_cast<size_t>(nchunks), 0);
+  if (!exact && ncand < k) {
+    // Reference: every candidate plus the lowest-index non-candidates up to k, i.e.
+    // everything below fill_end (where the non-candidates number k - ncand) + candidates.
+    const int64_t need = k - ncand;
+    rule.mode = TopkSelectRule::kFill;
+    rule.T = t;
+    int64_t before = 0, c = 0;
+    for (; c < nchunks; ++c) {
+      const int64_t non = chunk_len(c) - scans[static_cast<size_t>(c)].count;
+      if (before + non >= need) break;
+      before += non;
+    }
+    // Walk chunk c element by element to the need-th non-candidate.
+    int64_t e = c * kTopkChunk, cand_below = 0;
+    for (; before < need; ++e) {
+      float v;
+      switch (a.x_dtype) {
+        case Dtype::kFloat: v = static_cast<const float*>(a.x)[e]; break;
+        case Dtype::kHalf: v = to_float(static_cast<const c10::Half*>(a.x)[e]); break;
+        default: v = to_float(static_cast<const c10::BFloat16*>(a.x)[e]);
+      }
+      if (a.residual) v = core::fadd(v, a.residual[e]);
+      if (core::magnitude_key(v) >= t) ++cand_below;
+      else ++before;
+    }
+    rule.fill_end = e;
+    for (int64_t cc = 0; cc < nchunks; ++cc) {
+      const int64_t e0 = cc * kTopkChunk;
+      const int64_t cnt = scans[static_cast<size_t>(cc)].count;
+      if (e0 + chunk_len(cc) <= e) take[static_cast<size_t>(cc)] = chunk_len(cc);
+      else if (e0 >= e) take[static_cast<size_t>(cc)] = cnt;
+      else take[static_cast<size_t>(cc)] = (e - e0) + (cnt - cand_below);
+    }
+  } else {
+    rule.mode = TopkSelectRule::kThreshold;
+    rule.fill_end = 0;
+    std::vector<int64_t> gt(static_cast<size_t>(nchunks)), eq(static_cast<size_t>(nchunks));
+    RadixResult rr;
+    if (ncand >= k && all_stored) {
+      // The top-k lie among the candidates: select over the kept keys only.
+      rr = radix_select(nchunks, k, [&](int64_t c, const RadixLevel& l, uint32_t* hist) {
+        for (uint32_t key : scans[static_cast<size_t>(c)].keys)
+          if (l.matches(key)) ++hist[l.bin(key)];
+      });
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          int64_t g = 0, q = 0;
+          for (uint32_t key : scans[static_cast<size_t>(c)].keys) {
+            g += key > rr.T;
+            q += key == rr.T;
+          }
+          gt[static_cast<size_t>(c)] = g;
+          eq[static_cast<size_t>(c)] = q;
+        }
+      });
+    } else {
+      // Exact fallback over all of v.
+      rr = radix_select(nchunks, k, [&](int64_t c, const RadixLevel& l, uint32_t* hist) {
+        GZ_ISA_CALL(isa, topk_histogram_chunk, a, c, l, hist);
+      });
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          GZ_ISA_CALL(isa, topk_count_chunk, a, c, rr.T, &gt[static_cast<size_t>(c)],
+                      &eq[static_cast<size_t>(c)]);
+      });
+    }
+    rule.T = rr.T;
+    int64_t ties_left = rr.ties;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const size_t cc = static_cast<size_t>(c);
+      ties[cc] = std::min(ties_left, eq[cc]);
+      ties_left -= ties[cc];
+      take[cc] = gt[cc] + ties[cc];
+    }
+  }
+
+  // ---- 3. write the entries and the residual --------------------------------------------
+  TopkOutput o;
+  o.indices = p + layout.indices_offset;
+  o.index64 = index64;
+  o.values = p + layout.values_offset;
+  o.value_format = vf;
+  o.int8_inv = 0.0f;
+  o.int8_scale = 0.0f;
+  if (vf == format::kValueInt8) {
+    // amax of the selected values is the largest key overall: the top-k always holds it.
+    const core::BlockParams bp = core::absmax_params(core::amax_from_key(max_key), 8);
+    o.int8_inv = bp.inv;
+    o.int8_scale = bp.scale;
+    store_unaligned<float>(p + layout.scale_offset, bp.scale);
+  }
+  std::vector<int64_t> start(static_cast<size_t>(nchunks));
+  int64_t total = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    start[static_cast<size_t>(c)] = total;
+    total += take[static_cast<size_t>(c)];
+  }
+  TORCH_CHECK(total == k, "gradzip topk_select: internal error, selected ", total, " of k=", k);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      GZ_ISA_CALL(isa, topk_write_chunk, a, c, rule, ties[static_cast<size_t>(c)],
+                  start[static_cast<size_t>(c)], o);
+  });
+  return payload;
+}
+
+}  // namespace cpu
+}  // namespace gradzip
+
+TORCH_LIBRARY_IMPL(gradzip, CPU, m) {
+  m.impl("topk_select", &gradzip::cpu::topk_select_cpu);
+}

@@ -1,0 +1,298 @@
+"""Codecs: named, immutable configurations of gradzip's fused ops.
+
+A :class:`Codec` says how one rank turns a gradient into a payload ("int8", "int4", "int2",
+"sign" or "topk") and how payloads are decoded back. It holds no tensors, so it can be
+compared, hashed, printed and pickled; the collectives in :mod:`gradzip.comm` and the DDP
+hook in :mod:`gradzip.ddp` take one.
+
+Spec strings::
+
+    "int8" | "int4" | "int2" | "sign"                   dense codecs (8, 4, 2, 1 bits)
+    "topk:0.01"                                         top-k, a fraction of the elements
+    "topk:1000"                                         top-k, a count of elements
+    "int4,block=256,rounding=stochastic"                options after commas
+    "topk:0.01,values=bf16,exact=false"
+
+``str(codec)`` gives the canonical spec back (options that differ from the defaults only),
+and ``Codec(str(codec)) == codec``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import format as fmt
+
+DENSE_KINDS = {"int8": 8, "int4": 4, "int2": 2, "sign": 1}
+KINDS = (*DENSE_KINDS, "topk")
+ROUNDINGS = ("nearest", "stochastic")
+VALUES = tuple(fmt.VALUE_FORMATS)
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+_DEFAULTS = {"block": 128, "rounding": "nearest", "values": "fp32", "exact": True,
+             "backend": "auto"}
+_DENSE_ONLY = ("block", "rounding")
+_TOPK_ONLY = ("values", "exact")
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"codec option {name}={text!r} is not a boolean (true/false)")
+
+
+def _parse_k(text: str) -> int | float:
+    """'1000' -> count 1000; '0.01' / '1e-3' / '1.0' -> fraction."""
+    t = text.strip()
+    try:
+        if t.isdigit():
+            return int(t)
+        return float(t)
+    except ValueError:
+        raise ValueError(f"top-k amount {text!r} is neither a count (e.g. 1000) nor a "
+                         "fraction (e.g. 0.01)") from None
+
+
+@dataclass(frozen=True, eq=True)
+class Codec:
+    """How a gradient is compressed for communication.
+
+    Build it from a spec string (``Codec("int4")``, ``Codec("topk:0.01,values=bf16")``) or
+    from arguments (``Codec("topk", k=0.01, values="bf16")``). Options given both ways must
+    agree.
+
+    Args:
+        name: "int8", "int4", "int2", "sign" or "topk", optionally with ``:k`` and
+            ``,option=value`` parts (see the module docstring).
+        k: top-k only: a count (int >= 1) or a fraction of the elements (float in (0, 1)).
+            A count larger than a tensor is clamped to its numel.
+        block: dense only: elements per scale, a power of two in [32, 4096] (default 128).
+        rounding: dense only: "nearest" (half to even, default) or "stochastic" (unbiased;
+            not defined for "sign").
+        values: top-k only: how the chosen values travel, "fp32" (default), "bf16" or "int8".
+        exact: top-k only: exact selection (default) or the sampled-threshold approximation.
+        backend: which kernels run the ops: "auto" (default), "cpu", "cuda", "triton" or
+            "torch" (the reference). Not part of the wire format: ranks may differ in it.
+
+    Raises:
+        ValueError: an unknown codec or option, or an option that does not apply.
+    """
+
+    name: str
+    k: int | float | None = None
+    block: int | None = None
+    rounding: str | None = None
+    values: str | None = None
+    exact: bool | None = None
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"codec spec must be a str, got {type(self.name).__name__}")
+        given = {f: getattr(self, f) for f in ("k", *_DEFAULTS)}
+        parts = [p.strip() for p in self.name.split(",")]
+        head, opts = parts[0], parts[1:]
+        kind, _, ktext = head.partition(":")
+        kind = kind.strip().lower()
+        if kind not in KINDS:
+            raise ValueError(f"unknown codec {kind!r}: expected one of {', '.join(KINDS)} "
+                             "(e.g. 'int4' or 'topk:0.01')")
+        from_spec: dict[str, object] = {}
+        if ktext:
+            if kind != "topk":
+                raise ValueError(f"codec {kind!r} takes no ':' amount (only 'topk:K' does)")
+            from_spec["k"] = _parse_k(ktext)
+        for opt in opts:
+            key, eq, val = opt.partition("=")
+            key = key.strip().lower()
+            if not eq or not key:
+                raise ValueError(f"codec option {opt!r} must look like name=value")
+            if key == "block":
+                try:
+                    from_spec[key] = int(val)
+                except ValueError:
+                    raise ValueError(f"codec option block={val!r} is not an integer") from None
+            elif key == "exact":
+                from_spec[key] = _parse_bool(val, key)
+            elif key == "k":
+                from_spec[key] = _parse_k(val)
+            elif key in ("rounding", "values", "backend"):
+                from_spec[key] = val.strip().lower()
+            else:
+                raise ValueError(f"unknown codec option {key!r} (known: k, block, rounding, "
+                                 "values, exact, backend)")
+        merged: dict[str, object] = {}
+        for f, v in given.items():
+            s = from_spec.get(f)
+            if v is not None and s is not None and v != s:
+                raise ValueError(f"codec option {f} given twice with different values: "
+                                 f"{s!r} in the spec, {v!r} as an argument")
+            merged[f] = v if v is not None else s
+        # Options that do not apply to this kind are an error, not silently ignored.
+        wrong = _TOPK_ONLY if kind != "topk" else _DENSE_ONLY
+        for f in wrong:
+            if merged[f] is not None:
+                raise ValueError(f"codec option {f!r} does not apply to {kind!r}")
+        if kind == "topk":
+            self._init_topk(merged)
+        else:
+            self._init_dense(kind, merged)
+        backend = merged["backend"] if merged["backend"] is not None else "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        object.__setattr__(self, "name", kind)
+        object.__setattr__(self, "backend", backend)
+
+    def _init_dense(self, kind: str, m: dict) -> None:
+        if m["k"] is not None:
+            raise ValueError(f"codec option 'k' does not apply to {kind!r}")
+        block = m["block"] if m["block"] is not None else _DEFAULTS["block"]
+        if (not isinstance(block, int) or isinstance(block, bool)
+                or not fmt.MIN_BLOCK <= block <= fmt.MAX_BLOCK or block & (block - 1)):
+            raise ValueError(f"block must be a power of two in [{fmt.MIN_BLOCK}, "
+                             f"{fmt.MAX_BLOCK}], got {block!r}")
+        rounding = m["rounding"] if m["rounding"] is not None else _DEFAULTS["rounding"]
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if kind == "sign" and rounding == "stochastic":
+            raise ValueError("stochastic rounding is not defined for the 'sign' codec "
+                             "(scaled sign); use rounding='nearest' with error feedback")
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "rounding", rounding)
+
+    def _init_topk(self, m: dict) -> None:
+        k = m["k"]
+        if k is None:
+            raise ValueError("the 'topk' codec needs an amount: 'topk:0.01' (fraction) or "
+                             "'topk:1000' (count), or k=...")
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise TypeError(f"k must be an int count or a float fraction, got {k!r}")
+        if isinstance(k, int):
+            if k < 1:
+                raise ValueError(f"top-k count must be at least 1, got {k}")
+        elif not (math.isfinite(k) and 0.0 < k < 1.0):
+            # 1.0 would send everything; excluding it also keeps 'topk:1' (a count of one)
+            # and a fraction from ever comparing equal.
+            raise ValueError(f"top-k fraction must be in (0, 1), got {k} (use a count for "
+                             "an exact number of entries)")
+        values = m["values"] if m["values"] is not None else _DEFAULTS["values"]
+        if values not in VALUES:
+            raise ValueError(f"values must be one of {VALUES}, got {values!r}")
+        exact = m["exact"] if m["exact"] is not None else _DEFAULTS["exact"]
+        if not isinstance(exact, bool):
+            raise TypeError(f"exact must be a bool, got {exact!r}")
+        object.__setattr__(self, "k", k)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "exact", exact)
+
+    # ---- description ------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """Canonical spec of what goes on the wire (everything but ``backend``)."""
+        if self.is_sparse:
+            head = f"topk:{self.k!r}"
+            opts = [f"values={self.values}"] if self.values != "fp32" else []
+            if not self.exact:
+                opts.append("exact=false")
+        else:
+            head = self.name
+            opts = [f"block={self.block}"] if self.block != _DEFAULTS["block"] else []
+            if self.rounding != "nearest":
+                opts.append(f"rounding={self.rounding}")
+        return ",".join([head, *opts])
+
+    def __str__(self) -> str:
+        return self.spec + (f",backend={self.backend}" if self.backend != "auto" else "")
+
+    def __repr__(self) -> str:
+        return f"Codec({str(self)!r})"
+
+    @property
+    def is_sparse(self) -> bool:
+        """True for top-k (sparse payloads), False for the dense codecs."""
+        return self.name == "topk"
+
+    @property
+    def bits(self) -> int | None:
+        """Bits per element of a dense codec (8, 4, 2, 1), None for top-k."""
+        return DENSE_KINDS.get(self.name)
+
+    @property
+    def alignment(self) -> int:
+        """Granularity in elements at which a tensor may be split into independent chunks
+        whose payloads decode to the same values as the whole (the block for dense codecs)."""
+        return self.block if not self.is_sparse else 1
+
+    # ---- sizes --------------------------------------------------------------------------
+    def k_for(self, numel: int) -> int:
+        """Top-k: the number of entries kept out of ``numel`` (1 <= k <= numel).
+
+        A fraction keeps ``round(fraction * numel)`` entries (at least one); a count is
+        clamped to ``numel``.
+        """
+        if not self.is_sparse:
+            raise ValueError(f"k_for applies to top-k codecs, not {self.name!r}")
+        if numel < 1:
+            raise ValueError("a top-k codec needs at least one element")
+        if isinstance(self.k, int):
+            return min(self.k, numel)
+        return max(1, min(numel, round(self.k * numel)))
+
+    def header(self, numel: int, k: int | None = None) -> fmt.Header:
+        """The payload header every rank expects for a tensor of ``numel`` elements
+        (``k`` overrides the top-k count, as in :meth:`compress`)."""
+        if self.is_sparse:
+            return fmt.topk_header(numel, k if k is not None else self.k_for(numel),
+                                   fmt.VALUE_FORMATS[self.values], approximate=not self.exact)
+        return fmt.dense_header(numel, self.bits, self.block,
+                                stochastic=self.rounding == "stochastic")
+
+    def compressed_size(self, numel: int) -> int:
+        """Payload bytes for one tensor of ``numel`` elements (0 for an empty tensor,
+        which is never sent)."""
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+        if numel == 0:
+            return 0
+        return self.header(numel).total_bytes
+
+    # ---- the ops, configured ---------------------------------------------------------------
+    def compress(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                 seed: int = 0, k: int | None = None) -> torch.Tensor:
+        """Compress ``x`` (at least one element) into a payload; ``residual`` (float32,
+        ``x.numel()`` elements) is updated in place for error feedback. ``seed`` drives
+        stochastic rounding and the approximate top-k sample. ``k`` overrides the top-k
+        count for this call (the alltoall algorithm splits k over chunks)."""
+        from . import ops
+
+        if self.is_sparse:
+            return ops.topk_select(x, k if k is not None else self.k_for(x.numel()), residual,
+                                   exact=self.exact, values=self.values, seed=seed,
+                                   backend=self.backend)
+        return ops.quantize_pack(x, self.bits, self.block, residual, rounding=self.rounding,
+                                 seed=seed, backend=self.backend)
+
+    def decompress_accumulate(self, payloads: torch.Tensor, out: torch.Tensor,
+                              alpha: float = 1.0) -> torch.Tensor:
+        """``out += alpha * sum_w decode(payloads[w])`` with this codec's backend."""
+        from . import ops
+
+        return ops.dequantize_accumulate(payloads, out, alpha, backend=self.backend)
+
+
+def as_codec(codec: Codec | str) -> Codec:
+    """A :class:`Codec` from a Codec or a spec string."""
+    if isinstance(codec, Codec):
+        return codec
+    if isinstance(codec, str):
+        return Codec(codec)
+    raise TypeError(f"codec must be a gradzip.Codec or a spec string, got {type(codec).__name__}")
+
+
+__all__ = ["KINDS", "Codec", "as_codec"]

@@ -1,0 +1,278 @@
+"""Pieces shared by gradzip's Triton kernels: exact float primitives, the hash, headers.
+
+Bit-exactness with :mod:`gradzip.reference` on a GPU needs three things Triton does not
+give by default, and this module is where each is handled:
+
+* **No fused multiply-add.** Triton lets LLVM contract ``a * b + c`` into ``fma`` (and
+  ptxas do the same) unless the kernel is compiled with ``enable_fp_fusion=False``. Every
+  launch passes that option (:data:`LAUNCH_OPTIONS`), and on CUDA the products that feed
+  an addition are additionally written as ``mul.rn.f32`` / ``add.rn.f32`` / ``sub.rn.f32``
+  inline PTX (:func:`fmul_rn`, :func:`fadd_rn`, :func:`fsub_rn`): an instruction with an
+  explicit rounding modifier is never contracted, whatever options a caller (or
+  torch.compile) launches with. libdevice's ``__nv_fmul_rn`` is not used because Triton
+  links libdevice in flush-to-zero mode, which would flush subnormals the reference keeps.
+* **Correctly rounded division.** Triton's ``/`` on fp32 is ``div.full.f32`` (about 2 ulp);
+  the kernels use ``tl.math.div_rn`` (``div.rn.f32``).
+* **Round half to even** without libdevice (which the interpreter cannot run):
+  :func:`round_half_even` adds and subtracts 1.5 * 2**23, exact for |t| < 2**22, which
+  covers every value the kernels round (|t| <= qmax * (1 + 2**-22)).
+* **No flush-to-zero.** Triton links libdevice with ``__CUDA_FTZ`` set, so ``tl.floor``
+  becomes ``cvt.rmi.ftz.f32.f32``; :func:`floor_f32` uses ``cvt.rmi.f32.f32`` instead.
+  Plain arithmetic is compiled without ``.ftz``. (tests/test_triton.py compiles every
+  kernel for sm_90 and checks the PTX has no ``fma``, ``.ftz`` or approximate division.)
+
+Under ``TRITON_INTERPRET=1`` the kernels run on numpy, whose float32 operations are the
+IEEE operations the reference uses; the inline-PTX branches are skipped there (they are
+compile-time constants) and the plain operators, which numpy never contracts, are used.
+
+NaN bit patterns. The payload carries float bits, and GPUs return a canonical NaN from any
+arithmetic on NaN, unlike the x86 CPU the reference runs on. Where a NaN can reach a
+payload the kernels therefore write the bits the reference produces on x86 explicitly:
+``v = x + residual`` (:func:`add_x86`), NaN block scales (torch's ``amax`` returns the
+default quiet NaN 0x7FC00000) and bf16 values (ATen's vectorised float->bf16 conversion
+writes 0xFFFF for every NaN, see :func:`f32_to_bf16_bits`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import format as fmt
+
+#: True when kernels run on the Triton CPU interpreter (set before this module is imported).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Compile-time switch inside the kernels: inline PTX on CUDA; plain operators under the
+# interpreter and on ROCm (where enable_fp_fusion=False alone keeps mul and add apart).
+_PTX = tl.constexpr(not INTERPRET and torch.version.hip is None)
+
+#: Options passed to every kernel launch (ignored by the interpreter, which never fuses).
+LAUNCH_OPTIONS: dict = {} if INTERPRET else {"enable_fp_fusion": False}
+
+#: Bit pattern of the default quiet NaN that torch (x86) produces for a NaN block amax.
+QNAN_BITS = tl.constexpr(0x7FC00000)
+#: Bit pattern x86 produces for an invalid operation on non-NaN operands (inf - inf).
+X86_DEFAULT_NAN_BITS = tl.constexpr(0xFFC00000)
+
+
+# ---------------------------------------------------------------------------------------
+# exact float primitives
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def fmul_rn(a, b):
+    """IEEE float32 a * b, round to nearest even, never fused with a later add."""
+    if _PTX:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def fadd_rn(a, b):
+    """IEEE float32 a + b, round to nearest even, never fused with an earlier multiply."""
+    if _PTX:
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a + b
+
+
+@triton.jit
+def fsub_rn(a, b):
+    """IEEE float32 a - b, round to nearest even, never fused with an earlier multiply."""
+    if _PTX:
+        return tl.inline_asm_elementwise("sub.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a - b
+
+
+# Trivial bit operations (float bits, finiteness) are written inline in the kernels rather
+# than as helpers: the interpreter re-patches triton.language on every helper call, which
+# costs about a millisecond each and dominates the run time of the tests.
+
+
+@triton.jit
+def round_half_even(t):
+    """rint(t) for |t| < 2**22: t + 1.5 * 2**23 lands where the unit in the last place is 1,
+    so the addition itself rounds half to even; subtracting the constant back is exact.
+    A zero result takes t's sign, as rint does (it matters for v = -0.0: residual bits)."""
+    if _PTX:
+        r = tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, 0f4B400000;\n\tsub.rn.f32 $0, $0, 0f4B400000;", "=f,f", [t],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = (t + 12582912.0) - 12582912.0
+    signed_zero = (t.to(tl.uint32, bitcast=True) & 0x80000000).to(tl.float32, bitcast=True)
+    return tl.where(r == 0.0, signed_zero, r)
+
+
+@triton.jit
+def floor_f32(t):
+    """floor(t). On CUDA as cvt.rmi.f32.f32: tl.floor lowers to libdevice, which Triton
+    links in flush-to-zero mode, so floor(-1e-40) would give -0.0 instead of -1.0."""
+    if _PTX:
+        return tl.inline_asm_elementwise("cvt.rmi.f32.f32 $0, $1;", "=f,f", [t],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.floor(t)
+
+
+@triton.jit
+def add_x86(a, b):
+    """a + b with the NaN bits x86 (and so the reference) produces: a NaN operand comes
+    through quieted (b's when both are NaN, as ATen's vectorised add does), and inf - inf
+    gives the x86 default NaN. Finite results are the plain IEEE sum."""
+    s = a + b
+    ab = a.to(tl.uint32, bitcast=True)
+    bb = b.to(tl.uint32, bitcast=True)
+    dflt = tl.full(ab.shape, X86_DEFAULT_NAN_BITS, tl.uint32)
+    nan_bits = tl.where((bb & 0x7FFFFFFF) > 0x7F800000, bb | 0x00400000,
+                        tl.where((ab & 0x7FFFFFFF) > 0x7F800000, ab | 0x00400000, dflt))
+    s_nan = (s.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(s_nan, nan_bits.to(tl.float32, bitcast=True), s)
+
+
+@triton.jit
+def f32_to_bf16_bits(f):
+    """float32 -> bfloat16 bits (uint16 held in int32), round to nearest even; NaN -> 0xFFFF
+    as ATen's CPU conversion writes it (the reference runs there)."""
+    u = f.to(tl.uint32, bitcast=True)
+    r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0xFFFF, r.to(tl.int32))
+
+
+@triton.jit
+def load_f32(ptr, offs, mask):
+    """Load float32/float16/bfloat16 elements as float32 (0.0 where masked).
+
+    bfloat16 is widened by a shift of its bits, exactly what ATen does, so NaN payloads
+    survive; float16 uses the hardware conversion (exact for every non-NaN value)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        h = tl.load(ptr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
+        return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# counter-based random numbers (reference.hash32 / reference.uniform), uint32 arithmetic
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def hash32(k1, index):
+    """hash32(seed, index) given k1 = lowbias32(seed ^ 0x9E3779B9) (from :func:`seed_key`)
+    as a uint32 and int64 indices >= 0. lowbias32 is written out three times (not a
+    helper) for the interpreter's sake, see above."""
+    c1 = tl.full(index.shape, 0x7FEB352D, tl.uint32)
+    c2 = tl.full(index.shape, 0x846CA68B, tl.uint32)
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    x = (index >> 32).to(tl.uint32) ^ k1  # k2 = lowbias32(hi ^ k1)
+    x = x ^ (x >> 16)
+    x = x * c1
+    x = x ^ (x >> 15)
+    x = x * c2
+    x = x ^ (x >> 16)
+    x = lo ^ x  # lowbias32(lo ^ k2)
+    x = x ^ (x >> 16)
+    x = x * c1
+    x = x ^ (x >> 15)
+    x = x * c2
+    x = x ^ (x >> 16)
+    x = x + k1  # lowbias32(... + k1), wrapping
+    x = x ^ (x >> 16)
+    x = x * c1
+    x = x ^ (x >> 15)
+    x = x * c2
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def uniform(k1, index):
+    """float32 in [0, 1): the top 24 bits of the hash times 2**-24 (both steps exact)."""
+    return (hash32(k1, index) >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+def _lowbias32_host(x: int) -> int:
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    x ^= x >> 16
+    return x
+
+
+def seed_key(seed: int) -> int:
+    """k1 = lowbias32(seed ^ 0x9E3779B9), hoisted out of the kernels."""
+    return _lowbias32_host((seed ^ 0x9E3779B9) & 0xFFFFFFFF)
+
+
+# ---------------------------------------------------------------------------------------
+# payload header (built on the host by gradzip.format, written by a tiny kernel so that a
+# launch needs no host-to-device copy and torch.compile sees only kernels)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _header_kernel(out_ptr,  # *uint8 payload
+                   w0, w1, w2, w3, w4, w5, w6, w7,  # the 64 header bytes as LE int64 words
+                   p0, l0, p1, l1, p2, l2):  # up to three (offset, length < 16) zero pads
+    j = tl.arange(0, 64)
+    wi = j // 8
+    z = tl.zeros([], dtype=tl.int64)  # widens i32 / constexpr arguments to int64
+    word = tl.where(wi == 0, w0 + z, w1 + z)
+    word = tl.where(wi == 2, w2 + z, word)
+    word = tl.where(wi == 3, w3 + z, word)
+    word = tl.where(wi == 4, w4 + z, word)
+    word = tl.where(wi == 5, w5 + z, word)
+    word = tl.where(wi == 6, w6 + z, word)
+    word = tl.where(wi == 7, w7 + z, word)
+    byte = (word >> ((j % 8) * 8)) & 0xFF
+    tl.store(out_ptr + j, byte.to(tl.uint8))
+    i = tl.arange(0, 16)
+    zero = tl.zeros([16], dtype=tl.uint8)
+    tl.store(out_ptr + p0 + i, zero, mask=i < l0)
+    tl.store(out_ptr + p1 + i, zero, mask=i < l1)
+    tl.store(out_ptr + p2 + i, zero, mask=i < l2)
+
+
+def header_words(header: fmt.Header) -> list[int]:
+    raw = header.pack()
+    return [int.from_bytes(raw[8 * i: 8 * i + 8], "little", signed=True) for i in range(8)]
+
+
+def section_pads(header: fmt.Header) -> list[tuple[int, int]]:
+    """(offset, length) of the zero bytes that pad each section to 16 bytes."""
+    pads = []
+    for off, length in header.sections().values():
+        pad = fmt.align16(length) - length
+        if pad:
+            pads.append((off + length, pad))
+    return pads
+
+
+def write_header(payload: torch.Tensor, header: fmt.Header, wrap) -> None:
+    """Write ``header`` and the section padding into ``payload`` (one tiny kernel).
+
+    ``wrap`` is ``torch.library.wrap_triton`` (passed in so callers inside a triton_op use
+    the same wrapper for every launch)."""
+    pads = section_pads(header)
+    assert len(pads) <= 3
+    pads += [(0, 0)] * (3 - len(pads))
+    flat = [v for p in pads for v in p]
+    wrap(_header_kernel)[(1,)](payload, *header_words(header), *flat, **LAUNCH_OPTIONS)
+
+
+def dummy_like(t: torch.Tensor) -> torch.Tensor:
+    """A one-element float32 stand-in for an absent optional tensor argument (never read)."""
+    return torch.empty(1, dtype=torch.float32, device=t.device)

@@ -1,0 +1,722 @@
+"""gradzip.all_reduce on several Gloo processes (world sizes 2, 3 and 4).
+
+One process group per world size runs a battery of reductions (every codec x algorithm,
+with and without error feedback, odd sizes, non-contiguous and half-precision tensors,
+async, and the error cases) and returns what every rank ended with; the assertions run
+here, in the parent, against a single-process simulation of the same algorithm built from
+``gradzip.reference`` alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import gradzip
+import pytest
+import torch
+from dist_helpers import TEST_BACKEND, RankError, run_ranks
+from gradzip import Codec, comm, reference
+
+pytestmark = pytest.mark.distributed
+
+CODECS = ["int8", "int4", "int2", "sign", "int4,block=64,rounding=stochastic", "topk:0.05",
+          "topk:40,values=bf16", "topk:0.03,values=int8,exact=false"]
+ALGORITHMS = ["allgather", "alltoall"]
+N = 3001  # several blocks, uneven chunks for every world size
+STEPS = 3
+EF_SEED = 5
+KEY = "grad"
+INF_AT = 1234
+SMALL = 77  # less than one block: some alltoall chunks are empty
+AUTO_N = 10_000
+
+
+def codec(spec: str) -> Codec:
+    return Codec(spec, backend=TEST_BACKEND)
+
+
+def make_input(n: int, rank: int, step: int, tag: int = 0,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Deterministic per (n, rank, step, tag): Gaussian values whose magnitude varies by
+    orders of magnitude from one stretch of 50 elements to the next (so block scales
+    differ), recomputable in the parent."""
+    g = torch.Generator().manual_seed(1_000_003 * tag + 7919 * rank + 104_729 * step + n)
+    x = torch.randn(n, generator=g)
+    spread = torch.exp(2 * torch.randn(-(-n // 50), generator=g)).repeat_interleave(50)[:n]
+    return (x * spread).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# what runs on every rank
+# ---------------------------------------------------------------------------------------
+
+
+def _catch(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001  (the parent checks the type and message)
+        return (type(e).__name__, str(e))
+    return None
+
+
+def _group_still_works(rank: int, world: int) -> torch.Tensor:
+    x = make_input(500, rank, 0, tag=99)
+    gradzip.all_reduce(x, codec("int8"), algorithm="allgather")
+    return x
+
+
+def battery(rank: int, world: int) -> dict:
+    out: dict = {}
+    # error feedback over STEPS steps, every codec x algorithm
+    for spec in CODECS:
+        for algo in ALGORITHMS:
+            st = gradzip.ErrorFeedback(seed=EF_SEED)
+            steps = []
+            for t in range(STEPS):
+                x = make_input(N, rank, t)
+                r = gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo, key=KEY)
+                assert r is x
+                steps.append(x)
+            out[("ef", spec, algo)] = {"outs": steps, "pending": st.pending(KEY)}
+            # without state: one step, no residual
+            x = make_input(N, rank, 0)
+            gradzip.all_reduce(x, codec(spec), algorithm=algo, seed=11)
+            out[("plain-ef-off", spec, algo)] = x
+    # one rank's tensor holds inf: every rank must see it, and the residuals must not keep it
+    for spec in CODECS:
+        for algo in ALGORITHMS:
+            st = gradzip.ErrorFeedback(seed=EF_SEED)
+            x = make_input(N, rank, 0, tag=8)
+            if rank == world - 1:
+                x[INF_AT] = float("inf")
+            gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo, key=KEY)
+            y = make_input(N, rank, 1, tag=8)
+            gradzip.all_reduce(y, codec(spec), state=st, algorithm=algo, key=KEY)
+            out[("inf", spec, algo)] = (x, y, st.pending(KEY))
+    # odd inputs
+    for algo in ALGORITHMS:
+        for spec in ("int4", "sign", "topk:0.05"):
+            x = make_input(SMALL, rank, 0, tag=1)
+            gradzip.all_reduce(x, codec(spec), algorithm=algo)
+            out[("small", spec, algo)] = x
+        x = make_input(1, rank, 0, tag=2)
+        gradzip.all_reduce(x, codec("int8"), algorithm=algo)
+        out[("one", algo)] = x
+        base = make_input(60 * 50, rank, 0, tag=3).view(60, 50)
+        xt = base.t()  # non-contiguous
+        gradzip.all_reduce(xt, codec("int8"), algorithm=algo)
+        out[("noncontig", algo)] = (xt.clone(), base.clone())
+        for dtype in (torch.float16, torch.bfloat16):
+            for spec in ("int8", "topk:0.05"):
+                x = make_input(N, rank, 0, tag=4, dtype=dtype)
+                gradzip.all_reduce(x, codec(spec), algorithm=algo)
+                out[("half", str(dtype), spec, algo)] = x
+        x = make_input(N, rank, 0, tag=5)
+        gradzip.all_reduce(x, codec("int8"), algorithm=algo, average=False)
+        out[("sum", algo)] = x
+        # async: the future holds the tensor, reduced exactly as the synchronous call
+        st = gradzip.ErrorFeedback(seed=EF_SEED)
+        x = make_input(N, rank, 0)
+        fut = gradzip.all_reduce(x, codec("int4"), state=st, algorithm=algo, key=KEY,
+                                 async_op=True)
+        assert isinstance(fut, torch._C.Future)  # what Work.get_future().then() returns
+        assert fut.wait() is x
+        out[("async", algo)] = x
+    e = torch.empty(0)
+    assert gradzip.all_reduce(e, codec("int4")) is e
+    # "auto": plan and result
+    for spec, dtype in (("int8", torch.float32), ("int4", torch.float32),
+                        ("int8", torch.float16), ("topk:0.3", torch.float32),
+                        ("sign", torch.float32)):
+        x = make_input(AUTO_N, rank, 0, tag=6, dtype=dtype)
+        gradzip.all_reduce(x, codec(spec), algorithm="auto")
+        p = comm.plan(codec(spec), AUTO_N, dtype, world, "auto")
+        out[("auto", spec, str(dtype))] = (p.algorithm, x)
+    x = make_input(100, rank, 0, tag=7)
+    gradzip.all_reduce(x, codec("int4"))  # below min_numel: plain all-reduce
+    out[("auto-small",)] = x
+    x = make_input(N, rank, 0)
+    for _ in range(2):  # second call skips the fingerprint
+        y = x.clone()
+        gradzip.all_reduce(y, codec("int8"), algorithm="allgather", verify="once")
+    out[("verify-once",)] = y
+    out["key_hash"] = comm.key_hash(("grad", "layer.weight", 3))
+    out["errors"] = error_battery(rank, world)
+    return out
+
+
+def error_battery(rank: int, world: int) -> dict:
+    """Disagreements and corrupt payloads: every rank must raise, and the group must still
+    work afterwards (the fingerprint exchange completes before anyone raises)."""
+    last = world - 1
+    res = {}
+    res["codec"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0), codec("int8" if rank == last else "int4"),
+        algorithm="allgather"))
+    res["codec-options"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0), codec("int4,block=64" if rank == 0 else "int4"),
+        algorithm="alltoall"))
+    res["numel"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N + (rank == last), rank, 0), codec("int4"), algorithm="alltoall"))
+    res["dtype"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0, dtype=torch.float16 if rank == last else torch.float32),
+        codec("int8"), algorithm="allgather"))
+    res["algorithm"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0), codec("int8"),
+        algorithm="alltoall" if rank == 0 else "allgather"))
+    res["auto-threshold"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0), codec("int8"), min_numel=10**6 if rank == 0 else 0))
+    res["refused"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0).double() if rank == last else make_input(N, rank, 0),
+        codec("int8")))
+    st = gradzip.ErrorFeedback()
+    if rank == last:  # this rank's state was used for another tensor under the same key
+        st.set_residual(KEY, torch.zeros(N + 5))
+    res["residual-size"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0), codec("int4"), state=st, key=KEY, algorithm="allgather"))
+    fmt_mod = gradzip.format
+    saved = fmt_mod.VERSION
+    if rank == last:
+        fmt_mod.VERSION = saved + 1  # this rank speaks another format version
+    try:
+        res["version"] = _catch(lambda: gradzip.all_reduce(
+            make_input(N, rank, 0), codec("int4"), algorithm="allgather"))
+    finally:
+        fmt_mod.VERSION = saved
+    # A corrupt header (the version byte) in what one rank sends: caught by the header
+    # check on every rank. For alltoall only the payload of chunk 0 is corrupted, so only
+    # rank 0 sees it in phase 1 and must pass the news on in phase 2.
+    real = Codec.compress
+    for algo in ALGORITHMS:
+        calls: list[int] = []
+
+        def corrupt(self, *a, calls=calls, **kw):
+            p = real(self, *a, **kw)
+            calls.append(1)
+            if len(calls) == 1:
+                p[4] ^= 0x7F
+            return p
+
+        if rank == last:
+            Codec.compress = corrupt
+        try:
+            res[f"corrupt-{algo}"] = _catch(lambda algo=algo: gradzip.all_reduce(
+                make_input(N, rank, 0), codec("int4"), algorithm=algo))
+        finally:
+            Codec.compress = real
+    res["still-works"] = _group_still_works(rank, world)
+    return res
+
+
+def die_midway(rank: int, world: int) -> dict:
+    """The last rank exits inside the all-reduce, after the fingerprint exchange; the
+    others must raise (not hang) within the process group's timeout."""
+    if rank == world - 1:
+        def die(self, *a, **kw):
+            os._exit(3)
+
+        Codec.compress = die
+    t0 = time.monotonic()
+    err = _catch(lambda: gradzip.all_reduce(make_input(N, rank, 0), codec("int4"),
+                                            algorithm="alltoall"))
+    return {"error": err, "elapsed": time.monotonic() - t0}
+
+
+# ---------------------------------------------------------------------------------------
+# the single-process simulation, from gradzip.reference only
+# ---------------------------------------------------------------------------------------
+
+
+def ref_compress(c: Codec, x, residual, seed, k=None):
+    if c.is_sparse:
+        return reference.topk_select(x, k if k is not None else c.k_for(x.numel()), residual,
+                                     c.exact, c.values, seed)
+    return reference.quantize_pack(x, c.bits, c.block, residual, c.rounding, seed)
+
+
+def chunk_layout(c: Codec, n: int, world: int):
+    """Chunks at multiples of the block (dense) or of 1 (top-k), the last ones short or
+    empty; top-k splits k over the chunks (a fraction per chunk, a count in proportion)."""
+    align = c.block if not c.is_sparse else 1
+    size = align * math.ceil(math.ceil(n / align) / world)
+    chunks = [(min(i * size, n), min((i + 1) * size, n)) for i in range(world)]
+    ks = []
+    for a, b in chunks:
+        length = b - a
+        if not c.is_sparse or length == 0:
+            ks.append(None)
+        elif isinstance(c.k, int):
+            ks.append(max(1, min(length, math.ceil(min(c.k, n) * length / n))))
+        else:
+            ks.append(max(1, min(length, round(c.k * length))))
+    return chunks, ks
+
+
+class Simulation:
+    """All ranks of one all-reduce in one process, with residuals carried across steps."""
+
+    def __init__(self, c: Codec, algo: str, world: int, n: int, ef: bool,
+                 average: bool = True, base_seed: int = 0, key=None):
+        self.c, self.algo, self.world, self.n = c, algo, world, n
+        self.average = average
+        self.base, self.khash = base_seed, comm.key_hash(key) if key is not None else 0
+        self.ef = ef
+        self.worker = [torch.zeros(n) for _ in range(world)] if ef else None
+        self.chunks, self.ks = chunk_layout(c, n, world)
+        self.server = [torch.zeros(b - a) for a, b in self.chunks] if ef else None
+        self.step = 0
+
+    def seed(self, rank, phase, chunk):
+        return comm.stochastic_seed(self.base, rank, self.step if self.ef else 0, self.khash,
+                                    phase, chunk)
+
+    def __call__(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        W, n = self.world, self.n
+        alpha = 1.0 / W if self.average else 1.0
+        flat = [x.reshape(-1) for x in xs]
+        out = torch.zeros(n, dtype=xs[0].dtype)
+        if self.algo == "allgather":
+            rows = torch.stack([ref_compress(self.c, flat[r],
+                                             self.worker[r] if self.ef else None,
+                                             self.seed(r, 0, 0)) for r in range(W)])
+            reference.dequantize_accumulate(rows, out, alpha)
+        else:
+            for i, ((a, b), k) in enumerate(zip(self.chunks, self.ks)):
+                if b == a:
+                    continue
+                rows = torch.stack([ref_compress(self.c, flat[r][a:b],
+                                                 self.worker[r][a:b] if self.ef else None,
+                                                 self.seed(r, 0, i), k) for r in range(W)])
+                acc = torch.zeros(b - a)
+                reference.dequantize_accumulate(rows, acc, alpha)
+                q = ref_compress(self.c, acc, self.server[i] if self.ef else None,
+                                 self.seed(i, 1, i), k)
+                part = torch.zeros(b - a, dtype=out.dtype)
+                reference.dequantize_accumulate(q[None], part, 1.0)
+                out[a:b] = part
+        self.step += 1
+        return out
+
+    def pending(self, rank: int) -> torch.Tensor:
+        p = self.worker[rank].clone()
+        if self.algo == "alltoall":
+            a, b = self.chunks[rank]
+            p[a:b].add_(self.server[rank], alpha=float(self.world) if self.average else 1.0)
+        return p
+
+
+# ---------------------------------------------------------------------------------------
+# error bounds, derived from the inputs
+# ---------------------------------------------------------------------------------------
+
+
+def error_bound(c: Codec, algo: str, xs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-element bound on |result - exact mean| for one step from zero residuals.
+
+    Dense 8/4/2 bits, absmax: an element's error is at most half a step, scale/2 with
+    scale = amax_block/qmax (a whole step for stochastic rounding), and a decoded value is
+    at most amax_block in magnitude. Averaging W ranks averages the bounds. The two-phase
+    algorithm quantizes the chunk mean once more, whose block amax is at most the mean of
+    the ranks' amax: a second term of the same size.
+    Sign: |decoded - v| <= |v| + scale with scale = mean |v| of the block; decoded values
+    have magnitude scale, so the second phase adds at most 2x the mean of the scales.
+    Top-k: an entry that is dropped is off by |v|, at most the k-th largest |v| when the
+    selection is exact; a kept one by its value rounding (bf16: |v| 2^-8; int8: max|v|/254).
+    The second phase of alltoall drops or rounds entries of the mean of decoded values,
+    each at most |v| + its value rounding.
+    """
+    W = len(xs)
+    v = torch.stack([x.reshape(-1).double() for x in xs])  # [W, n]
+    n = v.shape[1]
+    if not c.is_sparse:
+        nb = -(-n // c.block)
+        pad = torch.zeros(W, nb * c.block, dtype=torch.float64)
+        pad[:, :n] = v.abs()
+        blocks = pad.view(W, nb, c.block)
+        if c.bits == 1:
+            lengths = torch.full((nb,), float(c.block), dtype=torch.float64)
+            lengths[-1] = n - (nb - 1) * c.block
+            scale = (blocks.sum(-1) / lengths).repeat_interleave(c.block, dim=1)[:, :n]
+            first = (v.abs() + scale).mean(0)
+            second = 2 * scale.mean(0)
+        else:
+            qmax = 2 ** (c.bits - 1) - 1
+            amax = blocks.amax(-1).repeat_interleave(c.block, dim=1)[:, :n]
+            steps = 1.0 if c.rounding == "stochastic" else 0.5
+            first = steps * (amax / qmax).mean(0)
+            second = steps * amax.mean(0) / qmax
+    else:
+        k = c.k_for(n)
+        mags = v.abs()
+        kth = mags.topk(k, dim=1).values[:, -1:] if c.exact else torch.full((W, 1), math.inf)
+        verr = {"fp32": torch.zeros_like(mags), "bf16": mags * 2.0**-8,
+                "int8": mags.amax(1, keepdim=True).expand_as(mags) / 254}[c.values]
+        first = torch.maximum(torch.minimum(mags, kth), verr).mean(0)
+        second = (mags + verr).mean(0)
+    bound = first + (second if algo == "alltoall" else 0)
+    # float32 arithmetic on the way (scale division, products, a W-term sum, the 1/W
+    # multiply, the second phase): a few roundings, each at most one ulp of a value no
+    # larger than max|x|.
+    slack = 4 * (W + 4) * 2.0**-24 * v.abs().max()
+    return bound + slack
+
+
+def exact_mean(xs):
+    return torch.stack([x.reshape(-1).double() for x in xs]).mean(0)
+
+
+def assert_plain_mean(got, xs):
+    """An uncompressed all-reduce in Gloo's own summation order: each x/W and each of the
+    W-1 additions rounds once, by at most 2^-24 of a partial sum no larger than
+    sum_r |x_r| / W, so the error is below W 2^-24 mean_r |x_r| (twice that for margin)."""
+    W = len(xs)
+    mags = torch.stack([x.reshape(-1).double().abs() for x in xs]).mean(0)
+    err = (got.reshape(-1).double() - exact_mean(xs)).abs()
+    assert bool((err <= 2 * W * 2.0**-24 * mags).all()), float(err.max())
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"world{w}")
+def results(request):
+    world = request.param
+    return world, run_ranks(world, battery)
+
+
+def _all_equal(values):
+    return all(torch.equal(values[0], v) for v in values[1:])
+
+
+def test_bit_identical_on_every_rank(results):
+    _, res = results
+    for case in res[0]:
+        if case in ("errors", "key_hash"):
+            continue
+        if case[0] == "inf":
+            assert all(_same_with_nonfinite(res[0][case][0], r[case][0]) and
+                       torch.equal(res[0][case][1], r[case][1]) for r in res), case
+            continue
+        per_rank = [r[case] for r in res]
+        if case[0] == "ef":
+            for t in range(STEPS):
+                assert _all_equal([p["outs"][t] for p in per_rank]), (case, t)
+        elif case[0] == "noncontig":
+            assert _all_equal([p[0] for p in per_rank]), case
+        elif case[0] == "auto":
+            assert _all_equal([p[1] for p in per_rank]), case
+        else:
+            assert _all_equal(per_rank), case
+
+
+@pytest.mark.parametrize("spec", CODECS)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_matches_reference_simulation_with_error_feedback(results, spec, algo):
+    world, res = results
+    c = Codec(spec)
+    sim = Simulation(c, algo, world, N, ef=True, base_seed=EF_SEED, key=KEY)
+    for t in range(STEPS):
+        want = sim([make_input(N, r, t) for r in range(world)])
+        for r in range(world):
+            assert torch.equal(res[r][("ef", spec, algo)]["outs"][t], want), (r, t)
+    for r in range(world):
+        assert torch.equal(res[r][("ef", spec, algo)]["pending"], sim.pending(r)), r
+
+
+@pytest.mark.parametrize("spec", CODECS)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_without_state_matches_simulation_and_bound(results, spec, algo):
+    world, res = results
+    c = Codec(spec)
+    xs = [make_input(N, r, 0) for r in range(world)]
+    sim = Simulation(c, algo, world, N, ef=False, base_seed=11)
+    got = res[0][("plain-ef-off", spec, algo)]
+    assert torch.equal(got, sim(xs))
+    err = (got.double() - exact_mean(xs)).abs()
+    bound = error_bound(c, algo, xs)
+    assert bool((err <= bound).all()), float((err - bound).max())
+    # The bound is not vacuous: the codec does lose something.
+    assert float(err.max()) > 0
+
+
+@pytest.mark.parametrize("spec", CODECS)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_error_feedback_tracks_the_exact_sum(results, spec, algo):
+    """sum_t result_t = sum_t exact_t - mean_r pending_r: what compression held back is
+    exactly what the residuals still hold, so the running sum is within one residual's
+    worth of the exact running sum."""
+    world, res = results
+    got = sum(res[0][("ef", spec, algo)]["outs"][t].double() for t in range(STEPS))
+    exact = sum(exact_mean([make_input(N, r, t) for r in range(world)]) for t in range(STEPS))
+    owed = torch.stack([res[r][("ef", spec, algo)]["pending"].double()
+                        for r in range(world)]).mean(0)
+    # Each step rounds in float32 a bounded number of times (v = x + r, r = v - decode,
+    # the W-term decode sum, the 1/W multiply, the second phase): at most (W + 6) ulps of
+    # the largest magnitude involved per step.
+    mag = max(float(make_input(N, r, t).abs().max()) for r in range(world)
+              for t in range(STEPS)) + float(owed.abs().max())
+    tol = STEPS * (world + 6) * 2.0**-24 * mag
+    assert float((got - exact + owed).abs().max()) <= tol
+    assert bool(((got - exact).abs() <= owed.abs() + tol).all())
+
+
+def _same_with_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits where finite, non-finite at the same places (NaN payloads aside)."""
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    return torch.equal(fa, fb) and torch.equal(a[fa], b[fb]) and \
+        torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(a[torch.isinf(a)],
+                                                                    b[torch.isinf(b)])
+
+
+@pytest.mark.parametrize("spec", CODECS)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_overflow_reaches_every_rank_and_does_not_stick(results, spec, algo):
+    """The last rank's tensor holds inf at one element: every rank's result is non-finite
+    there (so GradScaler skips the step everywhere), the rest matches the reference, and
+    the next step is finite with finite residuals."""
+    world, res = results
+    sim = Simulation(Codec(spec), algo, world, N, ef=True, base_seed=EF_SEED, key=KEY)
+    xs = [make_input(N, r, 0, tag=8) for r in range(world)]
+    xs[-1][INF_AT] = float("inf")
+    want_x = sim(xs)
+    want_y = sim([make_input(N, r, 1, tag=8) for r in range(world)])
+    for r in range(world):
+        x, y, pending = res[r][("inf", spec, algo)]
+        assert not bool(torch.isfinite(x[INF_AT])), r
+        assert _same_with_nonfinite(x, want_x), r
+        assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(pending).all()), r
+        assert torch.equal(y, want_y) and torch.equal(pending, sim.pending(r)), r
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_odd_inputs(results, algo):
+    world, res = results
+    for spec in ("int4", "sign", "topk:0.05"):
+        xs = [make_input(SMALL, r, 0, tag=1) for r in range(world)]
+        want = Simulation(Codec(spec), algo, world, SMALL, ef=False)(xs)
+        assert torch.equal(res[0][("small", spec, algo)], want), spec
+    xs = [make_input(1, r, 0, tag=2) for r in range(world)]
+    assert torch.equal(res[0][("one", algo)], Simulation(Codec("int8"), algo, world, 1,
+                                                         ef=False)(xs))
+    # non-contiguous: reduced in its own (row-major) element order, written back in place
+    xs = [make_input(3000, r, 0, tag=3).view(60, 50).t() for r in range(world)]
+    want = Simulation(Codec("int8"), algo, world, 3000, ef=False)(xs).view(50, 60)
+    got, base = res[0][("noncontig", algo)]
+    assert torch.equal(got, want)
+    assert torch.equal(base.t(), want)  # the caller's storage holds the result
+    xs = [make_input(N, r, 0, tag=5) for r in range(world)]
+    assert torch.equal(res[0][("sum", algo)],
+                       Simulation(Codec("int8"), algo, world, N, ef=False, average=False)(xs))
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("spec", ["int8", "topk:0.05"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs(results, algo, spec, dtype):
+    """fp16/bf16 tensors: compressed from their own dtype, accumulated in float32, written
+    back in their dtype. Their few mantissa bits make exact .5 ties in v * (qmax / amax)
+    common, so this also checks that the division is the correctly rounded one."""
+    world, res = results
+    xs = [make_input(N, r, 0, tag=4, dtype=dtype) for r in range(world)]
+    got = res[0][("half", str(dtype), spec, algo)]
+    assert got.dtype == dtype
+    assert torch.equal(got, Simulation(Codec(spec), algo, world, N, ef=False)(xs))
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_async_equals_sync(results, algo):
+    _, res = results
+    assert torch.equal(res[0][("async", algo)], res[0][("ef", "int4", algo)]["outs"][0])
+
+
+AUTO_CHOICE = {  # world size -> algorithm, from the volume model in gradzip.comm
+    ("int8", "torch.float32"): {2: "allgather", 3: "alltoall", 4: "alltoall"},
+    ("int4", "torch.float32"): {2: "allgather", 3: "alltoall", 4: "alltoall"},
+    ("sign", "torch.float32"): {2: "allgather", 3: "alltoall", 4: "alltoall"},
+    # 8-bit of a 16-bit tensor: all-gathering 3 payloads of ~n bytes costs more than a
+    # ring all-reduce of 2 * 3/4 * 2n bytes; the two-phase algorithm still pays.
+    ("int8", "torch.float16"): {2: "allgather", 3: "alltoall", 4: "alltoall"},
+    # 30% top-k: 8 bytes per kept entry, (W-1) * 2.4n bytes vs 2(W-1)/W * 4n bytes.
+    ("topk:0.3", "torch.float32"): {2: "allgather", 3: "allgather", 4: "plain"},
+}
+
+
+def test_auto(results):
+    world, res = results
+    for (spec, dtype), choice in AUTO_CHOICE.items():
+        algo, got = res[0][("auto", spec, dtype)]
+        assert algo == choice[world], (spec, dtype)
+        xs = [make_input(AUTO_N, r, 0, tag=6, dtype=getattr(torch, dtype[6:]))
+              for r in range(world)]
+        if algo == "plain":
+            assert_plain_mean(got, xs)
+        else:
+            assert torch.equal(got, Simulation(Codec(spec), algo, world, AUTO_N,
+                                               ef=False)(xs)), (spec, dtype)
+    xs = [make_input(100, r, 0, tag=7) for r in range(world)]
+    assert_plain_mean(res[0][("auto-small",)], xs)  # small tensors are not compressed
+    xs = [make_input(N, r, 0) for r in range(world)]
+    assert torch.equal(res[0][("verify-once",)],
+                       Simulation(Codec("int8"), "allgather", world, N, ef=False)(xs))
+
+
+ERROR_EXPECT = {
+    "codec": ("ValueError", "ranks disagree on codec"),
+    "codec-options": ("ValueError", "ranks disagree on block"),
+    "numel": ("ValueError", "ranks disagree on numel"),
+    "dtype": ("ValueError", "ranks disagree on dtype"),
+    "algorithm": ("ValueError", "ranks disagree on algorithm"),
+    "auto-threshold": ("ValueError", "ranks disagree on algorithm"),
+    "version": ("ValueError", "ranks disagree on format version"),
+    "corrupt-allgather": ("ValueError", "unsupported gradzip payload format version"),
+    "corrupt-alltoall": ("ValueError", "unsupported gradzip payload format version|phase-2"),
+}
+
+
+def test_disagreements_raise_on_every_rank(results):
+    import re
+
+    world, res = results
+    last = world - 1
+    for case, (etype, pattern) in ERROR_EXPECT.items():
+        for r in range(world):
+            got = res[r]["errors"][case]
+            assert got is not None, (case, r, "did not raise")
+            assert got[0] == etype, (case, r, got)
+            assert re.search(pattern, got[1]), (case, r, got[1])
+    # the rank with the float64 tensor says why; the others that it refused
+    for r in range(world):
+        etype, msg = res[r]["errors"]["refused"]
+        if r == last:
+            assert etype == "TypeError" and "float64" in msg
+        else:
+            assert etype == "ValueError" and f"rank(s) [{last}] refused" in msg
+    for r in range(world):
+        etype, msg = res[r]["errors"]["residual-size"]
+        if r == last:
+            assert etype == "ValueError" and f"holds a residual of {N + 5}" in msg
+        else:
+            assert etype == "ValueError" and f"rank(s) [{last}] refused" in msg
+    # messages name every rank's view
+    assert f"rank {last}: format v1, codec int8" in res[0]["errors"]["codec"][1]
+    # the group survived all of it
+    assert _all_equal([r["errors"]["still-works"] for r in res])
+
+
+def test_dead_rank_raises_within_timeout():
+    timeout = 20.0
+    world = 3
+    res = run_ranks(world, die_midway, pg_timeout=timeout, deadline=90,
+                    allow_exit=(world - 1,))
+    for r in range(world - 1):
+        err, elapsed = res[r]["error"], res[r]["elapsed"]
+        assert err is not None and err[0] in ("RuntimeError", "DistBackendError"), err
+        assert elapsed < timeout + 10, elapsed
+    assert res[world - 1] is None
+
+
+def test_single_process_checks():
+    """Argument errors that need no peers."""
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        gradzip.all_reduce(torch.zeros(10), "int4")
+    with pytest.raises(TypeError):
+        gradzip.all_reduce([1.0], "int4")
+
+
+def test_seeds_differ_and_repeat():
+    seeds = {comm.stochastic_seed(0, r, s, comm.key_hash("a"), ph, ch)
+             for r in range(4) for s in range(50) for ph in range(2) for ch in range(4)}
+    assert len(seeds) == 4 * 50 * 2 * 4  # all distinct
+    assert comm.stochastic_seed(3, 1, 2, 4, 0, 1) == comm.stochastic_seed(3, 1, 2, 4, 0, 1)
+    assert comm.stochastic_seed(3, 1, 2, 4, 0, 1) != comm.stochastic_seed(4, 1, 2, 4, 0, 1)
+    assert all(0 <= s < 2**32 for s in seeds)
+
+
+def test_key_hash_is_the_same_in_every_process(results):
+    """Seeds must not depend on the process: Python's str hash does (PYTHONHASHSEED)."""
+    world, res = results
+    for r in range(world):
+        assert res[r]["key_hash"] == comm.key_hash(("grad", "layer.weight", 3))
+
+
+def test_plan_layout():
+    c = Codec("int4")
+    p = comm.plan(c, 1000, torch.float32, 3, "alltoall")
+    assert p.chunks == ((0, 384), (384, 768), (768, 1000))
+    assert p.sizes[2] < p.sizes[0] == p.payload_bytes
+    p = comm.plan(c, 100, torch.float32, 4, "alltoall")
+    assert p.chunks == ((0, 100), (100, 100), (100, 100), (100, 100))
+    assert comm.plan(c, 0, torch.float32, 4, "auto").algorithm == "plain"
+    with pytest.raises(ValueError, match="algorithm"):
+        comm.plan(c, 10, torch.float32, 2, "ring")
+
+
+def test_error_feedback_state_dict_roundtrip():
+    ef = gradzip.ErrorFeedback(seed=9)
+    slot = ef._slot("a", 10, torch.device("cpu"))
+    slot.worker.copy_(torch.arange(10.0))
+    slot.server = torch.ones(4)
+    slot.server_layout = (2, 3, 7, 2.0)
+    slot.step = 5
+    sd = ef.state_dict()
+    ef2 = gradzip.ErrorFeedback()
+    ef2.load_state_dict(sd)
+    assert ef2.seed == 9 and torch.equal(ef2.pending("a"), ef.pending("a"))
+    assert ef2._slots["a"].step == 5
+    want = torch.arange(10.0)
+    want[3:7] += 2.0
+    assert torch.equal(ef.pending("a"), want)
+    with pytest.raises(ValueError, match="holds a residual of 10"):
+        ef._slot("a", 11, torch.device("cpu"))
+    with pytest.raises(ValueError):
+        ef2.load_state_dict({"nope": 1})
+    with pytest.raises(ValueError):
+        gradzip.ErrorFeedback(seed=-1)
+
+
+def test_rank_errors_are_reported():
+    with pytest.raises(RankError, match="ZeroDivisionError"):
+        run_ranks(2, _fail_on_rank_one, deadline=60)
+
+
+def _fail_on_rank_one(rank, world):
+    if rank == 1:
+        return 1 // 0
+    return rank
+
+
+LARGE_N = 2**20 + 3
+
+
+def large_battery(rank: int, world: int) -> dict:
+    out = {}
+    for spec in CODECS:
+        for algo in ALGORITHMS:
+            st = gradzip.ErrorFeedback(seed=EF_SEED)
+            steps = []
+            for t in range(2):
+                x = make_input(LARGE_N, rank, t, tag=9)
+                gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo, key=KEY)
+                steps.append(x)
+            out[(spec, algo)] = steps
+    return out
+
+
+@pytest.mark.slow
+def test_large_tensor_matches_simulation():
+    """2^20 + 3 elements on 4 ranks, two steps with error feedback, every codec x algorithm:
+    bit-identical on every rank and equal to the reference simulation."""
+    world = 4
+    res = run_ranks(world, large_battery, deadline=600)
+    for spec in CODECS:
+        for algo in ALGORITHMS:
+            sim = Simulation(Codec(spec), algo, world, LARGE_N, ef=True, base_seed=EF_SEED,
+                             key=KEY)
+            for t in range(2):
+                want = sim([make_input(LARGE_N, r, t, tag=9) for r in range(world)])
+                for r in range(world):
+                    assert torch.equal(res[r][(spec, algo)][t], want), (spec, algo, r, t)
