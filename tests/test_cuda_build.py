@@ -362,7 +362,7 @@ def _radix(keys: np.ndarray, rank: int, lo: int, approx_total_check: int | None 
 
 def model_select(v: torch.Tensor, k: int, exact: bool, seed: int,
                  tiles_per_chunk: int | None = None) -> np.ndarray:
-    key = (v.view(torch.int32).numpy().astype(np.int64)) & 0x7FFFFFFF
+    key = reference.magnitude_key(v).numpy()  # core::magnitude_key: NaN keys are canonical
     n = key.size
     lo = 0
     if not exact:  # topk_sample_kernel
@@ -528,6 +528,9 @@ def test_emulated_quantize_pack_scalar_paths_and_special_values(emu, bits):
     special = torch.randn(3000, generator=g)
     special[[0, 700, 1500, 2999]] = torch.tensor([float("inf"), float("nan"), -float("inf"),
                                                   float("nan")])
+    # NaNs of other bit patterns: the payload still holds the canonical NaN.
+    special.view(torch.int32)[[100, 2000]] = torch.tensor([0x7FC12345, -0x3FFFFF - 1],
+                                                          dtype=torch.int32)
     _emulated_quantize(emu, special, bits, 32, torch.randn(3000, generator=g), "nearest")
     # Zero and tiny blocks (scale 0): a zero residual keeps v = x.
     for x in (torch.zeros(3000), torch.randn(3000, generator=g) * 1e-44):
@@ -565,6 +568,11 @@ def test_emulated_topk_select_special_cases(emu):
                                             float("nan")])
     _emulated_topk(emu, x, 10, False, "int8")
     _emulated_topk(emu, x, 3, True, "fp32")
+    # NaNs of different bit patterns tie at the canonical key: lowest indices first.
+    x.view(torch.int32)[[50, 3000, 4000]] = torch.tensor([0x7FC12345, -0x3FFFFF - 1,
+                                                          0x7F800001], dtype=torch.int32)
+    for values in ("fp32", "bf16", "int8"):
+        _emulated_topk(emu, x, 4, True, values, keep_ties=True)
     _emulated_topk(emu, torch.randn(3000, generator=g).half(), 30, True, "bf16")
     _emulated_topk(emu, torch.zeros(3000), 30, False, "int8", keep_ties=True)
     _emulated_topk(emu, torch.full((30_000,), 0.5), 10, True, "bf16", keep_ties=True)

@@ -1,19 +1,19 @@
-// Bit-level float helpers that make a GPU reproduce what the reference computes on an x86
-// CPU, down to the bits of NaN results and of 16-bit conversions.
+// Bit-level float helpers that make a GPU reproduce the reference (run on an x86 CPU)
+// bit for bit where IEEE 754 leaves the result open.
 //
-// Why: the reference (python/gradzip/reference.py) runs on x86, where an arithmetic result
-// that is NaN carries the payload of its first NaN operand (quietened), and an invalid
-// operation (inf - inf, 0 * inf) gives the "default NaN" 0xFFC00000. NVIDIA GPUs instead
-// return the canonical NaN 0x7FFFFFFF for every NaN result. Payloads hold these NaNs (the
-// scale of a non-finite block, a selected top-k value), so the CUDA kernels use the
-// nan_* operations below, which are exactly x86's result on every input. On an x86 host
-// they are the identity on the native result, so CPU code may use them or not.
-//
-// torch's own conventions, also reproduced here (measured with torch 2.x on x86-64):
-//  * torch.amax of a tensor holding any NaN returns 0x7FC00000, whatever the NaN's bits.
-//  * float32 -> bfloat16 rounds to nearest even and turns every NaN into 0xFFFF.
-//  * float32 <-> float16 follows the F16C instructions: round to nearest even; a NaN keeps
-//    its sign and the top of its payload and is quietened.
+// * Payloads hold only the canonical NaN (docs/format.md); core::canonical_nan and
+//   core::bf16_bits (csrc/core/quant.h) give it. absmax_params_exact below is
+//   core::absmax_params with that rule applied to the scale, since a GPU's division of a
+//   NaN returns 0x7FFFFFFF.
+// * Outside payloads (accumulate's `out`), the kernels match x86 too: there an arithmetic
+//   result that is NaN carries the payload of its first NaN operand (quietened) and an
+//   invalid operation (inf - inf, 0 * inf) gives 0xFFC00000, where NVIDIA GPUs return
+//   0x7FFFFFFF for every NaN result. The nan_* operations rebuild x86's result from the
+//   native one; on an x86 host they are the identity.
+// * 16-bit conversions as torch does them on the CPU: float32 -> bfloat16 rounds to nearest
+//   even and turns every NaN into 0xFFFF; float32 <-> float16 follows the F16C
+//   instructions (round to nearest even; a NaN keeps its sign and the top of its payload,
+//   quietened). Measured with torch 2.x on x86-64; tests/test_cuda_build.py checks them.
 #pragma once
 
 #include <cstdint>
@@ -26,17 +26,8 @@ namespace core {
 
 constexpr uint32_t kQuietBit = 0x00400000u;
 constexpr uint32_t kX86DefaultNan = 0xFFC00000u;  // x86 result of an invalid operation
-constexpr uint32_t kTorchAmaxNan = 0x7FC00000u;   // what torch.amax returns for NaN input
 
-GZ_HOST_DEVICE float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-#endif
-}
+GZ_HOST_DEVICE float bits_float(uint32_t u) { return float_from_bits(u); }
 
 GZ_HOST_DEVICE bool is_nan_bits(uint32_t u) { return (u & 0x7FFFFFFFu) > 0x7F800000u; }
 
@@ -61,17 +52,18 @@ GZ_HOST_DEVICE float nan_fsub(float a, float b) { return x86_nan_result(a, b, fs
 GZ_HOST_DEVICE float nan_fmul(float a, float b) { return x86_nan_result(a, b, fmul(a, b)); }
 GZ_HOST_DEVICE float nan_fdiv(float a, float b) { return x86_nan_result(a, b, fdiv(a, b)); }
 
-// absmax_params, with the scale of a NaN block equal to the reference's bits:
-// torch.amax gives 0x7FC00000 for any NaN input, and 0x7FC00000 / qmax keeps it.
+// absmax_params with the payload's NaN rule: a block holding a NaN stores the canonical
+// NaN as its scale (on x86, canonical amax / qmax already is; a GPU would give 0x7FFFFFFF).
 GZ_HOST_DEVICE BlockParams absmax_params_exact(float amax, int bits) {
   BlockParams p = absmax_params(amax, bits);
-  if (is_nan_bits(float_bits(amax))) p.scale = bits_float(kTorchAmaxNan);
+  p.scale = canonical_nan(p.scale);
   return p;
 }
 
 // ---- 16-bit floats, as raw bits -----------------------------------------------------
 GZ_HOST_DEVICE float bf16_bits_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 
+// torch's float32 -> bfloat16 conversion (for accumulate's `out`; payloads use bf16_bits).
 GZ_HOST_DEVICE uint16_t float_to_bf16_bits(float f) {
   const uint32_t u = float_bits(f);
   if (is_nan_bits(u)) return 0xFFFFu;

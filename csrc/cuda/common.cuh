@@ -191,6 +191,8 @@ __device__ __forceinline__ void load_v8(const void* x, const float* residual, in
   }
 }
 
+__device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
 __device__ __forceinline__ int valid_count(int64_t n, int64_t e0) {
   const int64_t left = n - e0;
   return left <= 0 ? 0 : (left >= kVec ? kVec : static_cast<int>(left));

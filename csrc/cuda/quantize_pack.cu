@@ -66,7 +66,7 @@ quantize_pack_kernel(const QuantizeArgs a) {
   // 1-bit only: the tile's |v| (at most 4096 floats = 16 KB) and its blocks' scales.
   __shared__ __align__(16) float stage[BITS == 1 ? 4096 : 4];
   __shared__ float tile_scale[BITS == 1 ? 64 : 1];
-  __shared__ float warp_amax[kMaxThreads / 32];
+  __shared__ uint32_t warp_kmax[kMaxThreads / 32];
 
   const int t = threadIdx.x;
   const int nt = blockDim.x;
@@ -107,15 +107,17 @@ quantize_pack_kernel(const QuantizeArgs a) {
     const int tile_blocks = (nt * kVec) >> a.log2_block;
     for (int bb = warp_id(); bb < tile_blocks; bb += nwarps) {
       const float* s = stage + (bb << a.log2_block);
+      // Terms are >= +0 or NaN, so a plain sum is the reference's up to which NaN comes
+      // out, and the payload's scale is the canonical NaN anyway.
       float acc = s[lane];
-      for (int j = lane + 32; j < block; j += 32) acc = core::nan_fadd(acc, s[j]);
+      for (int j = lane + 32; j < block; j += 32) acc = core::fadd(acc, s[j]);
 #pragma unroll
-      for (int h = 16; h >= 1; h >>= 1) acc = core::nan_fadd(acc, __shfl_down_sync(kFullMask, acc, h));
+      for (int h = 16; h >= 1; h >>= 1) acc = core::fadd(acc, __shfl_down_sync(kFullMask, acc, h));
       const int64_t gblk = (tile_base >> a.log2_block) + bb;
       if (lane == 0 && gblk < a.nblocks) {
         const int64_t start = gblk << a.log2_block;
         const int64_t len = a.n - start < block ? a.n - start : block;
-        const float scale = core::nan_fdiv(acc, static_cast<float>(len));
+        const float scale = core::canonical_nan(core::fdiv(acc, static_cast<float>(len)));
         tile_scale[bb] = scale;
         scales[gblk] = scale;
       }
@@ -128,28 +130,32 @@ quantize_pack_kernel(const QuantizeArgs a) {
       dec[i] = core::sign_decode(code[i], scale);
     }
   } else {
-    float amax = 0.0f;
+    // amax through magnitude keys: an integer max, exact in any order, with every NaN
+    // above inf (core::amax_from_key turns a NaN key into the canonical NaN amax).
+    uint32_t kmax = 0;
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) amax = core::nan_max(amax, core::abs_bits(v[i]));
+    for (int i = 0; i < kVec; ++i) kmax = umax(kmax, core::magnitude_key(v[i]));
     if (group <= 32) {
-      for (int o = group >> 1; o >= 1; o >>= 1)
-        amax = core::nan_max(amax, __shfl_xor_sync(kFullMask, amax, o));
+      for (int o = group >> 1; o >= 1; o >>= 1) kmax = umax(kmax, __shfl_xor_sync(kFullMask, kmax, o));
     } else {
 #pragma unroll
-      for (int o = 16; o >= 1; o >>= 1)
-        amax = core::nan_max(amax, __shfl_xor_sync(kFullMask, amax, o));
-      if (lane_id() == 0) warp_amax[warp_id()] = amax;
+      for (int o = 16; o >= 1; o >>= 1) kmax = umax(kmax, __shfl_xor_sync(kFullMask, kmax, o));
+      if (lane_id() == 0) warp_kmax[warp_id()] = kmax;
       __syncthreads();
       const int first = (t >> log2_group) * (group / 32);
-      amax = warp_amax[first];
-      for (int w = 1; w < group / 32; ++w) amax = core::nan_max(amax, warp_amax[first + w]);
+      kmax = warp_kmax[first];
+      for (int w = 1; w < group / 32; ++w) kmax = umax(kmax, warp_kmax[first + w]);
     }
+    const float amax = core::amax_from_key(kmax);
     const core::BlockParams p = core::absmax_params_exact(amax, BITS);
     if (group_leader && blk < a.nblocks) scales[blk] = p.scale;
     const float qmax = static_cast<float>(core::qmax_of(BITS));
+    // core::uniform in two halves: the 8 indices share their high 32 bits (e0 % 8 == 0).
+    const uint32_t k2 = core::hash32_high_key(a.seed_key, static_cast<uint32_t>(uint64_t(e0) >> 32));
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      const float u = a.stochastic ? core::uniform(a.seed_key, uint64_t(e0 + i)) : 0.0f;
+      const uint32_t h = core::hash32_low(a.seed_key, k2, static_cast<uint32_t>(e0 + i));
+      const float u = a.stochastic ? static_cast<float>(h >> 8) * core::kUniformScale : 0.0f;
       const float q = core::quantize_value(v[i], p.inv, qmax, a.stochastic, u);
       code[i] = i < nv ? static_cast<uint32_t>(static_cast<int>(q) + core::qmax_of(BITS)) : 0u;
       dec[i] = core::fmul(q, p.scale);

@@ -388,10 +388,10 @@ __global__ void __launch_bounds__(kThreads) topk_write_kernel(const TopkArgs a) 
           if (a.index_bytes == 8) reinterpret_cast<int64_t*>(indices)[pos] = index;
           else reinterpret_cast<int32_t*>(indices)[pos] = static_cast<int32_t>(index);
           if (a.value_format == format::kValueFp32) {
-            reinterpret_cast<float*>(values)[pos] = v[i];
+            reinterpret_cast<float*>(values)[pos] = core::canonical_nan(v[i]);
             dec = v[i];
           } else if (a.value_format == format::kValueBf16) {
-            const uint16_t b = core::float_to_bf16_bits(v[i]);
+            const uint16_t b = core::bf16_bits(v[i]);
             reinterpret_cast<uint16_t*>(values)[pos] = b;
             dec = core::bf16_bits_to_float(b);
           } else {  // int8: quantized once the amax of all selected values is known
@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(kThreads) topk_write_kernel(const TopkArgs a) 
 // int8 values: the rules of reference._quantize_values_int8 (one block, qmax 127), and the
 // residual of the selected entries (left untouched by topk_write_kernel).
 __global__ void __launch_bounds__(kThreads) topk_int8_kernel(const TopkArgs a) {
-  const float amax = core::bits_float(a.state->amax_key);  // the key is |v|'s bit pattern
+  const float amax = core::amax_from_key(a.state->amax_key);
   const core::BlockParams p = core::absmax_params_exact(amax, 8);
   if (blockIdx.x == 0 && threadIdx.x == 0)
     *reinterpret_cast<float*>(a.payload + a.scale_offset) = p.scale;
