@@ -216,9 +216,10 @@ def _on_signal(signum, frame) -> None:
         return
     if prev == signal.SIG_IGN:
         return
-    # Default action: re-deliver with it, so the exit status says which signal.
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    # The default action would end the process on the spot; exiting by exception instead
+    # lets every ``finally`` and context manager run (temporary files, output), with the
+    # shell's status for death by that signal.
+    raise SystemExit(128 + signum)
 
 
 def _install_cleanup_handlers() -> None:
@@ -297,11 +298,13 @@ def rank_env(rank: int, world: int, port: int, threads: int) -> dict[str, str]:
 
 
 def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
-           threads: int = 1, timeout: float | None = None, port: int | None = None) -> None:
+           threads: int = 1, timeout: float | None = None, port: int | None = None,
+           on_poll: Callable[[], None] | None = None) -> None:
     """Run ``argv`` as W ranks (env RANK/WORLD_SIZE/MASTER_ADDR=127.0.0.1/MASTER_PORT).
 
     Inside ``link``'s namespace when given, else on the host loopback. Waits for all of
     them; if one fails the others are stopped and ``RuntimeError`` names the rank.
+    ``on_poll`` is called about twice a second while they run (progress reports).
     """
     if port is None:
         # A fresh namespace has no other listeners, so any fixed port is free there.
@@ -316,6 +319,7 @@ def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
             procs.append(p)
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = set(range(world))
+        last_poll = time.monotonic()
         while pending:
             for r in sorted(pending):
                 rc = procs[r].poll()
@@ -327,6 +331,9 @@ def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"ranks {sorted(pending)} still running after {timeout} s")
             time.sleep(0.05)
+            if on_poll is not None and time.monotonic() - last_poll > 0.5:
+                last_poll = time.monotonic()
+                on_poll()
     finally:
         for p in procs:
             _stop(p)

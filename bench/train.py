@@ -308,7 +308,9 @@ def worker(cfg_path: str) -> None:
             dist.broadcast(t, 0)
             target = float(t)
         if rank == 0:
-            Path(result_path).write_text(json.dumps(out))
+            # Written then renamed, so the parent's progress report never reads half a file.
+            Path(result_path + ".tmp").write_text(json.dumps(out))
+            os.replace(result_path + ".tmp", result_path)
         dist.barrier()
     dist.destroy_process_group()
 
@@ -487,19 +489,26 @@ def run_task(task: str, methods: list[str], base_cfg: dict, a, link, tmp: str) -
         cfg_path = os.path.join(tmp, f"cfg-{task}-{tag}.json")
         Path(cfg_path).write_text(json.dumps(cfg))
         err = None
+        done: dict = {}
+
+        def collect() -> None:
+            for m, path in zip(ms, paths):
+                if m not in done and os.path.exists(path):
+                    try:
+                        done[m] = json.loads(Path(path).read_text())
+                    except json.JSONDecodeError:  # still being written
+                        continue
+                    r = done[m]
+                    print(f"[train] {task:<8} {m:<20} final loss {r['final_loss']:.4f}  "
+                          f"wall {r['wall_s']:.1f}s  ({r['steps_run']} steps run)", flush=True)
+
         try:
             netlink.launch([sys.executable, os.path.abspath(__file__), "--worker", cfg_path],
                            a.world, link, threads=a.threads,
-                           timeout=a.timeout * len(ms))
+                           timeout=a.timeout * len(ms), on_poll=collect)
         except (RuntimeError, TimeoutError) as e:
             err = str(e)
-        done = {}
-        for m, path in zip(ms, paths):
-            if os.path.exists(path):
-                done[m] = json.loads(Path(path).read_text())
-                r = done[m]
-                print(f"[train] {task:<8} {m:<20} final loss {r['final_loss']:.4f}  "
-                      f"wall {r['wall_s']:.1f}s", flush=True)
+        collect()
         return done, err
 
     done, err = launch(methods, "all")
