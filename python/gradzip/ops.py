@@ -17,14 +17,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
-from . import _C  # noqa: F401  (loads the operator library)
-from . import _checks
+from . import (
+    _C,  # noqa: F401  (loads the operator library)
+    _checks,
+    reference,
+)
 from . import format as fmt
-from . import reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
@@ -40,7 +42,7 @@ _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 # ---------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def build_info() -> dict:
     """What the loaded ``gradzip._C`` was compiled with, and which backends are usable.
 
