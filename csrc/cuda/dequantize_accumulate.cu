@@ -291,7 +291,8 @@ void launch_sparse(DType odt, const AccumulateArgs& a, cudaStream_t s) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void dequantize_accumulate_cuda(const at::Tensor& payloads_in, at::Tensor& out, double alpha) {
+void dequantize_accumulate_cuda(const at::Tensor& payloads_in, const at::Tensor& out,
+                                double alpha) {  // same C++ signature as the CPU kernel
   checks::check_accumulate_args(payloads_in, out);
   TORCH_CHECK_VALUE(on_device(out), "out must be a CUDA tensor for the CUDA kernel, got ",
                     out.device());
