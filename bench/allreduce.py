@@ -98,6 +98,23 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
+def split_specs(text: str) -> list[str]:
+    """'int8,topk:0.01,exact=false,sign' -> ['int8', 'topk:0.01,exact=false', 'sign'].
+
+    Codec specs carry their options after commas too; a piece with '=' is an option of the
+    spec before it.
+    """
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if "=" in piece and out:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def matrix_shape(numel: int) -> tuple[int, int]:
     """The most square (rows, cols) with rows a power of two dividing numel."""
     rows = 1
@@ -700,7 +717,7 @@ def main(argv=None) -> int:
     for b in baselines:
         if b not in BASELINES:
             p.error(f"unknown baseline {b!r}; choose from {','.join(BASELINES)}")
-    codecs = [c.strip() for c in a.codecs.split(",") if c.strip()]
+    codecs = split_specs(a.codecs)
     algos = [x.strip() for x in a.algorithms.split(",") if x.strip()]
     gz_methods = [f"gz:{c}:{al}" for c in codecs for al in algos]
     links = [s.strip() for s in a.link.split(",") if s.strip()]

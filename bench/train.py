@@ -573,7 +573,9 @@ def main(argv=None) -> int:
     for t in tasks:
         if t not in TASKS:
             p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    from allreduce import split_specs
+
+    methods = split_specs(a.methods)
     if "fp32" not in methods:
         methods.insert(0, "fp32")
     netlink.parse_link(a.link, a.world)

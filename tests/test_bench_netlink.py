@@ -282,7 +282,7 @@ def test_allreduce_script_smoke(tmp_path):
 def test_train_script_smoke(tmp_path):
     out = tmp_path / "tr.json"
     cmd = [sys.executable, str(BENCH / "train.py"), "--quick", "--link", "none", "--world", "2",
-           "--steps", "6", "--eval-every", "3", "--compress-warmup", "2",
+           "--steps", "6", "--eval-every", "3", "--compress-warmup", "2", "--extend", "1",
            "--methods", "fp32,powersgd_r4,gz:int8,gz:sign:noef", "--no-progress",
            "--out", str(out)]
     subprocess.run(cmd, check=True, env=_env(), timeout=900, cwd=ROOT)
@@ -294,8 +294,20 @@ def test_train_script_smoke(tmp_path):
     for r in doc["runs"]:
         assert "error" not in r, r
         assert r["params_identical_across_ranks"]
-        assert [e["step"] for e in r["evals"]] == [0, 3, 6]
+        steps = [e["step"] for e in r["evals"]]
         assert all(e["loss"] == e["loss"] and 0 <= e["acc"] <= 1 for e in r["evals"])
+        assert r["final_loss"] == r["evals"][2]["loss"]  # the loss after --steps
+        if r["method"] == "fp32":
+            assert steps == [0, 3, 6] and r["target_loss"] is None
+            continue
+        # Others go on (up to --extend x steps more) only until they reach fp32's loss.
+        target = next(x["final_loss"] for x in doc["runs"]
+                      if x["task"] == r["task"] and x["method"] == "fp32")
+        assert r["target_loss"] == target
+        assert steps == list(range(0, r["steps_run"] + 1, 3)) and 6 <= r["steps_run"] <= 12
+        reached = [e["loss"] <= target for e in r["evals"][2:]]
+        assert reached[-1] or r["steps_run"] == 12
+        assert not any(reached[:-1])
     # Same seeds and weights: every method starts from the same evaluated loss.
     for task in ("digits", "chargpt"):
         first = {r["evals"][0]["loss"] for r in doc["runs"] if r["task"] == task}
