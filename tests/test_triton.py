@@ -749,9 +749,11 @@ sys.exit(1 if failures else 0)
 def _subprocess_env() -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    # The child imports the same gradzip as this process: the installed package in CI, the
+    # source tree (with an in-place build) in development.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(gradzip.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(REPO, "python")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                          if p])
+        [package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
