@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -38,8 +39,10 @@ import torch.multiprocessing as mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-if os.path.isdir(os.path.join(HERE, "..", "python", "gradzip")):
-    sys.path.insert(0, os.path.join(HERE, "..", "python"))  # a source checkout
+# A source checkout with an in-place build (setup.py build_ext --inplace) wins; otherwise
+# the installed package (pip install .) is used.
+if glob.glob(os.path.join(HERE, "..", "python", "gradzip", "_C*.so")):
+    sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 from timing import measure  # bench/timing.py, the shared timing helper
 

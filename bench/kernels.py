@@ -32,6 +32,7 @@ when bitsandbytes is importable; it is optional and not a gradzip dependency.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import json
 import os
@@ -45,7 +46,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-if os.path.isdir(os.path.join(HERE, "..", "python", "gradzip")):
+# A source checkout with an in-place build (setup.py build_ext --inplace) wins; otherwise
+# the installed package (pip install .) is used.
+if glob.glob(os.path.join(HERE, "..", "python", "gradzip", "_C*.so")):
     sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 import gradzip
