@@ -25,20 +25,35 @@ def _color(method: str) -> str:
     return "tab:orange"
 
 
+_NICE = (0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100)
+
+
+def _nice_ticks(ax, axis: str, lo: float, hi: float, fmt: str) -> None:
+    ticks = [t for t in _NICE if lo * 0.8 <= t <= hi * 1.25] or [1]
+    getattr(ax, f"set_{axis}ticks")(ticks)
+    getattr(ax, f"{axis}axis").set_major_formatter(FuncFormatter(lambda v, _: fmt.format(v)))
+    getattr(ax, f"{axis}axis").set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
 def allreduce_plot(doc: dict, png: Path) -> None:
-    """Speed-up over fp32 per method (one panel per link and size), and vs link rate."""
+    """Bars of speed-up over fp32 per method (one panel per link and size); with three or
+    more shaped links, speed-up against link rate instead, with the bandwidth model."""
     res = [r for r in doc["results"] if "speedup_vs_fp32" in r]
+    world = doc["world"]
+    shaped = sorted({r["per_rank_bps"] for r in res if r.get("per_rank_bps")})
+    if len(shaped) >= 3:
+        _crossover_plot(doc, res, shaped, world, png)
+        return
     links = list(dict.fromkeys(r["link"] for r in res))
     sizes = sorted({r["size_bytes"] for r in res})
     panels = [(lk, s) for lk in links for s in sizes]
-    shaped = sorted({r["per_rank_bps"] for r in res if r.get("per_rank_bps")})
-    extra = 1 if len(shaped) >= 2 else 0
-    n = len(panels) + extra
-    if n == 0:
+    if not panels:
         return
-    cols = min(2, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(7.5 * cols, 0.32 * 20 * rows + 1),
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    nbars = max(len([r for r in res if r["link"] == lk and r["size_bytes"] == s])
+                for lk, s in panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(7.5 * cols, (0.3 * nbars + 1.2) * rows),
                              squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax, (lk, s) in zip(flat, panels):
@@ -49,37 +64,63 @@ def allreduce_plot(doc: dict, png: Path) -> None:
         ax.barh(names, vals, color=[_color(m) for m in names])
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        _nice_ticks(ax, "x", min(vals), max(vals), "{:g}x")
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
-        ax.set_title(f"{doc['world']} ranks, {_label_size(s)} fp32, link {lk}", fontsize=9)
+        per = rr[0].get("per_rank_bps")
+        share = f" ({per / 1e9:g} Gbit/s per rank)" if per else ""
+        ax.set_title(f"{world} ranks, {_label_size(s)} fp32, link {lk}{share}", fontsize=9)
         ax.set_xlabel("speed-up over fp32 all-reduce (median time, log scale)")
         ax.tick_params(axis="y", labelsize=7)
-    if extra:
-        ax = flat[len(panels)]
-        size = max(sizes)
-        methods = sorted({r["method"] for r in res if r["size_bytes"] == size
-                          and r.get("per_rank_bps")})
-        for m in methods:
-            pts = sorted((r["per_rank_bps"], r["speedup_vs_fp32"]) for r in res
-                         if r["method"] == m and r["size_bytes"] == size
-                         and r.get("per_rank_bps"))
-            if len(pts) >= 2 and m != "fp32":
-                ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], marker="o",
-                        label=m, ls="-" if m.startswith("gz:") else "--")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        ax.set_xlabel("each rank's share of the emulated link (Gbit/s) = bucket rate / W")
-        ax.set_ylabel("speed-up over fp32")
-        ax.set_title(f"crossover, {_label_size(size)}", fontsize=9)
-        ax.legend(fontsize=6, ncol=2)
-    for ax in flat[n:]:
+    for ax in flat[len(panels):]:
         ax.axis("off")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _crossover_plot(doc, res, shaped, world, png: Path) -> None:
+    size = max(r["size_bytes"] for r in res)
+    methods = sorted({r["method"] for r in res if r["size_bytes"] == size
+                      and r["method"] != "fp32"})
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    x_none = shaped[-1] * 2
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(methods):
+        color = colors[i % len(colors)]
+        rr = [r for r in res if r["method"] == m and r["size_bytes"] == size]
+        pts = sorted((r["per_rank_bps"] / 1e9, r["speedup_vs_fp32"]) for r in rr
+                     if r.get("per_rank_bps"))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=m)
+        none = [r for r in rr if not r.get("per_rank_bps")]
+        if none:
+            ax.plot([x_none / 1e9], [none[0]["speedup_vs_fp32"]], marker="s", color=color)
+        # Bandwidth model from the slowest shaped run: t = c + d + W*bytes/bucket rate.
+        base = min((r for r in rr if r.get("per_rank_bps") and "split" in r),
+                   key=lambda r: r["per_rank_bps"], default=None)
+        f32 = [r for r in res if r["method"] == "fp32" and r["size_bytes"] == size
+               and r.get("per_rank_bps") == (base or {}).get("per_rank_bps")]
+        if base is not None and f32:
+            cd = base["split"]["compress_s"] + base["split"]["decompress_s"]
+            b32, bgz = f32[0]["bytes_per_rank_measured"], base["bytes_per_rank_measured"]
+            xs = [shaped[0] * (x_none / shaped[0]) ** (k / 40) for k in range(41)]
+            ys = [(b32 * 8 / x) / (cd + bgz * 8 / x) for x in xs]
+            ax.plot([x / 1e9 for x in xs], ys, ls=":", color=color, lw=1)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    xt = [x / 1e9 for x in shaped] + [x_none / 1e9]
+    ax.set_xticks(xt)
+    ax.set_xticklabels([f"{x:g}" for x in xt[:-1]] + ["unshaped"])
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ys = [r["speedup_vs_fp32"] for r in res if r["size_bytes"] == size]
+    _nice_ticks(ax, "y", min(ys), max(ys), "{:g}x")
+    ax.set_xlabel(f"each rank's share of the emulated link, Gbit/s (token bucket / {world})")
+    ax.set_ylabel("speed-up over fp32 all-reduce")
+    ax.set_title(f"{world} ranks, {_label_size(size)} fp32: measured (solid) and "
+                 "bandwidth model (dotted)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
