@@ -46,6 +46,9 @@ def allreduce_plot(doc: dict, png: Path) -> None:
         return
     links = list(dict.fromkeys(r["link"] for r in res))
     sizes = sorted({r["size_bytes"] for r in res})
+    if len(links) == 1 and len(sizes) >= 3:
+        _sizes_plot(doc, res, links[0], sizes, world, png)
+        return
     panels = [(lk, s) for lk in links for s in sizes]
     if not panels:
         return
@@ -74,6 +77,31 @@ def allreduce_plot(doc: dict, png: Path) -> None:
         ax.tick_params(axis="y", labelsize=7)
     for ax in flat[len(panels):]:
         ax.axis("off")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _sizes_plot(doc, res, link, sizes, world, png: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in sorted({r["method"] for r in res if r["method"] != "fp32"}):
+        pts = sorted((r["size_bytes"], r["speedup_vs_fp32"]) for r in res if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhspan(0.9, 1.0, color="0.85", zorder=0, label="within 10% of fp32")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([_label_size(x) for x in sizes], fontsize=8)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ys = [r["speedup_vs_fp32"] for r in res]
+    _nice_ticks(ax, "y", min(ys), max(ys), "{:g}x")
+    ax.set_xlabel("tensor size (fp32)")
+    ax.set_ylabel("speed-up over fp32 all-reduce")
+    where = "unshaped loopback" if link == "none" else f"link {link}"
+    ax.set_title(f"{world} ranks, {where}: gradzip algorithm=\"auto\" vs fp32", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
