@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -124,14 +125,17 @@ def _crossover_plot(doc, res, shaped, world, png: Path) -> None:
         none = [r for r in rr if not r.get("per_rank_bps")]
         if none:
             ax.plot([x_none / 1e9], [none[0]["speedup_vs_fp32"]], marker="s", color=color)
-        # Bandwidth model from the slowest shaped run: t = c + d + W*bytes/bucket rate.
-        base = min((r for r in rr if r.get("per_rank_bps") and "split" in r),
-                   key=lambda r: r["per_rank_bps"], default=None)
-        f32 = [r for r in res if r["method"] == "fp32" and r["size_bytes"] == size
-               and r.get("per_rank_bps") == (base or {}).get("per_rank_bps")]
-        if base is not None and f32:
-            cd = base["split"]["compress_s"] + base["split"]["decompress_s"]
-            b32, bgz = f32[0]["bytes_per_rank_measured"], base["bytes_per_rank_measured"]
+        # Bandwidth model, per rank's share x: t_fp32 = bytes_fp32/x and
+        # t_gz = compress + decompress + bytes_gz/x, with the medians over the shaped runs.
+        runs = [r for r in rr if r.get("per_rank_bps") and "split" in r]
+        f32 = {r["per_rank_bps"]: r for r in res if r["method"] == "fp32"
+               and r["size_bytes"] == size and r.get("per_rank_bps")}
+        if runs and all(r["per_rank_bps"] in f32 for r in runs):
+            cd = statistics.median(r["split"]["compress_s"] + r["split"]["decompress_s"]
+                                   for r in runs)
+            b32 = statistics.median(f32[r["per_rank_bps"]]["bytes_per_rank_measured"]
+                                    for r in runs)
+            bgz = statistics.median(r["bytes_per_rank_measured"] for r in runs)
             xs = [shaped[0] * (x_none / shaped[0]) ** (k / 40) for k in range(41)]
             ys = [(b32 * 8 / x) / (cd + bgz * 8 / x) for x in xs]
             ax.plot([x / 1e9 for x in xs], ys, ls=":", color=color, lw=1)
