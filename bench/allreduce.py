@@ -596,7 +596,8 @@ def markdown(doc: dict) -> str:
                     f"{ms(sp.get('compress_s'))} | {ms(sp.get('decompress_s'))} | "
                     f"{ms(sp.get('verify_s'))} | {ms(sp.get('communicate_other_s'))} |")
             out.append("")
-    if doc.get("crossover"):
+    n_shaped = len({r["rate_bps"] for r in doc["results"] if r.get("rate_bps")})
+    if doc.get("crossover") and n_shaped >= 3:
         out.append("| size | method | speed-up at each bucket rate | measured crossover "
                    "(bucket / per rank) | bandwidth model (bucket / per rank) |")
         out.append("|---|---|---|---:|---:|")
