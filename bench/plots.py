@@ -159,37 +159,67 @@ def _crossover_plot(doc, res, shaped, world, png: Path) -> None:
     plt.close(fig)
 
 
+_TRAIN_COLORS = {"fp32": "k", "fp16_hook": "0.55", "powersgd": "tab:orange", "int8": "tab:blue",
+                 "int4": "tab:green", "int2": "tab:olive", "sign": "tab:purple", "topk": "tab:red"}
+
+
+def _train_style(method: str) -> dict:
+    """Colour by codec (or baseline), solid with error feedback, dotted without."""
+    key = method[3:].split(":")[0].split(",")[0] if method.startswith("gz:") else method
+    if key.startswith("powersgd"):
+        key = "powersgd"
+    style = {"color": _TRAIN_COLORS.get(key, "tab:cyan"), "lw": 1.2, "marker": ".", "ms": 3,
+             "ls": "-" if method.startswith("gz:") else "--"}
+    if method == "fp32":
+        style.update(lw=2.0, ls="-", marker=None)
+    if method.endswith(":noef"):
+        style["ls"] = ":"
+    return style
+
+
 def training_plot(doc: dict, png: Path) -> None:
-    """Per task: eval loss vs step, vs wall time, and accuracy vs wall time."""
+    """Per task: training-set loss vs step and vs wall time, held-out accuracy vs wall time.
+
+    The loss axis starts after the first steps (the initial loss would squash the range
+    where the methods differ)."""
     tasks = list(dict.fromkeys(r["task"] for r in doc["runs"]))
-    fig, axes = plt.subplots(len(tasks), 3, figsize=(17, 4.6 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(17, 4.8 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
         runs = [r for r in doc["runs"] if r["task"] == task and r.get("evals")]
         for r in runs:
             ev = r["evals"]
-            style = {"marker": ".", "ms": 3, "lw": 1.1,
-                     "ls": "-" if r["method"].startswith("gz:") else "--"}
-            if r["method"] == "fp32":
-                style.update(color="k", lw=1.8, ls="-")
-            if r["method"].endswith(":noef"):
-                style.update(ls=":")
-            steps = [e["step"] for e in ev]
-            wall = [e["wall_s"] for e in ev]
-            row[0].plot(steps, [e["loss"] for e in ev], label=r["method"], **style)
-            row[1].plot(wall, [e["loss"] for e in ev], label=r["method"], **style)
-            row[2].plot(wall, [e["acc"] for e in ev], label=r["method"], **style)
+            st = _train_style(r["method"])
+            row[0].plot([e["step"] for e in ev], [e["loss"] for e in ev], label=r["method"], **st)
+            row[1].plot([e["wall_s"] for e in ev], [e["loss"] for e in ev], label=r["method"],
+                        **st)
+            row[2].plot([e["wall_s"] for e in ev], [e["acc"] for e in ev], label=r["method"],
+                        **st)
+        ref = next((r for r in runs if r["method"] == "fp32"), None)
+        if ref is not None:
+            ev = ref["evals"]
+            lo = min(e["loss"] for r in runs for e in r["evals"])
+            hi = next((e["loss"] for e in ev if e["step"] >= ref["steps"] * 0.15), ev[0]["loss"])
+            for ax in row[:2]:
+                if hi / lo > 5:  # a loss that falls by decades reads best on a log axis
+                    ax.set_yscale("log")
+                ax.set_ylim(lo * 0.97, max(hi, lo * 1.05))
+                ax.axhline(ref["final_loss"], color="k", lw=0.6, ls="--")
+            accs = [e["acc"] for r in runs for e in r["evals"] if e["step"] >= ref["steps"] * 0.15]
+            if accs:
+                row[2].set_ylim(min(accs) - 0.02, max(accs) + 0.01)
         link = doc.get("link", "?")
-        row[0].set_title(f"{task}: training-set loss vs step", fontsize=9)
-        row[1].set_title(f"{task}: loss vs wall time (link {link})", fontsize=9)
+        row[0].set_title(f"{task}: training-set loss vs step (dashed: fp32's final loss)",
+                         fontsize=9)
+        row[1].set_title(f"{task}: loss vs wall time of the training steps (link {link})",
+                         fontsize=9)
         row[2].set_title(f"{task}: held-out accuracy vs wall time", fontsize=9)
         row[0].set_xlabel("step")
         row[1].set_xlabel("wall time of training steps (s)")
         row[2].set_xlabel("wall time of training steps (s)")
         for ax in row[:2]:
-            ax.set_yscale("log")
             ax.set_ylabel("loss")
         row[2].set_ylabel("accuracy")
-        row[0].legend(fontsize=6, ncol=2)
+        row[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
