@@ -596,7 +596,8 @@ def markdown(doc: dict) -> str:
                     f"{ms(sp.get('compress_s'))} | {ms(sp.get('decompress_s'))} | "
                     f"{ms(sp.get('verify_s'))} | {ms(sp.get('communicate_other_s'))} |")
             out.append("")
-    if doc.get("crossover"):
+    n_shaped = len({r["rate_bps"] for r in doc["results"] if r.get("rate_bps")})
+    if doc.get("crossover") and n_shaped >= 3:
         out.append("| size | method | speed-up at each bucket rate | measured crossover "
                    "(bucket / per rank) | bandwidth model (bucket / per rank) |")
         out.append("|---|---|---|---:|---:|")
@@ -619,7 +620,7 @@ def crossover(results: list[dict], world: int) -> list[dict]:
     Model (per call): t_gz = compress + decompress + W*bytes_gz/rate and t_fp32 =
     W*bytes_fp32/rate on the shared emulated medium, so they cross at
     rate* = W*(bytes_fp32 - bytes_gz) / (compress + decompress), with the measured bytes
-    and the compress/decompress times of the slowest shaped run.
+    and the median over the shaped runs of the measured compress + decompress time.
     """
     out = []
     shaped = sorted({(r["rate_bps"], r["link"]) for r in results if r.get("rate_bps")})
@@ -627,8 +628,7 @@ def crossover(results: list[dict], world: int) -> list[dict]:
     methods = sorted({r["method"] for r in results if r["method"].startswith("gz:")})
     for size in sizes:
         for m in methods:
-            pts = []
-            model = None
+            pts, cds, dbs = [], [], []
             for rate, link in shaped:
                 rr = [r for r in results if r["method"] == m and r["size_bytes"] == size
                       and r["link"] == link and "speedup_vs_fp32" in r]
@@ -637,12 +637,13 @@ def crossover(results: list[dict], world: int) -> list[dict]:
                 if not rr or not f32:
                     continue
                 pts.append((rate, rr[0]["speedup_vs_fp32"]))
-                if model is None and "split" in rr[0]:
-                    cd = rr[0]["split"]["compress_s"] + rr[0]["split"]["decompress_s"]
-                    dbytes = (f32[0]["bytes_per_rank_measured"]
-                              - rr[0]["bytes_per_rank_measured"])
-                    if cd > 0 and dbytes > 0:
-                        model = world * dbytes * 8 / cd
+                if "split" in rr[0] and rr[0].get("bytes_per_rank_measured") is not None:
+                    cds.append(rr[0]["split"]["compress_s"] + rr[0]["split"]["decompress_s"])
+                    dbs.append(f32[0]["bytes_per_rank_measured"]
+                               - rr[0]["bytes_per_rank_measured"])
+            model = None
+            if cds and statistics.median(cds) > 0 and statistics.median(dbs) > 0:
+                model = world * statistics.median(dbs) * 8 / statistics.median(cds)
             measured = None
             status = "pays at every rate measured"
             for (r0, s0), (r1, s1) in itertools.pairwise(pts):
