@@ -720,3 +720,83 @@ def test_large_tensor_matches_simulation():
                 want = sim([make_input(LARGE_N, r, t, tag=9) for r in range(world)])
                 for r in range(world):
                     assert torch.equal(res[r][(spec, algo)][t], want), (spec, algo, r, t)
+
+
+# ---------------------------------------------------------------------------------------
+# "auto": measured choice between the compressed plan and the plain all-reduce
+# ---------------------------------------------------------------------------------------
+
+AUTO_TUNE_N = 20_000
+AUTO_TUNE_CALLS = 2 * comm.AUTO_PROBES + 4
+
+
+def auto_tune_battery(rank: int, world: int, fake: dict) -> dict:
+    """Each timed call reports the seconds ``fake[rank][kind]`` instead of its wall time
+    (kind: the call's algorithm), so the decision is known in advance; everything else,
+    collectives included, is real."""
+    comm._Clock.seconds = lambda self: fake[rank]["plain" if self.kind == "plain" else "gz"]
+    out = {}
+    st = gradzip.ErrorFeedback(seed=EF_SEED)
+    outs, choices = [], []
+    for step in range(AUTO_TUNE_CALLS):
+        x = make_input(AUTO_TUNE_N, rank, step, tag=11)
+        gradzip.all_reduce(x, codec("int8"), state=st, algorithm="auto", key=KEY)
+        outs.append(x)
+        choices.append(comm.auto_choice(x, codec("int8")))
+    out["outs"] = outs
+    out["choices"] = choices
+    out["pending"] = st.pending(KEY)
+    comm.reset_auto()
+    out["after_reset"] = comm.auto_choice(AUTO_TUNE_N, codec("int8"))
+    return out
+
+
+def _settled_at(choices) -> int | None:
+    return next((i for i, c in enumerate(choices) if c is not None), None)
+
+
+@pytest.mark.parametrize("case", ["plain-clearly", "gz-clearly", "gz-narrowly", "ranks-differ"])
+def test_auto_measures_and_settles(case):
+    world = 3
+    fake = {"plain-clearly": [{"plain": 0.01, "gz": 0.05}] * world,
+            "gz-clearly": [{"plain": 0.05, "gz": 0.01}] * world,
+            "gz-narrowly": [{"plain": 0.012, "gz": 0.010}] * world,
+            # rank 0 alone finds plain much faster; the rank-average decides for all
+            "ranks-differ": [{"plain": 0.010, "gz": 0.020}, {"plain": 0.030, "gz": 0.010},
+                             {"plain": 0.030, "gz": 0.010}]}[case]
+    res = run_ranks(world, auto_tune_battery, fake)
+    want_algo = "plain" if case == "plain-clearly" else comm.plan(
+        Codec("int8"), AUTO_TUNE_N, torch.float32, world, "auto").algorithm
+    # settled at the first look (call 6) when one kind is >= AUTO_CLEAR faster, else at the
+    # last probe; the same on every rank
+    want_at = 2 * comm.AUTO_PROBES if case == "gz-narrowly" else 6
+    for r in range(world):
+        ch = res[r]["choices"]
+        assert _settled_at(ch) == want_at, (r, ch)
+        assert all(c["algorithm"] == want_algo for c in ch[want_at:]), (r, ch[want_at:])
+        t = ch[-1]
+        assert t["compressed_s"] == pytest.approx(sum(f["gz"] for f in fake) / world)
+        assert t["plain_s"] == pytest.approx(sum(f["plain"] for f in fake) / world)
+        assert res[r]["after_reset"] is None
+    for step in range(AUTO_TUNE_CALLS):
+        assert _all_equal([res[r]["outs"][step] for r in range(world)]), step
+    xs = [[make_input(AUTO_TUNE_N, r, s, tag=11) for r in range(world)]
+          for s in range(AUTO_TUNE_CALLS)]
+    # after settling, a plain call is the exact mean (float32 sum order of Gloo: 1e-6 rel)
+    # and a compressed one is the simulated algorithm
+    last = res[0]["outs"][-1]
+    if want_algo == "plain":
+        assert_plain_mean(last, xs[-1])
+    # error feedback across probes, plain calls and the switch: what the outputs lack is
+    # exactly what is still pending (nothing when settled on plain: it was handed over)
+    got = torch.stack([o.double() for o in res[0]["outs"]]).sum(0)
+    exact = sum(torch.stack([x.double() for x in xs_t]).mean(0) for xs_t in xs)
+    pending = torch.stack([res[r]["pending"].double() if res[r]["pending"] is not None
+                           else torch.zeros(AUTO_TUNE_N, dtype=torch.float64)
+                           for r in range(world)]).mean(0)
+    if want_algo == "plain":
+        assert all(res[r]["pending"] is None for r in range(world))
+    # float32 outputs and residual updates: each of the 20 calls rounds at ~6e-8 relative
+    # to the magnitude of the values involved
+    scale = torch.stack([x.double().abs() for xs_t in xs for x in xs_t]).max(0).values
+    assert torch.all((got + pending - exact).abs() <= 1e-5 * scale + 1e-30)

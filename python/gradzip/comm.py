@@ -25,10 +25,25 @@ Algorithms
     An uncompressed ``all_reduce`` (divided by W first when averaging, as DDP does).
 
 ``"auto"``
-    ``"plain"`` for tensors below ``min_numel`` elements or a single rank; otherwise the
-    algorithm that moves the fewest bytes per rank by the volumes above (an uncompressed
-    ring all-reduce moving 2(W-1)/W of the tensor), taking ``"alltoall"`` only when it
-    moves at most 3/4 of ``"allgather"`` (it compresses twice and adds one latency).
+    ``"plain"`` for tensors below ``min_numel`` elements or a single rank; otherwise first
+    the algorithm that moves the fewest bytes per rank by the volumes above (an
+    uncompressed ring all-reduce moving 2(W-1)/W of the tensor), taking ``"alltoall"``
+    only when it moves at most 3/4 of ``"allgather"`` (it compresses twice and adds one
+    latency). Bytes are not time, though: on a fast link the compression costs more than it
+    saves. So "auto" then measures. The first calls of each signature (group, codec,
+    numel, dtype, averaging) alternate between that compressed algorithm and the plain
+    all-reduce and time themselves (wall time from entry to completion; CUDA events on a
+    GPU); the first call of each kind is a warm-up and is not counted. At call 6 and, if
+    still undecided, at call ``2 * AUTO_PROBES`` the ranks exchange their median times in
+    one small ``all_reduce``; a ratio of at least ``AUTO_CLEAR`` (or the last look) settles,
+    and every rank keeps the faster algorithm for that signature from then on (the plain
+    one on a tie: it is exact). Every rank decides from the same summed numbers, so they always agree.
+    :func:`auto_choice` tells what was chosen; :func:`reset_auto` forgets the choices (for
+    example after the link changed). With error feedback, a call that goes plain adds the
+    pending residuals to the tensor first, so nothing compression held back is lost.
+    Once a signature has settled on the plain all-reduce, the agreement check below is
+    made once per signature (as ``verify="once"``) rather than on every call: it was made
+    on every probe, and a plain all-reduce has no payloads to disagree on.
 
 Every rank decodes the same payloads in the same order, so the result is bit-identical on
 every rank. Only ``all_gather_single``/``all_gather_into_tensor``, ``all_to_all_single`` and
@@ -69,6 +84,8 @@ from .reference import lowbias32
 ALGORITHMS = ("auto", "allgather", "alltoall", "plain")
 VERIFY_MODES = ("auto", "always", "once", "never")
 DEFAULT_MIN_NUMEL = 4096
+AUTO_PROBES = 8  # calls of each kind "auto" times before it settles (the first is a warm-up)
+AUTO_CLEAR = 1.5  # after 3 calls of each kind, a ratio of median times this large settles
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _MASK32 = 0xFFFFFFFF
@@ -421,6 +438,129 @@ class _Timings:
 
 
 # ---------------------------------------------------------------------------------------
+# "auto": measure, then settle
+# ---------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Times one call: wall clock on the CPU, CUDA events (read when settling) on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.kind = ""  # the algorithm of the call it times
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
+        self.end = None
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+
+    def seconds(self) -> float | None:
+        if self.end is None:  # an async call still running when the ranks settle
+            return None
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return self.end - self.start
+
+
+class _AutoTuner:
+    """The measured choice between a compressed plan and the plain all-reduce for one
+    signature (see "auto" in the module docstring)."""
+
+    def __init__(self, compressed: Plan) -> None:
+        self.compressed = compressed
+        self.calls = 0
+        self.clocks: tuple[list[_Clock], list[_Clock]] = ([], [])  # compressed, plain
+        self.choice: Plan | None = None
+        self.times: tuple[float | None, float | None] = (None, None)
+
+    def upcoming_plain(self) -> bool:
+        """Whether the next call is a plain all-reduce (settled on it, or a plain probe)."""
+        if self.choice is not None:
+            return self.choice.algorithm == "plain"
+        return self.calls < 2 * AUTO_PROBES and self.calls % 2 == 1
+
+    def next_plan(self, numel: int, device: torch.device, group) -> tuple[Plan, list | None]:
+        """The plan of this call and, while probing, the list its clock goes into."""
+        if self.choice is not None:
+            return self.choice, None
+        i = self.calls
+        self.calls += 1
+        # A first look after two timed calls of each kind settles clear cases early.
+        if i in (6, 2 * AUTO_PROBES) and self._settle(numel, device, group,
+                                                     final=i == 2 * AUTO_PROBES):
+            return self.choice, None
+        if i < 2 * AUTO_PROBES:
+            kind = i % 2
+            # The first call of each kind warms caches and allocators: not timed.
+            return (self.compressed if kind == 0 else Plan("plain", numel)), \
+                (self.clocks[kind] if i >= 2 else None)
+        raise AssertionError("unreachable: the last probe settles")
+
+    def _settle(self, numel: int, device: torch.device, group, final: bool) -> bool:
+        """Exchange the median times; settle if ``final`` or one kind is clearly faster
+        (by ``AUTO_CLEAR``). Every rank sees the same sums, so all decide alike."""
+        row = []
+        for clocks in self.clocks:
+            secs = [s for s in (c.seconds() for c in clocks) if s is not None]
+            row += [float(torch.tensor(secs).median()) if secs else 0.0, float(bool(secs))]
+        both = torch.tensor(row, dtype=torch.float64, device=device)
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+        t_c, n_c, t_p, n_p = both.cpu().tolist()
+        t_c = t_c / n_c if n_c else None
+        t_p = t_p / n_p if n_p else None
+        if not final and not (t_c and t_p and max(t_c, t_p) >= AUTO_CLEAR * min(t_c, t_p)):
+            return False
+        self.times = (t_c, t_p)
+        plain = t_c is not None and t_p is not None and t_p <= t_c
+        self.choice = Plan("plain", numel) if plain else self.compressed
+        self.clocks = ([], [])
+        return True
+
+
+_AUTO: dict[tuple, _AutoTuner] = {}
+
+
+def _auto_key(group, codec: Codec, numel: int, dtype: torch.dtype, average: bool,
+              world: int) -> tuple:
+    return (id(group) if group is not None else None, world, codec.spec, numel, str(dtype),
+            bool(average))
+
+
+def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | None = None,
+                group: dist.ProcessGroup | None = None, average: bool = True
+                ) -> dict | None:
+    """What ``algorithm="auto"`` settled on for this signature, or None while it is still
+    measuring (or never saw it). Returns ``{"algorithm": ..., "compressed_s": ...,
+    "plain_s": ...}`` with the rank-averaged median times it compared (seconds)."""
+    codec = as_codec(codec)
+    if isinstance(tensor_or_numel, torch.Tensor):
+        numel, dtype = tensor_or_numel.numel(), tensor_or_numel.dtype
+    else:
+        numel, dtype = int(tensor_or_numel), dtype or torch.float32
+    world = dist.get_world_size(group)
+    t = _AUTO.get(_auto_key(group, codec, numel, dtype, average, world))
+    if t is None or t.choice is None:
+        return None
+    return {"algorithm": t.choice.algorithm, "compressed_algorithm": t.compressed.algorithm,
+            "compressed_s": t.times[0], "plain_s": t.times[1]}
+
+
+def reset_auto() -> None:
+    """Forget every choice "auto" has settled on; the next calls measure again. Call it on
+    every rank at the same point."""
+    _AUTO.clear()
+
+
+# ---------------------------------------------------------------------------------------
 # all_reduce
 # ---------------------------------------------------------------------------------------
 
@@ -511,19 +651,32 @@ def all_reduce(
     if rank < 0 or world < 1:
         raise ValueError("this process is not a member of the given process group")
     timer = _Timings(timings) if timings is not None else _NullTimer()
+    clock_at_entry = _Clock(tensor.device) if algorithm == "auto" else None
 
     local_error = _check_input(tensor)
     numel = tensor.numel()
     p = None if local_error else plan(codec, numel, tensor.dtype, world, algorithm, min_numel)
+    # "auto" with a compressed plan: measured against the plain all-reduce first.
+    tuner = None
+    if p is not None and algorithm == "auto" and p.algorithm != "plain":
+        tkey = _auto_key(group, codec, numel, tensor.dtype, average, world)
+        tuner = _AUTO.get(tkey)
+        if tuner is None or tuner.compressed != p:
+            tuner = _AUTO[tkey] = _AutoTuner(p)
+    # Will this call be a plain all-reduce that "auto" chose? (Known before any collective.)
+    auto_plain = algorithm == "auto" and p is not None and (
+        p.algorithm == "plain" or tuner.upcoming_plain())
+    if state is not None and key is None:
+        key = (tuple(tensor.shape), str(tensor.dtype))
     slot = None
-    if p is not None and p.algorithm != "plain" and state is not None:
-        if key is None:
-            key = (tuple(tensor.shape), str(tensor.dtype))
+    if p is not None and p.algorithm != "plain" and state is not None and not auto_plain:
         try:
             slot = state._slot(key, numel, tensor.device)
         except ValueError as e:
             local_error = e
     mode = verify if verify != "auto" else ("always" if tensor.device.type == "cpu" else "once")
+    if auto_plain and mode == "always":
+        mode = "once"
     if mode != "never":
         # A rank that refuses its input still takes part in the exchange, so that its
         # peers raise too instead of waiting for it in the next collective.
@@ -540,10 +693,22 @@ def all_reduce(
 
     if numel == 0:
         return _completed(tensor) if async_op else tensor
+    clock = None
+    if tuner is not None:
+        p, clocks = tuner.next_plan(numel, tensor.device, group)
+        if clocks is not None:
+            clock = clock_at_entry
+            clock.kind = p.algorithm
+            clocks.append(clock)
     with torch.no_grad():
         flat = tensor.detach().reshape(-1) if tensor.is_contiguous() \
             else tensor.detach().contiguous().view(-1)
         if p.algorithm == "plain":
+            if tuner is not None and tuner.choice is p and state is not None and key in state:
+                # Settled on plain: hand over what compression held back (the plain sum
+                # is exact). A plain probe leaves it for the next compressed call.
+                flat.add_(state.pending(key).to(flat.dtype))
+                state.drop(key)
             run = _plain
             args = ()
         else:
@@ -562,6 +727,8 @@ def all_reduce(
             finish()
             if flat.data_ptr() != tensor.data_ptr() or not tensor.is_contiguous():
                 tensor.copy_(flat.view(tensor.shape))
+        if clock is not None:
+            clock.stop()
         return tensor
 
     if not async_op:
@@ -701,12 +868,16 @@ def _alltoall(flat, world, rank, group, average, timer, codec, p, slot, seeds,
 
 __all__ = [
     "ALGORITHMS",
+    "AUTO_CLEAR",
+    "AUTO_PROBES",
     "DEFAULT_MIN_NUMEL",
     "ErrorFeedback",
     "Plan",
     "all_reduce",
     "alltoall_chunks",
+    "auto_choice",
     "key_hash",
     "plan",
+    "reset_auto",
     "stochastic_seed",
 ]
