@@ -19,6 +19,7 @@ and ``Codec(str(codec)) == codec``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -286,12 +287,18 @@ class Codec:
         return ops.dequantize_accumulate(payloads, out, alpha, backend=self.backend)
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(spec: str) -> Codec:
+    return Codec(spec)
+
+
 def as_codec(codec: Codec | str) -> Codec:
-    """A :class:`Codec` from a Codec or a spec string."""
+    """A :class:`Codec` from a Codec or a spec string (parsed once per spec: a Codec is
+    immutable, so the per-call hot path of all_reduce does not re-parse it)."""
     if isinstance(codec, Codec):
         return codec
     if isinstance(codec, str):
-        return Codec(codec)
+        return _parsed(codec)
     raise TypeError(f"codec must be a gradzip.Codec or a spec string, got {type(codec).__name__}")
 
 
