@@ -76,6 +76,25 @@ def measure(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1,
     return out
 
 
+def timed_call(fn: Callable[[], object], *,
+               device: torch.device | str | None = None) -> tuple[object, float]:
+    """``(fn(), milliseconds)`` for one call, with the same synchronising timer as
+    ``measure``: for a slow call whose result is also needed (e.g. a correctness check)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return out, start.elapsed_time(end)
+    t0 = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t0) * 1e3
+
+
 @contextlib.contextmanager
 def threads(n: int | None) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(n)`` (no change when ``n`` is None)."""

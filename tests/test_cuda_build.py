@@ -89,6 +89,9 @@ def test_ptxas_output_parser():
     assert (bar.spill_stores, bar.spill_loads) == (16, 32)
 
 
+# Slow (a full nvcc compile of every kernel for four architectures): .ci/run runs the
+# same tool directly, so the default test run does not compile the CUDA sources twice.
+@pytest.mark.slow
 @pytest.mark.skipif(_toolkit() is None,
                     reason="needs nvcc (CUDA toolkit): no nvcc on PATH, CUDA_HOME or CUDA_PATH")
 def test_cuda_sources_compile_without_spills(tmp_path):

@@ -197,9 +197,8 @@ def test_compressed_bytes_per_element():
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
 def test_quantize_pack_empty_input(bits):
-    """An empty tensor compresses to a header-only payload. (Fails for bits=1 while
-    reference.block_abs_sum cannot reshape zero blocks: a contract bug reported to the
-    lead with a one-line fix, `view(vb.shape[0], vb.shape[1] // 32, 32)`.)"""
+    """An empty tensor compresses to a header-only payload (for 1 bit too: block_abs_sum
+    of zero blocks)."""
     r = torch.zeros(0)
     p = reference.quantize_pack(torch.zeros(0), bits, 32, r)
     f = expect.fields(p)

@@ -17,8 +17,10 @@ What the interpreter cannot run, and how it is covered instead
   IEEE operations the reference uses. ``test_kernels_compile_for_sm90_without_fma_or_ftz``
   compiles every kernel for sm_90 (no GPU needed) and checks the PTX: no fused
   multiply-add, no flush-to-zero, no approximate division or reciprocal.
-* NaN bit patterns on a GPU (which returns canonical NaNs): the kernels write the x86 bits
-  explicitly; the interpreter checks those code paths on the CPU's own arithmetic.
+* NaN bit patterns: the format writes every NaN in a payload as the canonical quiet NaN
+  (and orders every NaN by its key in top-k), so the kernels set those bits explicitly and
+  the payloads compare byte for byte whatever NaN bits the hardware's arithmetic produces;
+  ``test_nan_bit_patterns_are_canonical`` feeds NaNs of many bit patterns.
 * Autotuning: bypassed under the interpreter (fixed tile sizes); the configuration
   functions and their pruning are checked by ``test_autotune_configs``.
 * torch.compile / opcheck: torch does not trace interpreted kernels (``wrap_triton``
@@ -254,17 +256,49 @@ def test_quantize_pack_non_finite(bits, dtype):
 
 
 def test_quantize_pack_non_finite_float16():
-    """float16 NaN: ATen widens a float16 NaN to float32 with different bits in its
-    vectorised body (0x7FC00000) and its scalar tail (0x7FFFFFFF), so the reference's 1-bit
-    NaN scale bits depend on where the NaN sits. Compared where that does not matter:
-    8/4/2-bit (torch's amax returns the default NaN whatever the input bits) and inf."""
+    """float16 NaN / inf: ATen widens a float16 NaN to float32 with different bits in its
+    vectorised body and its scalar tail; the canonical NaN makes the scales equal anyway."""
     x = _data(32 * 4, seed=5)
     x[70] = -float("inf")
+    x[3] = float("nan")
+    x[100] = float("nan")
     for bits in (8, 4, 2, 1):
         check_quantize(x.half(), bits, 32)
-    x[3] = float("nan")
-    for bits in (8, 4, 2):
-        check_quantize(x.half(), bits, 32)
+
+
+def _nan_patterns(x: torch.Tensor, where: list[int]) -> torch.Tensor:
+    """x with NaNs of different bit patterns (sign set, quiet and signalling payloads) at
+    ``where``: the payload must hold the canonical NaN whatever the input bits."""
+    pats = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7FA5A5A5, 0xFF812345]
+    b = x.clone().view(torch.int32)
+    for j, i in enumerate(where):
+        b[i] = torch.tensor(pats[j % len(pats)], dtype=torch.int64).to(torch.int32)
+    return b.view(torch.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+def test_quantize_pack_nan_bit_patterns(bits):
+    """NaN scales are the canonical NaN, whatever NaN bits the block holds (and in the
+    residual as well as in x)."""
+    x = _nan_patterns(_data(32 * 6, seed=12), [1, 5, 33, 64, 90, 130])
+    check_quantize(x, bits, 32)
+    r = _nan_patterns(_residual(32 * 6, seed=13), [7, 160])
+    want_r, got_r = r.clone(), r.clone().to(DEVICE)
+    want = reference.quantize_pack(x, bits, 32, want_r)
+    got = gradzip.quantize_pack(x.to(DEVICE), bits, 32, got_r, backend="triton")
+    assert_same_payload(got, want)
+    assert_same_bits(got_r, want_r)
+
+
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("exact", [True, False])
+def test_topk_nan_bit_patterns(exact, values):
+    """Every NaN has the canonical NaN's key: NaNs of different bits tie, the lower index
+    wins, and fp32/bf16 values and the int8 scale are written as the canonical NaN."""
+    x = _nan_patterns(_data(3000, seed=14), [2999, 17, 1500, 3, 2000, 41])
+    for k in (1, 2, 4, 6, 30):
+        check_topk(x, k, exact, values)
+    check_topk(x.bfloat16(), 3, exact, values)
 
 
 def test_quantize_pack_error_feedback_invariant():

@@ -1,7 +1,7 @@
 // Arguments of the CPU kernels and their per-instruction-set entry points. Each op file
 // (quantize_pack.cpp, topk_select.cpp, dequantize_accumulate.cpp) compiles its kernel
-// template once per instruction set into namespaces scalar / avx2 / avx512 and calls the
-// one that cpu::active_isa() names.
+// template once per instruction set into namespaces scalar / avx2 / avx512 (by including
+// its *_impl.h inside each target region) and calls the one cpu::active_isa() names.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -126,25 +126,6 @@ GZ_DECLARE_CPU_KERNELS(scalar)
 #if GZ_X86
 GZ_DECLARE_CPU_KERNELS(avx2)
 GZ_DECLARE_CPU_KERNELS(avx512)
-#endif
-
-// Calls NS::FN(args...) for the active instruction set.
-#if GZ_X86
-#define GZ_DISPATCH_ISA(FN, ...)                               \
-  do {                                                         \
-    switch (::gradzip::cpu::active_isa()) {                    \
-      case ::gradzip::cpu::Isa::kAvx512:                       \
-        ::gradzip::cpu::avx512::FN(__VA_ARGS__);               \
-        break;                                                 \
-      case ::gradzip::cpu::Isa::kAvx2:                         \
-        ::gradzip::cpu::avx2::FN(__VA_ARGS__);                 \
-        break;                                                 \
-      default:                                                 \
-        ::gradzip::cpu::scalar::FN(__VA_ARGS__);               \
-    }                                                          \
-  } while (0)
-#else
-#define GZ_DISPATCH_ISA(FN, ...) ::gradzip::cpu::scalar::FN(__VA_ARGS__)
 #endif
 
 }  // namespace cpu

@@ -59,7 +59,7 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
       for (int h = 16; h >= 1; h >>= 1)
         for (int j = 0; j < h; ++j) lane[j] = core::fadd(lane[j], lane[j + h]);
       const float scale = core::fdiv(lane[0], static_cast<float>(len));
-      a.scales[b] = scale;
+      a.scales[b] = core::canonical_nan(scale);  // payload NaNs are canonical
       const F fs = V::set1(scale), fns = V::set1(core::sign_decode(1u, scale));
       for (int64_t i = 0; i < n32; i += 32) {
         uint32_t word = 0;

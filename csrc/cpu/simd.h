@@ -151,7 +151,6 @@ struct Scalar {
   static GZ_INLINE F uniform(uint32_t k1, uint32_t k2, uint32_t lo0) {
     return static_cast<float>(core::hash32_low(k1, k2, lo0) >> 8) * core::kUniformScale;
   }
-  static GZ_INLINE void store_lanes(float* dst, F v) { *dst = v; }
   // 32 codes (0 .. 2^BITS - 1) -> 32 * BITS / 8 bytes, element j at bit (j*BITS) % 8 of
   // byte (j*BITS) / 8.
   template <int BITS>
@@ -235,8 +234,11 @@ struct Avx2 {
   }
   // max then min: for non-NaN input the same as quant.h's two comparisons, -0.0 included.
   static GZ_INLINE F clamp(F a, F lo, F hi) { return _mm256_min_ps(_mm256_max_ps(a, lo), hi); }
+  // core::magnitude_key: sign cleared, every NaN mapped to the canonical NaN's key.
   static GZ_INLINE I key(F v) {
-    return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i k = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i nan = _mm256_cmpgt_epi32(k, _mm256_set1_epi32(0x7F800000));
+    return _mm256_blendv_epi8(k, _mm256_set1_epi32(0x7FC00000), nan);
   }
   static GZ_INLINE I max_u32(I a, I b) { return _mm256_max_epu32(a, b); }
   static GZ_INLINE uint32_t reduce_max_u32(I a) {
@@ -334,7 +336,6 @@ struct Avx2 {
     }
   }
   static GZ_INLINE uint32_t unpack_signs(const uint8_t* codes, int64_t e) { return codes[e >> 3]; }
-  // Bit 2^j set in the mask for the W lanes -> compressed output; used for top-k.
 };
 
 }  // namespace simd
@@ -398,8 +399,11 @@ struct Avx512 {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   }
   static GZ_INLINE F clamp(F a, F lo, F hi) { return _mm512_min_ps(_mm512_max_ps(a, lo), hi); }
+  // core::magnitude_key: sign cleared, every NaN mapped to the canonical NaN's key.
   static GZ_INLINE I key(F v) {
-    return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(k, _mm512_set1_epi32(0x7F800000));
+    return _mm512_mask_mov_epi32(k, nan, _mm512_set1_epi32(0x7FC00000));
   }
   static GZ_INLINE I max_u32(I a, I b) { return _mm512_max_epu32(a, b); }
   static GZ_INLINE uint32_t reduce_max_u32(I a) { return _mm512_reduce_max_epu32(a); }

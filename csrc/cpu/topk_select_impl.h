@@ -103,10 +103,10 @@ GZ_INLINE float topk_emit(const TopkOutput& o, int64_t pos, int64_t index, float
   else store_unaligned<int32_t>(o.indices + 4 * pos, static_cast<int32_t>(index));
   switch (o.value_format) {
     case format::kValueFp32:
-      store_unaligned<float>(o.values + 4 * pos, v);
+      store_unaligned<float>(o.values + 4 * pos, core::canonical_nan(v));  // canonical NaN
       return v;
     case format::kValueBf16: {
-      const uint16_t b = bf16_bits_from_float(v);
+      const uint16_t b = core::bf16_bits(v);  // payload NaNs are the canonical 0x7FC0
       store_unaligned<uint16_t>(o.values + 2 * pos, b);
       return float_from_bf16_bits(b);
     }

@@ -9,9 +9,13 @@ hook in :mod:`gradzip.ddp`.
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.gradzip.*)
-from . import format, reference
+from . import (
+    _C,  # noqa: F401  (registers torch.ops.gradzip.*)
+    format,
+    reference,
+)
 from .ops import (
+    _register_fakes,
     build_info,
     compressed_size,
     dequantize,
@@ -19,7 +23,6 @@ from .ops import (
     quantize_pack,
     topk_select,
 )
-from .ops import _register_fakes
 
 _register_fakes()
 del _register_fakes
@@ -40,6 +43,16 @@ def __getattr__(name):
 
 
 __all__ = [
-    "quantize_pack", "topk_select", "dequantize_accumulate", "dequantize", "build_info",
-    "compressed_size", "format", "reference", "Codec", "all_reduce", "ErrorFeedback", "ddp",
+    "Codec",
+    "ErrorFeedback",
+    "all_reduce",
+    "build_info",
+    "compressed_size",
+    "ddp",
+    "dequantize",
+    "dequantize_accumulate",
+    "format",
+    "quantize_pack",
+    "reference",
+    "topk_select",
 ]

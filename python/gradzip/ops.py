@@ -14,17 +14,27 @@ Backends:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
-from . import _checks
+from . import (
+    _C,  # noqa: F401  (loads the operator library)
+    _checks,
+    reference,
+)
 from . import format as fmt
-from . import reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+# Decided once at import: backend selection reads plain module constants, which
+# torch.compile treats as constants (no string parsing or imports inside a traced call).
+_CUDA_KERNELS_REGISTERED = torch._C._dispatch_has_kernel_for_dispatch_key(
+    "gradzip::quantize_pack", "CUDA")
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 # ---------------------------------------------------------------------------------------
@@ -32,7 +42,7 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 # ---------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def build_info() -> dict:
     """What the loaded ``gradzip._C`` was compiled with, and which backends are usable.
 
@@ -41,32 +51,24 @@ def build_info() -> dict:
     ``compiler``, ``cpu_isa`` (vector ISA picked at run time), ``cuda_kernels_registered``,
     ``triton`` (importable).
     """
-    from . import _C  # noqa: F401  (loads the operator library)
-
     info = json.loads(torch.ops.gradzip._build_info())
     info["cpu_isa"] = torch.ops.gradzip._cpu_isa()
-    info["cuda_kernels_registered"] = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "gradzip::quantize_pack", "CUDA")
-    try:
-        import triton  # noqa: F401
-
-        info["triton"] = True
-    except ImportError:
-        info["triton"] = False
+    info["cuda_kernels_registered"] = _CUDA_KERNELS_REGISTERED
+    info["triton"] = _TRITON_AVAILABLE
     return info
 
 
 def _resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    cuda_built = build_info()["cuda_kernels_registered"]
+    cuda_built = _CUDA_KERNELS_REGISTERED
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
         if device.type == "cuda":
             if cuda_built:
                 return "cuda"
-            if build_info()["triton"]:
+            if _TRITON_AVAILABLE:
                 return "triton"
             raise RuntimeError("gradzip was built without CUDA kernels and Triton is not "
                                "installed: no backend can run CUDA tensors")

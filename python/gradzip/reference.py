@@ -20,7 +20,6 @@ thread layout draws the same number for the same element.
 
 from __future__ import annotations
 
-
 import torch
 
 from . import format as fmt
@@ -400,6 +399,13 @@ def compressed_bytes_per_element(bits: int, block: int) -> float:
 
 
 __all__ = [
-    "quantize_pack", "topk_select", "dequantize", "dequantize_accumulate", "uniform",
-    "hash32", "block_abs_sum", "select_indices", "magnitude_key",
+    "block_abs_sum",
+    "dequantize",
+    "dequantize_accumulate",
+    "hash32",
+    "magnitude_key",
+    "quantize_pack",
+    "select_indices",
+    "topk_select",
+    "uniform",
 ]

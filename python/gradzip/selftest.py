@@ -25,8 +25,8 @@ if not torch.cuda.is_available():
     # before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import gradzip  # noqa: E402
-from gradzip import reference  # noqa: E402
+import gradzip
+from gradzip import reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -71,14 +71,14 @@ def quantize_cases(quick: bool, limit: int):
     for bits, block, dtype in itertools.product((8, 4, 2, 1), blocks, DTYPES):
         for rounding in ("nearest", "stochastic") if bits > 1 else ("nearest",):
             for n in _sizes(limit)[:: 2 if quick else 1]:
-                yield dict(n=n, bits=bits, block=block, dtype=dtype, rounding=rounding,
-                           special="", strided=False)
+                yield {"n": n, "bits": bits, "block": block, "dtype": dtype, "rounding": rounding,
+                           "special": "", "strided": False}
     for bits in (8, 4, 2, 1):
         for special in ("nonfinite", "zeros"):
-            yield dict(n=min(limit, 1000), bits=bits, block=32, dtype=torch.float32,
-                       rounding="nearest", special=special, strided=False)
-        yield dict(n=min(limit, 999), bits=bits, block=64, dtype=torch.float16,
-                   rounding="nearest", special="", strided=True)
+            yield {"n": min(limit, 1000), "bits": bits, "block": 32, "dtype": torch.float32,
+                       "rounding": "nearest", "special": special, "strided": False}
+        yield {"n": min(limit, 999), "bits": bits, "block": 64, "dtype": torch.float16,
+                   "rounding": "nearest", "special": "", "strided": True}
 
 
 def run_quantize(backend: str, device: str, c: dict) -> None:
@@ -100,12 +100,12 @@ def topk_cases(quick: bool, limit: int):
     for n in _sizes(limit)[:: 2 if quick else 1]:
         for frac, exact, values in itertools.product(
                 (0.01, 0.3), (True, False), ("fp32", "bf16", "int8")):
-            yield dict(n=n, k=max(1, int(n * frac)), exact=exact, values=values,
-                       dtype=torch.float32, special="")
-    yield dict(n=min(limit, 1000), k=10, exact=True, values="fp32", dtype=torch.bfloat16,
-               special="")
-    yield dict(n=min(limit, 1000), k=10, exact=False, values="int8", dtype=torch.float32,
-               special="nonfinite")
+            yield {"n": n, "k": max(1, int(n * frac)), "exact": exact, "values": values,
+                       "dtype": torch.float32, "special": ""}
+    yield {"n": min(limit, 1000), "k": 10, "exact": True, "values": "fp32", "dtype": torch.bfloat16,
+               "special": ""}
+    yield {"n": min(limit, 1000), "k": 10, "exact": False, "values": "int8", "dtype": torch.float32,
+               "special": "nonfinite"}
 
 
 def run_topk(backend: str, device: str, c: dict) -> None:
@@ -126,7 +126,7 @@ def accumulate_cases(quick: bool, limit: int):
             ("int8", "int4", "int2", "sign", "topk", "topk_int8"), (1, 3), DTYPES):
         if quick and out_dtype == torch.float16:
             continue
-        yield dict(n=n, codec=codec, w=w, out_dtype=out_dtype)
+        yield {"n": n, "codec": codec, "w": w, "out_dtype": out_dtype}
 
 
 def _payload(codec: str, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     run(backend, device, c)
                     passed += 1
-                except Exception as e:  # a mismatch or an error: both are failures
+                except Exception as e:  # noqa: BLE001  (a mismatch or any error is a failure)
                     failures += 1
                     if args.verbose:
                         print(f"FAIL {backend}/{device} {op} {c}: {e}")

@@ -25,12 +25,12 @@ Under ``TRITON_INTERPRET=1`` the kernels run on numpy, whose float32 operations 
 IEEE operations the reference uses; the inline-PTX branches are skipped there (they are
 compile-time constants) and the plain operators, which numpy never contracts, are used.
 
-NaN bit patterns. The payload carries float bits, and GPUs return a canonical NaN from any
-arithmetic on NaN, unlike the x86 CPU the reference runs on. Where a NaN can reach a
-payload the kernels therefore write the bits the reference produces on x86 explicitly:
-``v = x + residual`` (:func:`add_x86`), NaN block scales (torch's ``amax`` returns the
-default quiet NaN 0x7FC00000) and bf16 values (ATen's vectorised float->bf16 conversion
-writes 0xFFFF for every NaN, see :func:`f32_to_bf16_bits`).
+NaN bit patterns. NaN bits of float arithmetic differ between hardware and code paths, so
+the format fixes them: every NaN written into a payload is the canonical quiet NaN
+(float32 0x7FC00000, bfloat16 0x7FC0), and top-k orders every NaN by the key 0x7FC00000.
+The kernels apply that rule where they store a float into a payload (:data:`QNAN_BITS`,
+:func:`canonical_nan`, :func:`f32_to_bf16_bits`); residuals only ever receive finite
+values, whose bits IEEE arithmetic fixes.
 """
 
 from __future__ import annotations
@@ -53,10 +53,8 @@ _PTX = tl.constexpr(not INTERPRET and torch.version.hip is None)
 #: Options passed to every kernel launch (ignored by the interpreter, which never fuses).
 LAUNCH_OPTIONS: dict = {} if INTERPRET else {"enable_fp_fusion": False}
 
-#: Bit pattern of the default quiet NaN that torch (x86) produces for a NaN block amax.
+#: The canonical quiet NaN (float32 bits) every NaN in a payload is written as.
 QNAN_BITS = tl.constexpr(0x7FC00000)
-#: Bit pattern x86 produces for an invalid operation on non-NaN operands (inf - inf).
-X86_DEFAULT_NAN_BITS = tl.constexpr(0xFFC00000)
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,27 +124,19 @@ def floor_f32(t):
 
 
 @triton.jit
-def add_x86(a, b):
-    """a + b with the NaN bits x86 (and so the reference) produces: a NaN operand comes
-    through quieted (b's when both are NaN, as ATen's vectorised add does), and inf - inf
-    gives the x86 default NaN. Finite results are the plain IEEE sum."""
-    s = a + b
-    ab = a.to(tl.uint32, bitcast=True)
-    bb = b.to(tl.uint32, bitcast=True)
-    dflt = tl.full(ab.shape, X86_DEFAULT_NAN_BITS, tl.uint32)
-    nan_bits = tl.where((bb & 0x7FFFFFFF) > 0x7F800000, bb | 0x00400000,
-                        tl.where((ab & 0x7FFFFFFF) > 0x7F800000, ab | 0x00400000, dflt))
-    s_nan = (s.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000
-    return tl.where(s_nan, nan_bits.to(tl.float32, bitcast=True), s)
+def canonical_nan(f):
+    """f with every NaN replaced by the canonical quiet NaN 0x7FC00000."""
+    u = f.to(tl.uint32, bitcast=True)
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, QNAN_BITS, u).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def f32_to_bf16_bits(f):
-    """float32 -> bfloat16 bits (uint16 held in int32), round to nearest even; NaN -> 0xFFFF
-    as ATen's CPU conversion writes it (the reference runs there)."""
+    """float32 -> bfloat16 bits (uint16 held in int32), round to nearest even; every NaN
+    -> the canonical 0x7FC0."""
     u = f.to(tl.uint32, bitcast=True)
     r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0xFFFF, r.to(tl.int32))
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r.to(tl.int32))
 
 
 @triton.jit

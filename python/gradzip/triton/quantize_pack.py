@@ -22,8 +22,7 @@ from .. import format as fmt
 from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
-    QNAN_BITS,
-    add_x86,
+    canonical_nan,
     dummy_like,
     fadd_rn,
     floor_f32,
@@ -42,7 +41,7 @@ def _load_v(x_ptr, res_ptr, offs, mask, HAS_RES: tl.constexpr):
     """v = float32(x) + residual (0.0 where masked: the reference's zero padding)."""
     x = load_f32(x_ptr, offs, mask)
     if HAS_RES:
-        return add_x86(x, tl.load(res_ptr + offs, mask=mask, other=0.0))
+        return x + tl.load(res_ptr + offs, mask=mask, other=0.0)
     else:
         return x
 
@@ -72,7 +71,6 @@ def _quantize_pack_kernel(
     # NaN-propagating amax as an integer max over |v|'s bits: exact, order-free, and every
     # NaN pattern sorts above +inf.
     amax_bits = tl.max((vbits & 0x7FFFFFFF).to(tl.int32), axis=1)
-    qnan = tl.full([ROWS], QNAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
 
     if BITS == 1:
         # Sum of |v| in the reference's order: lane j accumulates elements j, j+32, ... of
@@ -84,7 +82,6 @@ def _quantize_pack_kernel(
             m32 = o32 < n
             x32 = load_f32(x_ptr, o32, m32)
             if HAS_RES:
-                # Plain add: a NaN here only has to stay NaN (the scale's bits are set below).
                 x32 = x32 + tl.load(res_ptr + o32, mask=m32, other=0.0)
             lane = lane + tl.abs(x32)
         # Shuffle-down tree, lane[i] += lane[i + h] for h = 16, 8, 4, 2, 1: each step adds
@@ -96,11 +93,6 @@ def _quantize_pack_kernel(
         total = tl.reshape(tl.sum(tl.reshape(lane, [ROWS, 2, 1]), axis=1), [ROWS])
         length = tl.maximum(tl.minimum(n - blk * BLOCK, BLOCK), 1).to(tl.float32)
         scale = tl.math.div_rn(total, length)
-        # A block holding NaN has a NaN sum. On x86 (the reference) that NaN is |v|'s NaN,
-        # quieted, carried through the additions; GPUs return a canonical NaN instead, so
-        # write the bits explicitly (the largest NaN pattern when a block holds several).
-        nan_scale = (amax_bits | 0x00400000).to(tl.float32, bitcast=True)
-        scale = tl.where(amax_bits > 0x7F800000, nan_scale, scale)
         code = tl.where((v < 0.0) & inb, 1, 0)
         dec = tl.where(v < 0.0, -scale[:, None], scale[:, None])
     else:
@@ -115,7 +107,6 @@ def _quantize_pack_kernel(
         zero = (~nonfinite) & ((amax == 0.0) | (inv.to(tl.uint32, bitcast=True) == 0x7F800000))
         coded = ~(zero | nonfinite)
         scale = tl.where(zero, 0.0, scale)
-        scale = tl.where(amax_bits > 0x7F800000, qnan, scale)
         inv = tl.where(coded, inv, 0.0)
         t = fmul_rn(v, inv[:, None])
         if STOCHASTIC:
@@ -129,7 +120,8 @@ def _quantize_pack_kernel(
         code = tl.where(inb, (q + QMAX).to(tl.int32), 0)
         dec = fmul_rn(q, scale[:, None])
 
-    tl.store(scales_ptr + blk, scale, mask=blk < nb)
+    # A NaN scale (a block holding NaN) is stored as the canonical NaN the format requires.
+    tl.store(scales_ptr + blk, canonical_nan(scale), mask=blk < nb)
     if HAS_RES:
         r_new = fsub_rn(v, dec)
         finite = (r_new.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000

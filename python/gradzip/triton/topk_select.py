@@ -46,7 +46,7 @@ from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
     QNAN_BITS,
-    add_x86,
+    canonical_nan,
     dummy_like,
     f32_to_bf16_bits,
     fmul_rn,
@@ -84,8 +84,10 @@ SAMPLE_TILE = 16384 if INTERPRET else 1024
 
 @triton.jit
 def _key(v):
-    """reference.magnitude_key: float bits with the sign cleared (int32, >= 0)."""
-    return (v.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32)
+    """reference.magnitude_key: float bits with the sign cleared (int32, >= 0); every NaN
+    gets the canonical NaN's key, so NaNs tie (lower index first) whatever their bits."""
+    key = (v.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32)
+    return tl.where(key > 0x7F800000, QNAN_BITS, key)
 
 
 @triton.jit
@@ -108,7 +110,7 @@ def _topk_init_kernel(st_ptr, n, k, s, rank, APPROX: tl.constexpr):
 def _load_v(x_ptr, res_ptr, offs, mask, HAS_RES: tl.constexpr):
     x = load_f32(x_ptr, offs, mask)
     if HAS_RES:
-        return add_x86(x, tl.load(res_ptr + offs, mask=mask, other=0.0))
+        return x + tl.load(res_ptr + offs, mask=mask, other=0.0)
     else:
         return x
 
@@ -320,7 +322,8 @@ def _topk_emit_kernel(v_ptr, idx_ptr, res_ptr, st_ptr, sel_off_ptr, b_off_ptr, o
         tl.store((out_ptr + idx_off).to(tl.pointer_type(tl.int32)) + pos, gidx.to(tl.int32),
                  mask=sel)
     if VF == 1:
-        tl.store((out_ptr + val_off).to(tl.pointer_type(tl.float32)) + pos, v, mask=sel)
+        tl.store((out_ptr + val_off).to(tl.pointer_type(tl.float32)) + pos, canonical_nan(v),
+                 mask=sel)
         dec = v
     elif VF == 2:
         hb = f32_to_bf16_bits(v)
@@ -362,8 +365,7 @@ def _int8_scale_kernel(part_ptr, nparts, out_ptr, vs_off, fs_ptr, CH: tl.constex
     scale = tl.math.div_rn(amax, q)
     zero = (~nonfinite) & ((amax == 0.0) | (inv.to(tl.uint32, bitcast=True) == 0x7F800000))
     scale = tl.where(zero, 0.0, scale)
-    qnan = tl.full(scale.shape, QNAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
-    scale = tl.where(amax_bits > 0x7F800000, qnan, scale)  # torch's amax: the default NaN
+    scale = canonical_nan(scale)
     inv = tl.where(zero | nonfinite, 0.0, inv)
     tl.store((out_ptr + vs_off).to(tl.pointer_type(tl.float32)), scale)
     tl.store(fs_ptr, scale)
