@@ -4,9 +4,9 @@
 // Launch shape: one thread block ("CTA") per tile of NT * 8 elements, NT = max(256, block/8)
 // threads, each thread owning 8 consecutive elements. A quantization block of `block`
 // elements is therefore G = block / 8 consecutive threads, and a tile holds whole blocks.
-//  * 8/4/2 bits: the block's amax is a NaN-propagating max over the G threads (xor
-//    shuffles inside a warp, plus shared memory across warps when G > 32; max is exact, so
-//    the order does not matter).
+//  * 8/4/2 bits: the block's amax is the max of the elements' magnitude keys over the G
+//    threads (xor shuffles inside a warp, plus shared memory across warps when G > 32); an
+//    integer max is exact in any order, and a NaN key (above inf's) gives a NaN amax.
 //  * 1 bit: the scale is the sum of |v| in reference.block_abs_sum's fixed order, which
 //    runs sequentially through the block. The tile's |v| are staged in shared memory and one
 //    warp per block sums them exactly as the reference does: lane j adds elements j, j+32,
@@ -107,8 +107,8 @@ quantize_pack_kernel(const QuantizeArgs a) {
     const int tile_blocks = (nt * kVec) >> a.log2_block;
     for (int bb = warp_id(); bb < tile_blocks; bb += nwarps) {
       const float* s = stage + (bb << a.log2_block);
-      // Terms are >= +0 or NaN, so a plain sum is the reference's up to which NaN comes
-      // out, and the payload's scale is the canonical NaN anyway.
+      // Terms are >= +0, inf or NaN: no invalid operation, so the plain sum equals the
+      // reference's except for which NaN comes out, and a NaN scale is stored canonical.
       float acc = s[lane];
       for (int j = lane + 32; j < block; j += 32) acc = core::fadd(acc, s[j]);
 #pragma unroll
