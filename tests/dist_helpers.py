@@ -45,7 +45,13 @@ class RankError(RuntimeError):
     """A rank raised, crashed or timed out; the message holds its traceback."""
 
 
-def _worker(rank: int, world: int, port: int, pg_timeout: float, fn, args, results) -> None:
+def _worker(rank: int, world: int, port: int, pg_timeout: float, fn, args, results,
+            deadline: float | None = None) -> None:
+    if deadline:
+        # A rank still running just before the parent gives up prints where it is stuck.
+        import faulthandler
+
+        faulthandler.dump_traceback_later(max(1.0, deadline - 3.0), exit=False)
     # Loopback only: Gloo would otherwise pick the interface of the host name.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -81,7 +87,7 @@ def run_ranks(world: int, fn, *args, pg_timeout: float = PG_TIMEOUT_S,
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=pg_timeout))
     procs = [ctx.Process(target=_worker, args=(r, world, store.port, pg_timeout, fn, args,
-                                                results), daemon=True)
+                                                results, deadline), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

@@ -659,8 +659,8 @@ def test_error_feedback_state_dict_roundtrip():
     ef = gradzip.ErrorFeedback(seed=9)
     slot = ef._slot("a", 10, torch.device("cpu"))
     slot.worker.copy_(torch.arange(10.0))
-    slot.server = torch.ones(4)
-    slot.server_layout = (2, 3, 7, 2.0)
+    slot.server = torch.ones(6)
+    slot.server_layout = (2, ((3, 7), (8, 10)), 2.0)  # this rank's chunk of two segments
     slot.step = 5
     sd = ef.state_dict()
     ef2 = gradzip.ErrorFeedback()
@@ -669,7 +669,17 @@ def test_error_feedback_state_dict_roundtrip():
     assert ef2._slots["a"].step == 5
     want = torch.arange(10.0)
     want[3:7] += 2.0
+    want[8:10] += 2.0
     assert torch.equal(ef.pending("a"), want)
+    # a state_dict of the one-range layout (world, start, stop, scale) still loads
+    old = ef.state_dict()
+    old["slots"]["a"]["server"] = torch.ones(4)
+    old["slots"]["a"]["server_layout"] = (2, 3, 7, 2.0)
+    ef3 = gradzip.ErrorFeedback()
+    ef3.load_state_dict(old)
+    want = torch.arange(10.0)
+    want[3:7] += 2.0
+    assert torch.equal(ef3.pending("a"), want)
     with pytest.raises(ValueError, match="holds a residual of 10"):
         ef._slot("a", 11, torch.device("cpu"))
     with pytest.raises(ValueError):
@@ -800,3 +810,110 @@ def test_auto_measures_and_settles(case):
     # to the magnitude of the values involved
     scale = torch.stack([x.double().abs() for xs_t in xs for x in xs_t]).max(0).values
     assert torch.all((got + pending - exact).abs() <= 1e-5 * scale + 1e-30)
+
+
+# ---------------------------------------------------------------------------------------
+# two-phase pipeline: segments change the timing, never the numbers (dense codecs)
+# ---------------------------------------------------------------------------------------
+
+SEG_N = 12_345
+SEG_STEPS = 3
+
+
+def segmented_battery(rank: int, world: int) -> dict:
+    """The same EF steps with the pipeline off (one segment) and on (small segments)."""
+    out = {}
+    for label, min_numel in (("one", 1 << 30), ("many", 2_000)):
+        comm.PIPELINE_MIN_NUMEL = min_numel
+        for spec in ("int8", "int4,block=64", "sign"):
+            st = gradzip.ErrorFeedback(seed=EF_SEED)
+            steps = []
+            for t in range(SEG_STEPS):
+                x = make_input(SEG_N, rank, t, tag=12)
+                if t == SEG_STEPS - 1:  # the last step through the future
+                    assert gradzip.all_reduce(x, codec(spec), state=st, algorithm="alltoall",
+                                              key=KEY, async_op=True).wait() is x
+                else:
+                    gradzip.all_reduce(x, codec(spec), state=st, algorithm="alltoall",
+                                       key=KEY)
+                steps.append(x)
+            # the server residual spread out over the whole tensor (0 where others own it)
+            slot = st._slots[KEY]
+            server = torch.zeros(SEG_N)
+            if slot.server is not None:
+                off = 0
+                for a, b in slot.server_layout[1]:
+                    server[a:b] = slot.server[off : off + b - a]
+                    off += b - a
+            out[(label, spec)] = (steps, slot.worker.clone(), server)
+        out[(label, "plan")] = comm.plan(codec("int8"), SEG_N, torch.float32, world,
+                                         "alltoall")
+    # a corrupt phase-1 payload in a later segment still reaches every rank as an error
+    real = Codec.compress
+    calls: list[int] = []
+
+    def corrupt(self, *a, **kw):
+        p = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == world + 1:  # the first chunk of the second segment
+            p[4] ^= 0x7F
+        return p
+
+    if rank == world - 1:
+        Codec.compress = corrupt
+    try:
+        out["corrupt"] = _catch(lambda: gradzip.all_reduce(
+            make_input(SEG_N, rank, 0), codec("int4"), algorithm="alltoall"))
+    finally:
+        Codec.compress = real
+    out["still-works"] = _group_still_works(rank, world)
+    return out
+
+
+def test_pipeline_segments_layout():
+    assert comm.pipeline_segments(100, 8) == [(0, 100)]
+    old = comm.PIPELINE_MIN_NUMEL
+    try:
+        comm.PIPELINE_MIN_NUMEL = 30
+        assert comm.pipeline_segments(100, 8) == [(0, 40), (40, 80), (80, 100)]  # 100 // 30
+        assert comm.pipeline_segments(70, 8) == [(0, 40), (40, 70)]  # 2 segments of 30+
+        assert comm.pipeline_segments(1000, 128) == [(0, 256), (256, 512), (512, 768),
+                                                     (768, 1000)]  # at most 4
+        p = comm.plan(Codec("int8", block=32), 1000, torch.float32, 3, "alltoall")
+        assert len(p.segments) == 4 and p.payload_bytes == sum(s.payload_bytes
+                                                               for s in p.segments)
+        for s in p.segments:  # chunks tile each segment at multiples of the block
+            assert all(a % 32 == 0 for a, _ in s.chunks)
+        assert [s.chunks[0][0] for s in p.segments] == [0, 256, 512, 768]
+        # top-k is never cut into segments (k is re-selected per chunk)
+        assert comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "alltoall").segments == ()
+    finally:
+        comm.PIPELINE_MIN_NUMEL = old
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pipeline_changes_nothing_but_timing(world):
+    res = run_ranks(world, segmented_battery)
+    assert len(res[0][("many", "plan")].segments) > 1
+    assert res[0][("one", "plan")].segments == ()
+    for spec in ("int8", "int4,block=64", "sign"):
+        one_steps = res[0][("one", spec)][0]
+        # bit-identical to the unsegmented algorithm and to its reference simulation
+        sim = Simulation(Codec(spec), "alltoall", world, SEG_N, ef=True, base_seed=EF_SEED,
+                         key=KEY)
+        for t in range(SEG_STEPS):
+            want = sim([make_input(SEG_N, r, t, tag=12) for r in range(world)])
+            assert torch.equal(one_steps[t], want), (spec, t)
+            for r in range(world):
+                assert torch.equal(res[r][("many", spec)][0][t], want), (spec, t, r)
+        # the residuals are the same: each rank's worker residual, and the server residual
+        # of every element (held by whichever rank owns its chunk in that layout)
+        for r in range(world):
+            assert torch.equal(res[r][("one", spec)][1], res[r][("many", spec)][1]), (spec, r)
+        servers = {label: torch.stack([res[r][(label, spec)][2] for r in range(world)]).sum(0)
+                   for label in ("one", "many")}
+        assert torch.equal(servers["one"], servers["many"]), spec
+        assert servers["many"].abs().sum() > 0, spec  # the comparison is not of zeros
+    for r in range(world):
+        assert res[r]["corrupt"] is not None and res[r]["corrupt"][0] == "ValueError", r
+    assert _all_equal([res[r]["still-works"] for r in range(world)])

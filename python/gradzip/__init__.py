@@ -38,7 +38,9 @@ def __getattr__(name):
         import importlib
 
         mod = importlib.import_module(f".{_LAZY[name] or name}", __name__)
-        return mod if _LAZY[name] is None else getattr(mod, name)
+        value = mod if _LAZY[name] is None else getattr(mod, name)
+        globals()[name] = value  # found directly from now on (all_reduce is a hot path)
+        return value
     raise AttributeError(f"module 'gradzip' has no attribute {name!r}")
 
 

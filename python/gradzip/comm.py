@@ -17,6 +17,13 @@ Algorithms
     re-compresses that chunk (server residual), the W chunk payloads are all-gathered and
     every rank decodes every chunk. Payloads of a short chunk are padded with zero bytes
     so that every message has the same size. Traffic per rank: about 2(W-1)/W payloads in.
+    Large tensors of dense codecs are cut into pipeline segments first (one per
+    ``PIPELINE_MIN_NUMEL`` elements, at most ``PIPELINE_MAX_SEGMENTS``, at multiples of
+    the block), each reduced this way with its collectives started as soon as its payloads
+    are ready: segment s+1 is compressed while segment s is on the wire, and segment s is
+    decoded while s+1 is still arriving. Quantization is per block, so the result and the
+    residuals are bit-identical to the unsegmented algorithm (only which rank holds which
+    server residual changes).
     Top-k works too (k is split over the chunks and re-selected on the owner), though
     ``"auto"`` only picks it for dense codecs: re-selecting the sum of W sparse sets drops
     entries that a single selection would keep.
@@ -41,9 +48,11 @@ Algorithms
     :func:`auto_choice` tells what was chosen; :func:`reset_auto` forgets the choices (for
     example after the link changed). With error feedback, a call that goes plain adds the
     pending residuals to the tensor first, so nothing compression held back is lost.
-    Once a signature has settled on the plain all-reduce, the agreement check below is
-    made once per signature (as ``verify="once"``) rather than on every call: it was made
-    on every probe, and a plain all-reduce has no payloads to disagree on.
+    The agreement check below still runs on the calls that go plain: it is what turns
+    ranks that disagree (say, on ``min_numel``, hence on the algorithm) into an error
+    rather than a hang. On small CPU tensors it is a visible part of the time (one more
+    small round trip per call); ``verify="once"`` removes it where the call sequence is
+    known to be the same on every rank.
 
 Every rank decodes the same payloads in the same order, so the result is bit-identical on
 every rank. Only ``all_gather_single``/``all_gather_into_tensor``, ``all_to_all_single`` and
@@ -69,6 +78,7 @@ each (group, signature) and skips header checks; ``"never"`` skips both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import zlib
 from collections.abc import Callable, Hashable
@@ -84,6 +94,8 @@ from .reference import lowbias32
 ALGORITHMS = ("auto", "allgather", "alltoall", "plain")
 VERIFY_MODES = ("auto", "always", "once", "never")
 DEFAULT_MIN_NUMEL = 4096
+PIPELINE_MIN_NUMEL = 1 << 20  # alltoall: one pipeline segment per this many elements ...
+PIPELINE_MAX_SEGMENTS = 4  # ... and at most this many
 AUTO_PROBES = 8  # calls of each kind "auto" times before it settles (the first is a warm-up)
 AUTO_CLEAR = 1.5  # after 3 calls of each kind, a ratio of median times this large settles
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -120,26 +132,47 @@ def stochastic_seed(base: int, rank: int, step: int, key: int, phase: int, chunk
 
 @dataclass
 class _Slot:
-    """Residuals of one tensor key. ``server`` belongs to the alltoall algorithm and covers
-    this rank's chunk ``[start, stop)``; ``server_layout`` = (world, start, stop, scale)
-    with ``scale`` the factor that turns a server residual into input units (W when
-    averaging, else 1)."""
+    """Residuals of one tensor key. ``server`` belongs to the alltoall algorithm: the
+    concatenated server residuals of the ranges this rank owns (its chunk of every pipeline
+    segment); ``server_layout`` = (world, ranges, scale) with ``ranges`` those ``[start,
+    stop)`` ranges and ``scale`` the factor that turns a server residual into input units
+    (W when averaging, else 1)."""
 
     worker: torch.Tensor | None = None
     server: torch.Tensor | None = None
-    server_layout: tuple[int, int, int, float] | None = None
+    server_layout: tuple | None = None
     step: int = 0
+
+    def add_server_to(self, out: torch.Tensor) -> None:
+        """``out`` (input units, the whole tensor) += the server residual where it lives."""
+        _, ranges, scale = self.server_layout
+        off = 0
+        for start, stop in ranges:
+            out[start:stop].add_(self.server[off : off + stop - start].to(out.device),
+                                 alpha=scale)
+            off += stop - start
 
     def fold_server(self) -> None:
         """Move the server residual into the worker residual (in input units), so that no
         error is lost when the chunk layout or the algorithm changes."""
         if self.server is None:
             return
-        _, start, stop, scale = self.server_layout
         if self.worker is not None:
-            self.worker[start:stop].add_(self.server.to(self.worker.device), alpha=scale)
+            self.add_server_to(self.worker)
         self.server = None
         self.server_layout = None
+
+
+def _normalized_layout(layout) -> tuple | None:
+    """(world, ((start, stop), ...), scale); also reads the one-range form
+    (world, start, stop, scale) of earlier state_dicts."""
+    if layout is None:
+        return None
+    if len(layout) == 4:
+        world, start, stop, scale = layout
+        return (int(world), ((int(start), int(stop)),), float(scale))
+    world, ranges, scale = layout
+    return (int(world), tuple((int(a), int(b)) for a, b in ranges), float(scale))
 
 
 class ErrorFeedback:
@@ -184,8 +217,7 @@ class ErrorFeedback:
             return None
         out = slot.worker.clone()
         if slot.server is not None:
-            _, start, stop, scale = slot.server_layout
-            out[start:stop].add_(slot.server.to(out.device), alpha=scale)
+            slot.add_server_to(out)
         return out
 
     def set_residual(self, key: Hashable, worker: torch.Tensor, step: int = 0) -> None:
@@ -241,7 +273,7 @@ class ErrorFeedback:
             self._slots[key] = _Slot(
                 worker=None if s["worker"] is None else s["worker"].clone(),
                 server=None if s["server"] is None else s["server"].clone(),
-                server_layout=None if s["server_layout"] is None else tuple(s["server_layout"]),
+                server_layout=_normalized_layout(s["server_layout"]),
                 step=int(s["step"]))
 
 
@@ -260,6 +292,13 @@ class Plan:
     ks: tuple[int | None, ...] = ()  # alltoall top-k: k per chunk
     sizes: tuple[int, ...] = ()  # payload bytes per chunk (alltoall) or of the whole
     payload_bytes: int = 0  # bytes of each row on the wire
+    # alltoall on large tensors: the pipeline segments, each an alltoall Plan of its own
+    # (absolute chunk offsets); empty for one segment, which the fields above describe.
+    segments: tuple[Plan, ...] = ()
+
+    def stages(self) -> tuple[Plan, ...]:
+        """The alltoall segments in order (the plan itself when it has one)."""
+        return self.segments or (self,)
 
 
 def alltoall_chunks(numel: int, world: int, align: int) -> list[tuple[int, int]]:
@@ -278,12 +317,35 @@ def _chunk_k(codec: Codec, numel: int, length: int) -> int | None:
     return codec.k_for(length)
 
 
-def _alltoall_plan(codec: Codec, numel: int, world: int) -> Plan:
-    chunks = alltoall_chunks(numel, world, codec.alignment)
+def pipeline_segments(numel: int, align: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the two-phase algorithm's pipeline segments: one per
+    ``PIPELINE_MIN_NUMEL`` elements, at most ``PIPELINE_MAX_SEGMENTS``, cut at multiples of
+    ``align``. Segment s+1 is compressed while segment s is on the wire."""
+    count = max(1, min(PIPELINE_MAX_SEGMENTS, numel // max(1, PIPELINE_MIN_NUMEL)))
+    units = -(-numel // align)
+    size = align * -(-units // count)
+    return [(min(i * size, numel), min((i + 1) * size, numel)) for i in range(count)
+            if i * size < numel]
+
+
+def _one_segment_plan(codec: Codec, numel: int, world: int, start: int, stop: int) -> Plan:
+    chunks = [(start + a, start + b) for a, b in alltoall_chunks(stop - start, world,
+                                                                 codec.alignment)]
     ks = tuple(_chunk_k(codec, numel, b - a) for a, b in chunks)
     sizes = tuple(codec.header(b - a, k=k).total_bytes if b > a else 0
                   for (a, b), k in zip(chunks, ks))
     return Plan("alltoall", numel, tuple(chunks), ks, sizes, max(sizes))
+
+
+def _alltoall_plan(codec: Codec, numel: int, world: int) -> Plan:
+    # Top-k re-selects per chunk, so cutting it further would change which entries travel;
+    # dense codecs quantize block by block, so segments change nothing but the timing.
+    segs = [(0, numel)] if codec.is_sparse else pipeline_segments(numel, codec.alignment)
+    if len(segs) == 1:
+        return _one_segment_plan(codec, numel, world, 0, numel)
+    parts = tuple(_one_segment_plan(codec, numel, world, a, b) for a, b in segs)
+    return Plan("alltoall", numel, payload_bytes=sum(q.payload_bytes for q in parts),
+                segments=parts)
 
 
 def plan(codec: Codec | str, numel: int, dtype: torch.dtype, world: int,
@@ -342,6 +404,28 @@ def _fingerprint(codec: Codec, numel: int, dtype: torch.dtype, p: Plan | None, a
     ]
 
 
+# Plans and fingerprints are pure functions of hashable, immutable arguments: computed once
+# per signature instead of on every call (all_reduce is called per bucket per step).
+@functools.lru_cache(maxsize=4096)
+def _plan_of(pipeline: tuple[int, int], *args) -> Plan:
+    # ``pipeline`` (the module's pipeline settings, read by plan) is part of the cache key.
+    return plan(*args)
+
+
+def _cached_plan(*args) -> Plan:
+    return _plan_of((PIPELINE_MIN_NUMEL, PIPELINE_MAX_SEGMENTS), *args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint_of(version: int, *args) -> tuple[int, ...]:
+    # ``version`` (the format version, read by _fingerprint) is part of the cache key.
+    return tuple(_fingerprint(*args))
+
+
+def _cached_fingerprint(*args) -> tuple[int, ...]:
+    return _fingerprint_of(fmt.VERSION, *args)
+
+
 def _describe_fp(fp: list[int]) -> str:
     kinds = {v: k for k, v in _KIND_IDS.items()}
     dtypes = {v: str(k).replace("torch.", "") for k, v in _DTYPE_IDS.items()}
@@ -366,7 +450,7 @@ def _exchange_fingerprints(fp: list[int], device: torch.device, group, world: in
                            local_error: Exception | None) -> None:
     """All-gather every rank's fingerprint; raise on every rank if any rank refused its
     input or the fingerprints differ."""
-    mine = torch.tensor(fp, dtype=torch.int64, device=device)
+    mine = torch.tensor(list(fp), dtype=torch.int64, device=device)
     every = torch.empty(world * len(fp), dtype=torch.int64, device=device)
     _all_gather(every, mine, group, async_op=False)
     rows = every.view(world, len(fp)).cpu().tolist()
@@ -655,7 +739,8 @@ def all_reduce(
 
     local_error = _check_input(tensor)
     numel = tensor.numel()
-    p = None if local_error else plan(codec, numel, tensor.dtype, world, algorithm, min_numel)
+    p = None if local_error else _cached_plan(codec, numel, tensor.dtype, world, algorithm,
+                                              min_numel)
     # "auto" with a compressed plan: measured against the plain all-reduce first.
     tuner = None
     if p is not None and algorithm == "auto" and p.algorithm != "plain":
@@ -675,14 +760,12 @@ def all_reduce(
         except ValueError as e:
             local_error = e
     mode = verify if verify != "auto" else ("always" if tensor.device.type == "cpu" else "once")
-    if auto_plain and mode == "always":
-        mode = "once"
     if mode != "never":
         # A rank that refuses its input still takes part in the exchange, so that its
         # peers raise too instead of waiting for it in the next collective.
-        fp = _fingerprint(codec, numel, tensor.dtype, p, average,
-                          _STATUS_OK if local_error is None else 1)
-        sig = (id(group) if group is not None else None, tuple(fp))
+        fp = _cached_fingerprint(codec, numel, tensor.dtype, p, average,
+                                 _STATUS_OK if local_error is None else 1)
+        sig = (id(group) if group is not None else None, fp)
         if mode == "always" or sig not in _VERIFIED or local_error:
             with timer("verify"):
                 _exchange_fingerprints(fp, tensor.device, group, world, local_error)
@@ -739,20 +822,31 @@ def all_reduce(
 
 
 class _Finish:
-    """The tail of an algorithm: the running collective plus the decode that follows it."""
+    """The tail of an algorithm: the running collectives plus the decode that follows.
+    ``wait`` waits for the first; ``decode`` waits for the others as it goes, so that with
+    several it decodes one while the next is still arriving."""
 
-    def __init__(self, work, decode: Callable[[], None]) -> None:
-        self.work = work
+    def __init__(self, works, decode: Callable[..., None]) -> None:
+        self.works = list(works) if isinstance(works, (list, tuple)) else [works]
         self.decode = decode
+        self.via_future = False
 
     def wait(self) -> None:
-        self.work.wait()
+        self.works[0].wait()
 
     def future(self) -> torch.futures.Future:
-        return self.work.get_future()
+        # The decode then runs in this future's callback, when every collective is done:
+        # it must not wait on them there (a work's wait inside its own callback deadlocks).
+        self.via_future = True
+        if len(self.works) == 1:
+            return self.works[0].get_future()
+        return torch.futures.collect_all([w.get_future() for w in self.works])
 
     def __call__(self) -> None:
-        self.decode()
+        if len(self.works) > 1:
+            self.decode(wait=not self.via_future)
+        else:
+            self.decode()
 
 
 def _plain(flat, world, rank, group, average, timer) -> _Finish:
@@ -792,78 +886,105 @@ def _allgather(flat, world, rank, group, average, timer, codec, p, slot, seeds,
 def _alltoall(flat, world, rank, group, average, timer, codec, p, slot, seeds,
               check_headers) -> _Finish:
     dev = flat.device
-    P = p.payload_bytes
-    with timer("compress"):
-        send = torch.zeros((world, P), dtype=torch.uint8, device=dev)
-        worker = slot.worker if slot is not None else None
-        for i, ((a, b), k, size) in enumerate(zip(p.chunks, p.ks, p.sizes)):
-            if b > a:
-                res = worker[a:b] if worker is not None else None
-                send[i, :size] = codec.compress(flat[a:b], res, seed=stochastic_seed(*seeds, 0, i),
-                                                k=k)
-    recv = torch.empty_like(send)
-    with timer("communicate"):
-        dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
-    a, b = p.chunks[rank]
-    my_size, my_k = p.sizes[rank], p.ks[rank]
-    phase1_problems: list[tuple[int, str]] = []
-    gathered_in = torch.zeros(P, dtype=torch.uint8, device=dev)
-    if b > a:
-        with timer("decompress"):
-            if check_headers:
-                phase1_problems = _header_problems(
-                    recv[:, : fmt.HEADER_BYTES].cpu(), [codec.header(b - a, k=my_k)] * world,
-                    [my_size] * world)
-            if not phase1_problems:
-                rows = recv[:, :my_size]
-                acc = torch.zeros(b - a, dtype=torch.float32, device=dev)
-                codec.decompress_accumulate(rows if my_size == P else rows.contiguous(), acc,
-                                            1.0 / world if average else 1.0)
-        if not phase1_problems:
-            with timer("compress"):
-                server = None
-                if slot is not None:
-                    layout = (world, a, b, float(world) if average else 1.0)
-                    if slot.server is not None and slot.server_layout != layout:
-                        slot.fold_server()
-                    if slot.server is None:
-                        slot.server = torch.zeros(b - a, dtype=torch.float32, device=dev)
-                        slot.server_layout = layout
-                    server = slot.server
-                gathered_in[:my_size] = codec.compress(
-                    acc, server, seed=stochastic_seed(*seeds, 1, rank), k=my_k)
-        # else: the zero header tells every other rank that this one found bad payloads,
-        # after it has taken part in the all-gather, so nobody waits on it.
-    elif slot is not None:
-        slot.fold_server()
-    gathered = torch.empty((world, P), dtype=torch.uint8, device=dev)
-    with timer("communicate"):
-        work = _all_gather(gathered.view(-1), gathered_in, group, async_op=True)
+    segs = p.stages()
+    alpha = 1.0 / world if average else 1.0
+    worker = slot.worker if slot is not None else None
+    # This rank's server residual: its chunk of every segment, concatenated.
+    owned = tuple(s.chunks[rank] for s in segs)
+    server = None
+    if slot is not None:
+        layout = (world, owned, float(world) if average else 1.0)
+        if slot.server is not None and slot.server_layout != layout:
+            slot.fold_server()
+        if slot.server is None and any(b > a for a, b in owned):
+            slot.server = torch.zeros(sum(b - a for a, b in owned), dtype=torch.float32,
+                                      device=dev)
+            slot.server_layout = layout
+        server = slot.server
 
-    def decode() -> None:
-        with timer("decompress"):
-            if phase1_problems:
-                raise ValueError(
-                    "gradzip.all_reduce: received payloads do not match this rank's codec "
-                    f"{codec.spec} for chunk [{a}, {b}) of numel {p.numel}: "
-                    + "; ".join(f"from rank {w}: {why}" for w, why in phase1_problems))
-            if check_headers:
-                expected = [codec.header(e - s, k=k) if e > s else None
-                            for (s, e), k in zip(p.chunks, p.ks)]
-                problems = _header_problems(gathered[:, : fmt.HEADER_BYTES].cpu(), expected,
-                                            list(p.sizes))
-                if problems:
+    # Phase 1: compress each segment's W chunks and start its all-to-all at once, so the
+    # next segment is compressed while this one is on the wire.
+    recvs, works = [], []
+    for j, sp in enumerate(segs):
+        with timer("compress"):
+            send = torch.zeros((world, sp.payload_bytes), dtype=torch.uint8, device=dev)
+            for i, ((a, b), k, size) in enumerate(zip(sp.chunks, sp.ks, sp.sizes)):
+                if b > a:
+                    res = worker[a:b] if worker is not None else None
+                    send[i, :size] = codec.compress(
+                        flat[a:b], res, seed=stochastic_seed(*seeds, 0, j * world + i), k=k)
+        recv = torch.empty_like(send)
+        with timer("communicate"):
+            works.append(dist.all_to_all_single(recv.view(-1), send.view(-1), group=group,
+                                                async_op=True))
+        recvs.append(recv)
+
+    # Phase 2, segment by segment as they arrive: accumulate this rank's chunk, re-compress
+    # it (server residual), start its all-gather.
+    phase1_problems: list[tuple[int, int, str]] = []
+    gathered, gworks = [], []
+    off = 0
+    for j, sp in enumerate(segs):
+        with timer("communicate"):
+            works[j].wait()
+        a, b = sp.chunks[rank]
+        my_size, my_k = sp.sizes[rank], sp.ks[rank]
+        gathered_in = torch.zeros(sp.payload_bytes, dtype=torch.uint8, device=dev)
+        problems: list[tuple[int, str]] = []
+        if b > a:
+            with timer("decompress"):
+                if check_headers:
+                    problems = _header_problems(
+                        recvs[j][:, : fmt.HEADER_BYTES].cpu(),
+                        [codec.header(b - a, k=my_k)] * world, [my_size] * world)
+                if not problems:
+                    rows = recvs[j][:, :my_size]
+                    acc = torch.zeros(b - a, dtype=torch.float32, device=dev)
+                    codec.decompress_accumulate(rows if my_size == sp.payload_bytes
+                                                else rows.contiguous(), acc, alpha)
+            if not problems:
+                with timer("compress"):
+                    res = server[off : off + b - a] if server is not None else None
+                    gathered_in[:my_size] = codec.compress(
+                        acc, res, seed=stochastic_seed(*seeds, 1, j * world + rank), k=my_k)
+            # else: the zero header tells every other rank that this one found bad
+            # payloads, after it has taken part in the all-gather, so nobody waits on it.
+        off += b - a
+        phase1_problems += [(j, w, why) for w, why in problems]
+        g = torch.empty((world, sp.payload_bytes), dtype=torch.uint8, device=dev)
+        with timer("communicate"):
+            gworks.append(_all_gather(g.view(-1), gathered_in, group, async_op=True))
+        gathered.append(g)
+
+    def decode(wait: bool = False) -> None:
+        for j, sp in enumerate(segs):
+            if wait and j > 0:  # _Finish.wait() waited for the first
+                with timer("communicate"):
+                    gworks[j].wait()
+            with timer("decompress"):
+                if phase1_problems:
+                    a, b = sp.chunks[rank]
                     raise ValueError(
-                        "gradzip.all_reduce: phase-2 payloads do not match (a rank whose "
-                        "phase-1 payloads were bad sends an empty header): "
-                        + "; ".join(f"chunk of rank {w}: {why}" for w, why in problems))
-            for j, ((s, e), size) in enumerate(zip(p.chunks, p.sizes)):
-                if e > s:
-                    out = flat[s:e]
-                    out.zero_()
-                    codec.decompress_accumulate(gathered[j : j + 1, :size], out, 1.0)
+                        "gradzip.all_reduce: received payloads do not match this rank's "
+                        f"codec {codec.spec} for chunk [{a}, {b}) of numel {p.numel}: "
+                        + "; ".join(f"from rank {w}: {why}" for _, w, why in phase1_problems))
+                if check_headers:
+                    expected = [codec.header(e - s, k=k) if e > s else None
+                                for (s, e), k in zip(sp.chunks, sp.ks)]
+                    problems = _header_problems(gathered[j][:, : fmt.HEADER_BYTES].cpu(),
+                                                expected, list(sp.sizes))
+                    if problems:
+                        raise ValueError(
+                            "gradzip.all_reduce: phase-2 payloads do not match (a rank whose "
+                            "phase-1 payloads were bad sends an empty header): "
+                            + "; ".join(f"chunk of rank {w}: {why}" for w, why in problems))
+                for i, ((s, e), size) in enumerate(zip(sp.chunks, sp.sizes)):
+                    if e > s:
+                        out = flat[s:e]
+                        out.zero_()
+                        codec.decompress_accumulate(gathered[j][i : i + 1, :size], out, 1.0)
 
-    return _Finish(work, decode)
+    return _Finish(gworks, decode)
 
 
 __all__ = [
@@ -871,12 +992,15 @@ __all__ = [
     "AUTO_CLEAR",
     "AUTO_PROBES",
     "DEFAULT_MIN_NUMEL",
+    "PIPELINE_MAX_SEGMENTS",
+    "PIPELINE_MIN_NUMEL",
     "ErrorFeedback",
     "Plan",
     "all_reduce",
     "alltoall_chunks",
     "auto_choice",
     "key_hash",
+    "pipeline_segments",
     "plan",
     "reset_auto",
     "stochastic_seed",
