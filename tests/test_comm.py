@@ -777,9 +777,9 @@ def test_auto_measures_and_settles(case):
     res = run_ranks(world, auto_tune_battery, fake)
     want_algo = "plain" if case == "plain-clearly" else comm.plan(
         Codec("int8"), AUTO_TUNE_N, torch.float32, world, "auto").algorithm
-    # settled at the first look (call 6) when one kind is >= AUTO_CLEAR faster, else at the
+    # settled at the first look (call AUTO_FIRST_LOOK) when one kind is >= AUTO_CLEAR faster, else at the
     # last probe; the same on every rank
-    want_at = 2 * comm.AUTO_PROBES if case == "gz-narrowly" else 6
+    want_at = 2 * comm.AUTO_PROBES if case == "gz-narrowly" else comm.AUTO_FIRST_LOOK
     for r in range(world):
         ch = res[r]["choices"]
         assert _settled_at(ch) == want_at, (r, ch)

@@ -40,19 +40,20 @@ Algorithms
     saves. So "auto" then measures. The first calls of each signature (group, codec,
     numel, dtype, averaging) alternate between that compressed algorithm and the plain
     all-reduce and time themselves (wall time from entry to completion; CUDA events on a
-    GPU); the first call of each kind is a warm-up and is not counted. At call 6 and, if
-    still undecided, at call ``2 * AUTO_PROBES`` the ranks exchange their median times in
-    one small ``all_reduce``; a ratio of at least ``AUTO_CLEAR`` (or the last look) settles,
-    and every rank keeps the faster algorithm for that signature from then on (the plain
-    one on a tie: it is exact). Every rank decides from the same summed numbers, so they always agree.
-    :func:`auto_choice` tells what was chosen; :func:`reset_auto` forgets the choices (for
-    example after the link changed). With error feedback, a call that goes plain adds the
-    pending residuals to the tensor first, so nothing compression held back is lost.
-    The agreement check below still runs on the calls that go plain: it is what turns
-    ranks that disagree (say, on ``min_numel``, hence on the algorithm) into an error
-    rather than a hang. On small CPU tensors it is a visible part of the time (one more
-    small round trip per call); ``verify="once"`` removes it where the call sequence is
-    known to be the same on every rank.
+    GPU); the first call of each kind is a warm-up and is not counted. At call
+    ``AUTO_FIRST_LOOK`` and, if still undecided, at call ``2 * AUTO_PROBES`` the ranks
+    exchange their median times in one small ``all_reduce``; a ratio of at least
+    ``AUTO_CLEAR`` (or the last look) settles, and every rank keeps the faster algorithm
+    for that signature from then on (the plain one on a tie: it is exact). Every rank
+    decides from the same summed numbers, so they always agree. :func:`auto_choice` tells
+    what was chosen; :func:`reset_auto` forgets the choices (for example after the link
+    changed). With error feedback, a call that goes plain after settling adds the pending
+    residuals to the tensor first, so nothing compression held back is lost. The
+    agreement check below still runs on the calls that go plain: it is what turns ranks
+    that disagree (say, on ``min_numel``, hence on the algorithm) into an error instead of
+    a crash (Gloo aborts the process on a size mismatch). On small CPU tensors it is a
+    visible part of the time (one more small round trip per call); ``verify="once"``
+    removes it where the call sequence is known to be the same on every rank.
 
 Every rank decodes the same payloads in the same order, so the result is bit-identical on
 every rank. Only ``all_gather_single``/``all_gather_into_tensor``, ``all_to_all_single`` and
@@ -97,7 +98,8 @@ DEFAULT_MIN_NUMEL = 4096
 PIPELINE_MIN_NUMEL = 1 << 20  # alltoall: one pipeline segment per this many elements ...
 PIPELINE_MAX_SEGMENTS = 4  # ... and at most this many
 AUTO_PROBES = 8  # calls of each kind "auto" times before it settles (the first is a warm-up)
-AUTO_CLEAR = 1.5  # after 3 calls of each kind, a ratio of median times this large settles
+AUTO_FIRST_LOOK = 8  # "auto" first compares at this call (3 timed calls of each kind) ...
+AUTO_CLEAR = 1.5  # ... and settles there if the ratio of median times is at least this
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _MASK32 = 0xFFFFFFFF
@@ -578,9 +580,9 @@ class _AutoTuner:
             return self.choice, None
         i = self.calls
         self.calls += 1
-        # A first look after two timed calls of each kind settles clear cases early.
-        if i in (6, 2 * AUTO_PROBES) and self._settle(numel, device, group,
-                                                     final=i == 2 * AUTO_PROBES):
+        # A first look after three timed calls of each kind settles clear cases early.
+        if i in (AUTO_FIRST_LOOK, 2 * AUTO_PROBES) and self._settle(
+                numel, device, group, final=i == 2 * AUTO_PROBES):
             return self.choice, None
         if i < 2 * AUTO_PROBES:
             kind = i % 2
@@ -990,6 +992,7 @@ def _alltoall(flat, world, rank, group, average, timer, codec, p, slot, seeds,
 __all__ = [
     "ALGORITHMS",
     "AUTO_CLEAR",
+    "AUTO_FIRST_LOOK",
     "AUTO_PROBES",
     "DEFAULT_MIN_NUMEL",
     "PIPELINE_MAX_SEGMENTS",
