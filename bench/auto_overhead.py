@@ -61,6 +61,7 @@ def worker(cfg: dict) -> None:
         fn()
         return slowest(time.perf_counter() - t0)
 
+    extra = {"verify": cfg["verify"]} if cfg.get("verify") else {}
     rows = []
     for size in cfg["sizes"]:
         numel = parse_size(size) // 4
@@ -78,7 +79,7 @@ def worker(cfg: dict) -> None:
 
             def gz(buf=buf, x=x, codec=codec, ef=ef) -> None:
                 buf.copy_(x)
-                gradzip.all_reduce(buf, codec, state=ef, algorithm="auto")
+                gradzip.all_reduce(buf, codec, state=ef, algorithm="auto", **extra)
 
             settle = []
             while gradzip.comm.auto_choice(buf, codec) is None and len(settle) < 100:
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30,
                    help="minimum timed rounds (fp32, fp32 again, auto); more for fast calls")
     p.add_argument("--max-rounds", type=int, default=400)
+    p.add_argument("--verify", default=None,
+                   help="pass verify=... to gradzip.all_reduce (default: the library's, "
+                        "'always' on CPU)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-netns", action="store_true")
     p.add_argument("--timeout", type=float, default=1800)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     netlink.parse_link(a.link, a.world)
     with tempfile.TemporaryDirectory(prefix="gz-auto-") as tmp:
         cfg = {"sizes": sizes, "codecs": split_specs(a.codecs), "rounds": a.rounds,
-               "max_rounds": a.max_rounds,
+               "max_rounds": a.max_rounds, "verify": a.verify,
                "threads": a.threads, "pg_timeout": a.pg_timeout,
                "result": str(Path(tmp) / "rows.json")}
         cfg_path = Path(tmp) / "cfg.json"
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(Path(cfg["result"]).read_text())
     print(table(rows))
     doc = {"argv": sys.argv, "machine": machine_info(), "link": eff, "qdisc": qdisc,
-           "world": a.world, "rounds": a.rounds, "results": rows, "table": table(rows)}
+           "world": a.world, "rounds": a.rounds, "verify": a.verify or "library default", "results": rows, "table": table(rows)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
