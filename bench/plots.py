@@ -116,15 +116,24 @@ def _crossover_plot(doc, res, shaped, world, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.2))
     x_none = shaped[-1] * 2
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # One colour per codec, one line style per algorithm (when several are measured).
+    codecs = list(dict.fromkeys(m.rsplit(":", 1)[0] for m in methods))
+    algo_style = {"auto": ("-", "o"), "alltoall": ("--", "^"), "allgather": ("-.", "v"),
+                  "plain": (":", "x")}
     for i, m in enumerate(methods):
-        color = colors[i % len(colors)]
+        codec, algo = m.rsplit(":", 1) if m.startswith("gz:") else (m, "")
+        color = colors[codecs.index(codec) % len(colors)] if codec in codecs else colors[0]
+        ls, mk = algo_style.get(algo, ("-", "o"))
         rr = [r for r in res if r["method"] == m and r["size_bytes"] == size]
         pts = sorted((r["per_rank_bps"] / 1e9, r["speedup_vs_fp32"]) for r in rr
                      if r.get("per_rank_bps"))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=mk, ls=ls, color=color,
+                label=m)
         none = [r for r in rr if not r.get("per_rank_bps")]
         if none:
-            ax.plot([x_none / 1e9], [none[0]["speedup_vs_fp32"]], marker="s", color=color)
+            ax.plot([x_none / 1e9], [none[0]["speedup_vs_fp32"]], marker=mk, color=color)
+        if algo not in ("auto", ""):
+            continue  # the model once per codec (for "auto", or the one method measured)
         # Bandwidth model, per rank's share x: t_fp32 = bytes_fp32/x and
         # t_gz = compress + decompress + bytes_gz/x, with the medians over the shaped runs.
         runs = [r for r in rr if r.get("per_rank_bps") and "split" in r]
@@ -150,8 +159,8 @@ def _crossover_plot(doc, res, shaped, world, png: Path) -> None:
     _nice_ticks(ax, "y", min(ys), max(ys), "{:g}x")
     ax.set_xlabel(f"each rank's share of the emulated link, Gbit/s (token bucket / {world})")
     ax.set_ylabel("speed-up over fp32 all-reduce")
-    ax.set_title(f"{world} ranks, {_label_size(size)} fp32: measured (solid) and "
-                 "bandwidth model (dotted)", fontsize=9)
+    ax.set_title(f"{world} ranks, {_label_size(size)} fp32: measured (auto solid, alltoall "
+                 "dashed, allgather dash-dot) and bandwidth model of auto (dotted)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
