@@ -536,7 +536,9 @@ def test_async_equals_sync(results, algo):
 AUTO_CHOICE = {  # world size -> algorithm, from the volume model in gradzip.comm
     ("int8", "torch.float32"): {2: "allgather", 3: "alltoall", 4: "alltoall"},
     ("int4", "torch.float32"): {2: "allgather", 3: "alltoall", 4: "alltoall"},
-    ("sign", "torch.float32"): {2: "allgather", 3: "alltoall", 4: "alltoall"},
+    # 1-bit sign: never re-compressed by "auto" (all-gather while it moves fewer bytes
+    # than the ring all-reduce: (W-1) n/32 vs 2(W-1)/W 4n bytes)
+    ("sign", "torch.float32"): {2: "allgather", 3: "allgather", 4: "allgather"},
     # 8-bit of a 16-bit tensor: all-gathering 3 payloads of ~n bytes costs more than a
     # ring all-reduce of 2 * 3/4 * 2n bytes; the two-phase algorithm still pays.
     ("int8", "torch.float16"): {2: "allgather", 3: "alltoall", 4: "alltoall"},
@@ -651,6 +653,10 @@ def test_plan_layout():
     p = comm.plan(c, 100, torch.float32, 4, "alltoall")
     assert p.chunks == ((0, 100), (100, 100), (100, 100), (100, 100))
     assert comm.plan(c, 0, torch.float32, 4, "auto").algorithm == "plain"
+    # "auto" re-compresses 2-bit and wider codecs in two phases, never 1-bit sign
+    assert comm.plan(Codec("int2"), 10**6, torch.float32, 8, "auto").algorithm == "alltoall"
+    assert comm.plan(Codec("sign"), 10**6, torch.float32, 8, "auto").algorithm == "allgather"
+    assert comm.plan(Codec("sign"), 10**6, torch.float32, 8, "alltoall").algorithm == "alltoall"
     with pytest.raises(ValueError, match="algorithm"):
         comm.plan(c, 10, torch.float32, 2, "ring")
 

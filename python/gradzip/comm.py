@@ -36,7 +36,10 @@ Algorithms
     the algorithm that moves the fewest bytes per rank by the volumes above (an
     uncompressed ring all-reduce moving 2(W-1)/W of the tensor), taking ``"alltoall"``
     only when it moves at most 3/4 of ``"allgather"`` (it compresses twice and adds one
-    latency). Bytes are not time, though: on a fast link the compression costs more than it
+    latency), and never for 1-bit sign: re-compressing a sum of scaled signs with a second
+    residual made momentum-SGD training diverge in our runs where one compression did not
+    (docs/results.md, section 3; ``algorithm="alltoall"`` still does it when asked). Bytes
+    are not time, though: on a fast link the compression costs more than it
     saves. So "auto" then measures. The first calls of each signature (group, codec,
     numel, dtype, averaging) alternate between that compressed algorithm and the plain
     all-reduce and time themselves (wall time from entry to completion; CUDA events on a
@@ -372,7 +375,9 @@ def plan(codec: Codec | str, numel: int, dtype: torch.dtype, world: int,
     allgather_volume = (world - 1) * size
     best = Plan("allgather", numel, sizes=(size,), payload_bytes=size)
     best_volume = allgather_volume
-    if not codec.is_sparse and -(-numel // codec.alignment) >= world:
+    # 1-bit sign is never re-compressed: its second (server) compression, with its own
+    # residual, made training diverge where one compression did not (docs/results.md).
+    if not codec.is_sparse and codec.bits > 1 and -(-numel // codec.alignment) >= world:
         a2a = _alltoall_plan(codec, numel, world)
         a2a_volume = 2 * (world - 1) * a2a.payload_bytes
         if a2a_volume <= 0.75 * allgather_volume:
