@@ -43,23 +43,18 @@ def worker(cfg: dict) -> None:
     import gradzip
     import torch
     import torch.distributed as dist
-    from allreduce import parse_size
+    from allreduce import _slowest, parse_size
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(cfg["threads"])
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=cfg["pg_timeout"]))
 
-    def slowest(t: float) -> float:
-        x = torch.tensor([t], dtype=torch.float64)
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-        return float(x)
-
     def timed(fn) -> float:
         dist.barrier()
         t0 = time.perf_counter()
         fn()
-        return slowest(time.perf_counter() - t0)
+        return _slowest(time.perf_counter() - t0)
 
     extra = {"verify": cfg["verify"]} if cfg.get("verify") else {}
     rows = []

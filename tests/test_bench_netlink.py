@@ -312,3 +312,25 @@ def test_train_script_smoke(tmp_path):
     for task in ("digits", "chargpt"):
         first = {r["evals"][0]["loss"] for r in doc["runs"] if r["task"] == task}
         assert len(first) == 1
+
+
+@pytest.mark.slow
+def test_auto_overhead_script_smoke(tmp_path):
+    out = tmp_path / "ao.json"
+    cmd = [sys.executable, str(BENCH / "auto_overhead.py"), "--world", "2", "--sizes",
+           "64KiB", "--codecs", "int8,topk:0.01", "--rounds", "3", "--max-rounds", "4",
+           "--verify", "once", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=_env(), timeout=600, cwd=ROOT)
+    doc = json.loads(out.read_text())
+    assert doc["verify"] == "once" and doc["world"] == 2
+    assert [(r["codec"], r["size_bytes"]) for r in doc["results"]] == [
+        ("int8", 65536), ("topk:0.01", 65536)]
+    for r in doc["results"]:
+        # "auto" settled (at its first or last look) on one of the three algorithms
+        assert r["choice"] in ("plain", "allgather", "alltoall"), r
+        from gradzip import comm
+
+        assert r["settle_calls"] in (comm.AUTO_FIRST_LOOK + 1, 2 * comm.AUTO_PROBES + 1), r
+        assert 3 <= r["rounds"] <= 4 and len(r["auto_times_s"]) == r["rounds"]
+        assert r["auto_vs_fp32"] == pytest.approx(r["auto_s"] / r["fp32_s"])
+        assert r["fp32_s"] > 0 and r["fp32_again_s"] > 0

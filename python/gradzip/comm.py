@@ -833,7 +833,7 @@ class _Finish:
     ``wait`` waits for the first; ``decode`` waits for the others as it goes, so that with
     several it decodes one while the next is still arriving."""
 
-    def __init__(self, works, decode: Callable[..., None]) -> None:
+    def __init__(self, works, decode: Callable[[bool], None]) -> None:
         self.works = list(works) if isinstance(works, (list, tuple)) else [works]
         self.decode = decode
         self.via_future = False
@@ -850,10 +850,7 @@ class _Finish:
         return torch.futures.collect_all([w.get_future() for w in self.works])
 
     def __call__(self) -> None:
-        if len(self.works) > 1:
-            self.decode(wait=not self.via_future)
-        else:
-            self.decode()
+        self.decode(not self.via_future)
 
 
 def _plain(flat, world, rank, group, average, timer) -> _Finish:
@@ -861,7 +858,7 @@ def _plain(flat, world, rank, group, average, timer) -> _Finish:
         flat.div_(world)  # before the sum, as DDP does, so fp16 sums overflow later
     with timer("communicate"):
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    return _Finish(work, lambda: None)
+    return _Finish(work, lambda wait: None)
 
 
 def _allgather(flat, world, rank, group, average, timer, codec, p, slot, seeds,
@@ -873,7 +870,7 @@ def _allgather(flat, world, rank, group, average, timer, codec, p, slot, seeds,
     with timer("communicate"):
         work = _all_gather(rows.view(-1), payload, group, async_op=True)
 
-    def decode() -> None:
+    def decode(wait: bool) -> None:  # one collective: _Finish.wait() waited for it
         with timer("decompress"):
             if check_headers:
                 expected = codec.header(p.numel)
@@ -963,7 +960,7 @@ def _alltoall(flat, world, rank, group, average, timer, codec, p, slot, seeds,
             gworks.append(_all_gather(g.view(-1), gathered_in, group, async_op=True))
         gathered.append(g)
 
-    def decode(wait: bool = False) -> None:
+    def decode(wait: bool) -> None:
         for j, sp in enumerate(segs):
             if wait and j > 0:  # _Finish.wait() waited for the first
                 with timer("communicate"):
