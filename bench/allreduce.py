@@ -467,16 +467,11 @@ class Bench:
 
 
 def worker(cfg_path: str) -> None:
-    import datetime
 
-    import torch
     import torch.distributed as dist
 
     cfg = json.loads(Path(cfg_path).read_text())
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(cfg["threads"])
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg["pg_timeout"]))
+    rank, world = netlink.join_group(cfg["threads"], cfg["pg_timeout"])
 
     def log(*a):
         if rank == 0:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -38,17 +37,12 @@ DEFAULT_CODECS = "int8,int4,sign,topk:0.01"
 
 
 def worker(cfg: dict) -> None:
-    import datetime
-
     import gradzip
     import torch
     import torch.distributed as dist
     from allreduce import _slowest, parse_size
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(cfg["threads"])
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg["pg_timeout"]))
+    rank, world = netlink.join_group(cfg["threads"], cfg["pg_timeout"])
 
     def timed(fn) -> float:
         dist.barrier()

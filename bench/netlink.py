@@ -297,6 +297,21 @@ def rank_env(rank: int, world: int, port: int, threads: int) -> dict[str, str]:
     return env
 
 
+def join_group(threads: int, pg_timeout: float) -> tuple[int, int]:
+    """In a rank started by :func:`launch`: set the torch thread count and join the Gloo
+    process group (a hung collective fails after ``pg_timeout`` seconds); (rank, world)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=pg_timeout))
+    return rank, world
+
+
 def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
            threads: int = 1, timeout: float | None = None, port: int | None = None,
            on_poll: Callable[[], None] | None = None) -> None:

@@ -288,16 +288,12 @@ def register_method(model, method: str, cfg: dict):
 
 def worker(cfg_path: str) -> None:
     """One rank: train ``cfg['methods']`` one after the other in this process group."""
-    import datetime
 
     import torch
     import torch.distributed as dist
 
     cfg = json.loads(Path(cfg_path).read_text())
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(cfg["threads"])
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg["pg_timeout"]))
+    rank, world = netlink.join_group(cfg["threads"], cfg["pg_timeout"])
     task = make_task(cfg["task"], cfg)
     target = cfg.get("target")
     for method, result_path in zip(cfg["methods"], cfg["result_paths"]):

@@ -742,7 +742,6 @@ def all_reduce(
     if rank < 0 or world < 1:
         raise ValueError("this process is not a member of the given process group")
     timer = _Timings(timings) if timings is not None else _NullTimer()
-    clock_at_entry = _Clock(tensor.device) if algorithm == "auto" else None
 
     local_error = _check_input(tensor)
     numel = tensor.numel()
@@ -755,6 +754,9 @@ def all_reduce(
         tuner = _AUTO.get(tkey)
         if tuner is None or tuner.compressed != p:
             tuner = _AUTO[tkey] = _AutoTuner(p)
+    # Only a call that may be a probe is timed (settled calls make no CUDA events).
+    clock_at_entry = _Clock(tensor.device) if tuner is not None and tuner.choice is None \
+        else None
     # Will this call be a plain all-reduce that "auto" chose? (Known before any collective.)
     auto_plain = algorithm == "auto" and p is not None and (
         p.algorithm == "plain" or tuner.upcoming_plain())
