@@ -24,7 +24,6 @@ import torch
 from . import (
     _C,  # noqa: F401  (loads the operator library)
     _checks,
-    reference,
 )
 from . import format as fmt
 
@@ -92,6 +91,13 @@ def _triton():
     return gz_triton
 
 
+def _reference():
+    # Only backend="torch" runs the specification; nothing else here depends on it.
+    from . import reference
+
+    return reference
+
+
 def _on_cpu(t: torch.Tensor | None):
     return None if t is None else t.detach().cpu()
 
@@ -137,7 +143,7 @@ def quantize_pack(
     if be == "triton":
         return _triton().quantize_pack(x, bits, block, residual, stochastic, seed)
     r = _on_cpu(residual)
-    out = reference.quantize_pack(x.detach().cpu(), bits, block, r, rounding, seed)
+    out = _reference().quantize_pack(x.detach().cpu(), bits, block, r, rounding, seed)
     if residual is not None:
         residual.copy_(r)
     return out.to(x.device)
@@ -178,7 +184,7 @@ def topk_select(
     if be == "triton":
         return _triton().topk_select(x, k, residual, exact, vf, seed)
     r = _on_cpu(residual)
-    out = reference.topk_select(x.detach().cpu(), k, r, exact, values, seed)
+    out = _reference().topk_select(x.detach().cpu(), k, r, exact, values, seed)
     if residual is not None:
         residual.copy_(r)
     return out.to(x.device)
@@ -219,7 +225,7 @@ def dequantize_accumulate(
         _triton().dequantize_accumulate(rows, out, float(alpha), header=header)
         return out
     o = out.detach().cpu()
-    reference.dequantize_accumulate(rows.cpu(), o, float(alpha))
+    _reference().dequantize_accumulate(rows.cpu(), o, float(alpha))
     out.copy_(o)
     return out
 

@@ -15,7 +15,10 @@ that GradScaler skips does not poison later steps.
 
 Random numbers (stochastic rounding, top-k sampling) come from ``uniform(seed, i)``, a
 counter-based hash of the seed and the element's flat index, so every backend and every
-thread layout draws the same number for the same element.
+thread layout draws the same number for the same element. The hash (``lowbias32``,
+``hash32``, ``uniform``), the sample size and the threshold rank of approximate top-k
+(``SAMPLE_SIZE``, ``approximate_rank``) are defined in :mod:`gradzip.spec`, which the
+kernels share, and are part of this module's namespace.
 """
 
 from __future__ import annotations
@@ -23,44 +26,13 @@ from __future__ import annotations
 import torch
 
 from . import format as fmt
-
-MASK32 = 0xFFFFFFFF
-
-# ---------------------------------------------------------------------------------------
-# Counter-based random numbers.  All arithmetic is on uint32 values held in int64 tensors.
-# ---------------------------------------------------------------------------------------
-
-
-def _mul32(a: torch.Tensor | int, c: int) -> torch.Tensor | int:
-    """(a * c) mod 2**32 for 0 <= a, c < 2**32, without int64 overflow."""
-    lo = a * (c & 0xFFFF)
-    hi = (a * (c >> 16)) & 0xFFFF
-    return (lo + (hi << 16)) & MASK32
-
-
-def lowbias32(x):
-    """A 32-bit integer finaliser (xorshift-multiply, constants from C. Wellons' hash-prospector)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    x = x ^ (x >> 16)
-    return x
-
-
-def hash32(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """uint32 hash of (seed, index) for 0 <= seed < 2**32 and int64 indices >= 0."""
-    lo = index & MASK32
-    hi = index >> 32
-    k1 = lowbias32(seed ^ 0x9E3779B9)
-    k2 = lowbias32(hi ^ k1)
-    return lowbias32((lowbias32(lo ^ k2) + k1) & MASK32)
-
-
-def uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """float32 in [0, 1): the top 24 bits of hash32, times 2**-24 (exact)."""
-    return (hash32(seed, index) >> 8).to(torch.float32) * (2.0**-24)
-
+from .spec import (  # the hash and the approximate top-k rule, shared with the kernels
+    SAMPLE_SIZE,
+    approximate_rank,
+    hash32,
+    lowbias32,
+    uniform,
+)
 
 # ---------------------------------------------------------------------------------------
 # quantize_pack
@@ -213,9 +185,6 @@ def quantize_pack(
 # topk_select
 # ---------------------------------------------------------------------------------------
 
-SAMPLE_SIZE = 16384  # sampled elements for the approximate threshold
-
-
 CANONICAL_NAN_KEY = 0x7FC00000
 
 
@@ -245,14 +214,6 @@ def sample_positions(n: int, seed: int) -> torch.Tensor:
     start = j * n // s
     size = (j + 1) * n // s - start
     return start + hash32(seed, j) % size
-
-
-def approximate_rank(n: int, k: int) -> int:
-    """Rank (1-based) in the sorted sample whose key becomes the candidate threshold:
-    ceil(1.25 * k * S / n) + 16, at most S — a margin so that the candidates nearly
-    always number at least k."""
-    s = min(n, SAMPLE_SIZE)
-    return min(s, (5 * k * s + 4 * n - 1) // (4 * n) + 16)
 
 
 def select_indices(v: torch.Tensor, k: int, exact: bool, seed: int) -> torch.Tensor:
@@ -399,12 +360,16 @@ def compressed_bytes_per_element(bits: int, block: int) -> float:
 
 
 __all__ = [
+    "SAMPLE_SIZE",
+    "approximate_rank",
     "block_abs_sum",
     "dequantize",
     "dequantize_accumulate",
     "hash32",
+    "lowbias32",
     "magnitude_key",
     "quantize_pack",
+    "sample_positions",
     "select_indices",
     "topk_select",
     "uniform",

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import format as fmt
+from ..spec import seed_key  # noqa: F401  (k1 of hash32, computed on the host for the kernels)
 
 #: True when kernels run on the Triton CPU interpreter (set before this module is imported).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -153,13 +154,13 @@ def load_f32(ptr, offs, mask):
 
 
 # ---------------------------------------------------------------------------------------
-# counter-based random numbers (reference.hash32 / reference.uniform), uint32 arithmetic
+# counter-based random numbers (spec.hash32 / spec.uniform), uint32 arithmetic
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
 def hash32(k1, index):
-    """hash32(seed, index) given k1 = lowbias32(seed ^ 0x9E3779B9) (from :func:`seed_key`)
+    """hash32(seed, index) given k1 = lowbias32(seed ^ 0x9E3779B9) (from :func:`gradzip.spec.seed_key`)
     as a uint32 and int64 indices >= 0. lowbias32 is written out three times (not a
     helper) for the interpreter's sake, see above."""
     c1 = tl.full(index.shape, 0x7FEB352D, tl.uint32)
@@ -190,21 +191,6 @@ def hash32(k1, index):
 def uniform(k1, index):
     """float32 in [0, 1): the top 24 bits of the hash times 2**-24 (both steps exact)."""
     return (hash32(k1, index) >> 8).to(tl.float32) * 5.9604644775390625e-08
-
-
-def _lowbias32_host(x: int) -> int:
-    m = 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & m
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & m
-    x ^= x >> 16
-    return x
-
-
-def seed_key(seed: int) -> int:
-    """k1 = lowbias32(seed ^ 0x9E3779B9), hoisted out of the kernels."""
-    return _lowbias32_host((seed ^ 0x9E3779B9) & 0xFFFFFFFF)
 
 
 # ---------------------------------------------------------------------------------------

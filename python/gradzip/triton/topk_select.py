@@ -41,7 +41,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import format as fmt
-from .. import reference
+from .. import spec
 from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
@@ -486,8 +486,8 @@ def triton_topk_select(x: torch.Tensor, k: int, residual: torch.Tensor | None,
                 HAS_RES=has_res, COUNT=False, TILE=TILE)
         _select_and_emit(vbuf, None, st, FULL.value, n, **common)
     else:
-        s = min(n, reference.SAMPLE_SIZE)
-        rank = reference.approximate_rank(n, k)
+        s = spec.sample_count(n)
+        rank = spec.approximate_rank(n, k)
         # The candidate list's capacity: about twice the expected count (rank strata of
         # n / s elements each); more candidates than this take the all-elements path.
         cap = min(n, 2 * rank * triton.cdiv(n, s) + 1024)
