@@ -176,15 +176,11 @@ def error_battery(rank: int, world: int) -> dict:
         st.set_residual(KEY, torch.zeros(N + 5))
     res["residual-size"] = _catch(lambda: gradzip.all_reduce(
         make_input(N, rank, 0), codec("int4"), state=st, key=KEY, algorithm="allgather"))
-    fmt_mod = gradzip.format
-    saved = fmt_mod.VERSION
-    if rank == last:
-        fmt_mod.VERSION = saved + 1  # this rank speaks another format version
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        if rank == last:  # this rank speaks another format version
+            mp.setattr(gradzip.format, "VERSION", gradzip.format.VERSION + 1)
         res["version"] = _catch(lambda: gradzip.all_reduce(
             make_input(N, rank, 0), codec("int4"), algorithm="allgather"))
-    finally:
-        fmt_mod.VERSION = saved
     # A corrupt header (the version byte) in what one rank sends: caught by the header
     # check on every rank. For alltoall only the payload of chunk 0 is corrupted, so only
     # rank 0 sees it in phase 1 and must pass the news on in phase 2.
@@ -199,13 +195,11 @@ def error_battery(rank: int, world: int) -> dict:
                 p[4] ^= 0x7F
             return p
 
-        if rank == last:
-            Codec.compress = corrupt
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            if rank == last:
+                mp.setattr(Codec, "compress", corrupt)
             res[f"corrupt-{algo}"] = _catch(lambda algo=algo: gradzip.all_reduce(
                 make_input(N, rank, 0), codec("int4"), algorithm=algo))
-        finally:
-            Codec.compress = real
     res["still-works"] = _group_still_works(rank, world)
     return res
 
@@ -217,7 +211,8 @@ def die_midway(rank: int, world: int) -> dict:
         def die(self, *a, **kw):
             os._exit(3)
 
-        Codec.compress = die
+        # this process ends inside the call: nothing to restore
+        pytest.MonkeyPatch().setattr(Codec, "compress", die)
     t0 = time.monotonic()
     err = _catch(lambda: gradzip.all_reduce(make_input(N, rank, 0), codec("int4"),
                                             algorithm="alltoall"))
@@ -663,31 +658,27 @@ def test_plan_layout():
 
 def test_error_feedback_state_dict_roundtrip():
     ef = gradzip.ErrorFeedback(seed=9)
-    slot = ef._slot("a", 10, torch.device("cpu"))
-    slot.worker.copy_(torch.arange(10.0))
-    slot.server = torch.ones(6)
-    slot.server_layout = (2, ((3, 7), (8, 10)), 2.0)  # this rank's chunk of two segments
-    slot.step = 5
+    cpu = torch.device("cpu")
+    ef.set_residual("a", torch.arange(10.0), step=5)
+    # this rank's chunk of two segments, in a group of 2, averaging (scale 2)
+    layout = comm.ServerLayout(2, ((3, 7), (8, 10)), 2.0)
+    ef.server_residual_for("a", layout, cpu).copy_(torch.ones(6))
     sd = ef.state_dict()
     ef2 = gradzip.ErrorFeedback()
     ef2.load_state_dict(sd)
     assert ef2.seed == 9 and torch.equal(ef2.pending("a"), ef.pending("a"))
-    assert ef2._slots["a"].step == 5
+    assert ef2.step("a") == 5
+    assert torch.equal(ef2.server_residual("a"), ef.server_residual("a"))
     want = torch.arange(10.0)
     want[3:7] += 2.0
     want[8:10] += 2.0
     assert torch.equal(ef.pending("a"), want)
-    # a state_dict of the one-range layout (world, start, stop, scale) still loads
-    old = ef.state_dict()
-    old["slots"]["a"]["server"] = torch.ones(4)
-    old["slots"]["a"]["server_layout"] = (2, 3, 7, 2.0)
-    ef3 = gradzip.ErrorFeedback()
-    ef3.load_state_dict(old)
-    want = torch.arange(10.0)
-    want[3:7] += 2.0
-    assert torch.equal(ef3.pending("a"), want)
+    # another layout folds the old server residual into the worker residual: nothing lost
+    ef2.server_residual_for("a", comm.ServerLayout(2, ((0, 5),), 2.0), cpu)
+    assert torch.equal(ef2.pending("a"), want)
+    assert torch.equal(ef2.residual("a"), want)
     with pytest.raises(ValueError, match="holds a residual of 10"):
-        ef._slot("a", 11, torch.device("cpu"))
+        ef.worker_residual("a", 11, cpu)
     with pytest.raises(ValueError):
         ef2.load_state_dict({"nope": 1})
     with pytest.raises(ValueError):
@@ -750,7 +741,9 @@ def auto_tune_battery(rank: int, world: int, fake: dict) -> dict:
     """Each timed call reports the seconds ``fake[rank][kind]`` instead of its wall time
     (kind: the call's algorithm), so the decision is known in advance; everything else,
     collectives included, is real."""
-    comm._Clock.seconds = lambda self: fake[rank]["plain" if self.kind == "plain" else "gz"]
+    mp = pytest.MonkeyPatch()  # undone below, before the process returns its results
+    mp.setattr(comm.autotune.Clock, "seconds",
+               lambda self: fake[rank]["plain" if self.kind == "plain" else "gz"])
     out = {}
     st = gradzip.ErrorFeedback(seed=EF_SEED)
     outs, choices = [], []
@@ -764,6 +757,7 @@ def auto_tune_battery(rank: int, world: int, fake: dict) -> dict:
     out["pending"] = st.pending(KEY)
     comm.reset_auto()
     out["after_reset"] = comm.auto_choice(AUTO_TUNE_N, codec("int8"))
+    mp.undo()
     return out
 
 
@@ -830,7 +824,7 @@ def segmented_battery(rank: int, world: int) -> dict:
     """The same EF steps with the pipeline off (one segment) and on (small segments)."""
     out = {}
     for label, min_numel in (("one", 1 << 30), ("many", 2_000)):
-        comm.PIPELINE_MIN_NUMEL = min_numel
+        pipe = comm.Pipeline(min_numel=min_numel)
         for spec in ("int8", "int4,block=64", "sign"):
             st = gradzip.ErrorFeedback(seed=EF_SEED)
             steps = []
@@ -838,22 +832,19 @@ def segmented_battery(rank: int, world: int) -> dict:
                 x = make_input(SEG_N, rank, t, tag=12)
                 if t == SEG_STEPS - 1:  # the last step through the future
                     assert gradzip.all_reduce(x, codec(spec), state=st, algorithm="alltoall",
-                                              key=KEY, async_op=True).wait() is x
+                                              key=KEY, async_op=True,
+                                              pipeline=pipe).wait() is x
                 else:
                     gradzip.all_reduce(x, codec(spec), state=st, algorithm="alltoall",
-                                       key=KEY)
+                                       key=KEY, pipeline=pipe)
                 steps.append(x)
             # the server residual spread out over the whole tensor (0 where others own it)
-            slot = st._slots[KEY]
-            server = torch.zeros(SEG_N)
-            if slot.server is not None:
-                off = 0
-                for a, b in slot.server_layout[1]:
-                    server[a:b] = slot.server[off : off + b - a]
-                    off += b - a
-            out[(label, spec)] = (steps, slot.worker.clone(), server)
+            server = st.server_residual(KEY)
+            if server is None:
+                server = torch.zeros(SEG_N)
+            out[(label, spec)] = (steps, st.residual(KEY).clone(), server)
         out[(label, "plan")] = comm.plan(codec("int8"), SEG_N, torch.float32, world,
-                                         "alltoall")
+                                         "alltoall", pipeline=pipe)
     # a corrupt phase-1 payload in a later segment still reaches every rank as an error
     real = Codec.compress
     calls: list[int] = []
@@ -865,36 +856,34 @@ def segmented_battery(rank: int, world: int) -> dict:
             p[4] ^= 0x7F
         return p
 
-    if rank == world - 1:
-        Codec.compress = corrupt
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        if rank == world - 1:
+            mp.setattr(Codec, "compress", corrupt)
         out["corrupt"] = _catch(lambda: gradzip.all_reduce(
-            make_input(SEG_N, rank, 0), codec("int4"), algorithm="alltoall"))
-    finally:
-        Codec.compress = real
+            make_input(SEG_N, rank, 0), codec("int4"), algorithm="alltoall",
+            pipeline=comm.Pipeline(min_numel=2_000)))
     out["still-works"] = _group_still_works(rank, world)
     return out
 
 
 def test_pipeline_segments_layout():
     assert comm.pipeline_segments(100, 8) == [(0, 100)]
-    old = comm.PIPELINE_MIN_NUMEL
-    try:
-        comm.PIPELINE_MIN_NUMEL = 30
-        assert comm.pipeline_segments(100, 8) == [(0, 40), (40, 80), (80, 100)]  # 100 // 30
-        assert comm.pipeline_segments(70, 8) == [(0, 40), (40, 70)]  # 2 segments of 30+
-        assert comm.pipeline_segments(1000, 128) == [(0, 256), (256, 512), (512, 768),
-                                                     (768, 1000)]  # at most 4
-        p = comm.plan(Codec("int8", block=32), 1000, torch.float32, 3, "alltoall")
-        assert len(p.segments) == 4 and p.payload_bytes == sum(s.payload_bytes
-                                                               for s in p.segments)
-        for s in p.segments:  # chunks tile each segment at multiples of the block
-            assert all(a % 32 == 0 for a, _ in s.chunks)
-        assert [s.chunks[0][0] for s in p.segments] == [0, 256, 512, 768]
-        # top-k is never cut into segments (k is re-selected per chunk)
-        assert comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "alltoall").segments == ()
-    finally:
-        comm.PIPELINE_MIN_NUMEL = old
+    pipe = comm.Pipeline(min_numel=30)
+    assert comm.pipeline_segments(100, 8, pipe) == [(0, 40), (40, 80), (80, 100)]  # 100 // 30
+    assert comm.pipeline_segments(70, 8, pipe) == [(0, 40), (40, 70)]  # 2 segments of 30+
+    assert comm.pipeline_segments(1000, 128, pipe) == [(0, 256), (256, 512), (512, 768),
+                                                       (768, 1000)]  # at most 4
+    p = comm.plan(Codec("int8", block=32), 1000, torch.float32, 3, "alltoall", pipeline=pipe)
+    assert len(p.segments) == 4 and p.payload_bytes == sum(s.payload_bytes
+                                                           for s in p.segments)
+    for s in p.segments:  # chunks tile each segment at multiples of the block
+        assert all(a % 32 == 0 for a, _ in s.chunks)
+    assert [s.chunks[0][0] for s in p.segments] == [0, 256, 512, 768]
+    # top-k is never cut into segments (k is re-selected per chunk)
+    assert comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "alltoall",
+                     pipeline=pipe).segments == ()
+    with pytest.raises(ValueError, match="min_numel"):
+        comm.Pipeline(min_numel=0)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -1,0 +1,251 @@
+"""The three ways :func:`gradzip.all_reduce` moves a tensor, each taking one :class:`Call`.
+
+``plain``
+    An uncompressed ``all_reduce`` (divided by W first when averaging, as DDP does).
+``allgather``
+    Every rank compresses its whole tensor (worker residual), the payloads are all-gathered
+    and every rank decodes all W of them with one ``dequantize_accumulate`` in rank order.
+    Traffic per rank: (W-1) payloads. Right for small W and for top-k.
+``alltoall`` (two-phase, as in 1-bit Adam / ZeRO++ qgZ / CGX)
+    Phase 1: each rank compresses its W chunks (worker residual) and ``all_to_all_single``
+    sends chunk i to rank i, which accumulates the W payloads of its chunk in float32
+    (times 1/W when averaging). Phase 2: it re-compresses that chunk (server residual), the
+    W chunk payloads are all-gathered and every rank decodes every chunk. Payloads of a
+    short chunk are padded with zero bytes so every message has the same size. Pipeline
+    segments (see :mod:`gradzip.comm.plan`) are reduced this way one after the other, each
+    segment's collectives started as soon as its payloads are ready: segment s+1 is
+    compressed while segment s is on the wire, and segment s is decoded while s+1 is still
+    arriving. Top-k works too (k is split over the chunks and re-selected on the owner),
+    though ``"auto"`` only picks it for dense codecs.
+
+Every rank decodes the same payloads in the same order, so the result is bit-identical on
+every rank. Collectives are issued from the calling thread in the same order on every
+rank; an algorithm returns a :class:`Finish`: the running collectives plus the decode that
+follows them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+from ..codecs import Codec
+from .agreement import header_problems, mismatch_error
+from .collectives import all_gather, all_reduce_sum, all_to_all
+from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
+from .plan import Plan
+
+
+class PhaseTimer:
+    """Adds wall seconds per phase ("verify", "compress", "communicate", "decompress") into
+    a dict, or does nothing without one (CPU work; on CUDA it sees launch time)."""
+
+    def __init__(self, sink: dict[str, float] | None) -> None:
+        self.sink = sink
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.sink is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sink[name] = self.sink.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Call:
+    """Everything one reduction needs, decided before the first payload is made."""
+
+    flat: torch.Tensor  # the tensor, flat and contiguous; reduced in place
+    plan: Plan
+    codec: Codec
+    group: object  # torch.distributed.ProcessGroup or None (the default group)
+    rank: int
+    world: int
+    average: bool
+    feedback: ErrorFeedback | None  # residuals (None: no error feedback)
+    key: Hashable
+    base_seed: int  # the feedback's seed, or the call's seed without one
+    check_headers: bool
+    timer: PhaseTimer
+
+    def __post_init__(self) -> None:
+        # Seeds of this call: the feedback's step counter of this key, or 0 without one.
+        if self.feedback is not None:
+            self.step, self.khash = self.feedback.next_step(self.key), key_hash(self.key)
+        else:
+            self.step, self.khash = 0, 0
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 / self.world if self.average else 1.0
+
+    def seed(self, phase: int, chunk: int) -> int:
+        """The seed of one compression: phase 0 (worker) or 1 (server), chunk index."""
+        return stochastic_seed(self.base_seed, self.rank, self.step, self.khash, phase, chunk)
+
+    def worker_residual(self) -> torch.Tensor | None:
+        if self.feedback is None:
+            return None
+        return self.feedback.worker_residual(self.key, self.plan.numel, self.flat.device)
+
+
+class Finish:
+    """The tail of an algorithm: the running collectives plus the decode that follows.
+    ``wait`` waits for the first; the decode waits for the others as it goes, so that with
+    several it decodes one while the next is still arriving."""
+
+    def __init__(self, works, decode: Callable[[bool], None]) -> None:
+        self.works = list(works) if isinstance(works, (list, tuple)) else [works]
+        self.decode = decode
+        self.via_future = False
+
+    def wait(self) -> None:
+        self.works[0].wait()
+
+    def future(self) -> torch.futures.Future:
+        # The decode then runs in this future's callback, when every collective is done:
+        # it must not wait on them there (a work's wait inside its own callback deadlocks).
+        self.via_future = True
+        if len(self.works) == 1:
+            return self.works[0].get_future()
+        return torch.futures.collect_all([w.get_future() for w in self.works])
+
+    def __call__(self) -> None:
+        self.decode(not self.via_future)
+
+
+def plain(call: Call) -> Finish:
+    if call.average and call.world > 1:
+        call.flat.div_(call.world)  # before the sum, as DDP does, so fp16 sums overflow later
+    with call.timer("communicate"):
+        work = all_reduce_sum(call.flat, call.group, async_op=True)
+    return Finish(work, lambda wait: None)
+
+
+def allgather(call: Call) -> Finish:
+    flat, p, codec, world = call.flat, call.plan, call.codec, call.world
+    with call.timer("compress"):
+        payload = codec.compress(flat, call.worker_residual(), seed=call.seed(0, 0))
+    rows = torch.empty((world, p.payload_bytes), dtype=torch.uint8, device=flat.device)
+    with call.timer("communicate"):
+        work = all_gather(rows.view(-1), payload, call.group, async_op=True)
+
+    def decode(wait: bool) -> None:  # one collective: Finish.wait() waited for it
+        with call.timer("decompress"):
+            if call.check_headers:
+                problems = header_problems(rows, [codec.header(p.numel)] * world,
+                                           [p.payload_bytes] * world)
+                if problems:
+                    raise mismatch_error(f"received payloads do not match this rank's codec "
+                                         f"{codec.spec} for numel {p.numel}", problems)
+            flat.zero_()
+            codec.decompress_accumulate(rows, flat, call.alpha)
+
+    return Finish(work, decode)
+
+
+def alltoall(call: Call) -> Finish:
+    flat, codec, world, rank = call.flat, call.codec, call.world, call.rank
+    dev = flat.device
+    segs = call.plan.stages()
+    worker = call.worker_residual()
+    # This rank's server residual: its chunk of every segment, concatenated.
+    server = None
+    if call.feedback is not None:
+        layout = ServerLayout(world, tuple(s.chunks[rank] for s in segs),
+                              float(world) if call.average else 1.0)
+        server = call.feedback.server_residual_for(call.key, layout, dev)
+
+    # Phase 1: compress each segment's W chunks and start its all-to-all at once, so the
+    # next segment is compressed while this one is on the wire.
+    recvs, works = [], []
+    for j, sp in enumerate(segs):
+        with call.timer("compress"):
+            send = torch.zeros((world, sp.payload_bytes), dtype=torch.uint8, device=dev)
+            for i, ((a, b), k, size) in enumerate(zip(sp.chunks, sp.ks, sp.sizes)):
+                if b > a:
+                    res = worker[a:b] if worker is not None else None
+                    send[i, :size] = codec.compress(flat[a:b], res,
+                                                    seed=call.seed(0, j * world + i), k=k)
+        recv = torch.empty_like(send)
+        with call.timer("communicate"):
+            works.append(all_to_all(recv.view(-1), send.view(-1), call.group, async_op=True))
+        recvs.append(recv)
+
+    # Phase 2, segment by segment as they arrive: accumulate this rank's chunk, re-compress
+    # it (server residual), start its all-gather.
+    phase1_problems: list[tuple[int, str]] = []
+    gathered, gworks = [], []
+    off = 0
+    for j, sp in enumerate(segs):
+        with call.timer("communicate"):
+            works[j].wait()
+        a, b = sp.chunks[rank]
+        my_size, my_k = sp.sizes[rank], sp.ks[rank]
+        gathered_in = torch.zeros(sp.payload_bytes, dtype=torch.uint8, device=dev)
+        problems: list[tuple[int, str]] = []
+        if b > a:
+            with call.timer("decompress"):
+                if call.check_headers:
+                    problems = header_problems(recvs[j], [codec.header(b - a, k=my_k)] * world,
+                                               [my_size] * world)
+                if not problems:
+                    rows = recvs[j][:, :my_size]
+                    acc = torch.zeros(b - a, dtype=torch.float32, device=dev)
+                    codec.decompress_accumulate(rows if my_size == sp.payload_bytes
+                                                else rows.contiguous(), acc, call.alpha)
+            if not problems:
+                with call.timer("compress"):
+                    res = server[off : off + b - a] if server is not None else None
+                    gathered_in[:my_size] = codec.compress(
+                        acc, res, seed=call.seed(1, j * world + rank), k=my_k)
+            # else: the zero header tells every other rank that this one found bad
+            # payloads, after it has taken part in the all-gather, so nobody waits on it.
+        off += b - a
+        phase1_problems += problems
+        g = torch.empty((world, sp.payload_bytes), dtype=torch.uint8, device=dev)
+        with call.timer("communicate"):
+            gworks.append(all_gather(g.view(-1), gathered_in, call.group, async_op=True))
+        gathered.append(g)
+
+    def decode(wait: bool) -> None:
+        for j, sp in enumerate(segs):
+            if wait and j > 0:  # Finish.wait() waited for the first
+                with call.timer("communicate"):
+                    gworks[j].wait()
+            with call.timer("decompress"):
+                if phase1_problems:
+                    a, b = sp.chunks[rank]
+                    raise mismatch_error(
+                        f"received payloads do not match this rank's codec {codec.spec} for "
+                        f"chunk [{a}, {b}) of numel {call.plan.numel}", phase1_problems)
+                if call.check_headers:
+                    expected = [codec.header(e - s, k=k) if e > s else None
+                                for (s, e), k in zip(sp.chunks, sp.ks)]
+                    problems = header_problems(gathered[j], expected, list(sp.sizes))
+                    if problems:
+                        raise mismatch_error(
+                            "phase-2 payloads do not match (a rank whose phase-1 payloads "
+                            "were bad sends an empty header)", problems, "chunk of rank")
+                for i, ((s, e), size) in enumerate(zip(sp.chunks, sp.sizes)):
+                    if e > s:
+                        out = flat[s:e]
+                        out.zero_()
+                        codec.decompress_accumulate(gathered[j][i : i + 1, :size], out, 1.0)
+
+    return Finish(gworks, decode)
+
+
+ALGORITHM_FUNCTIONS: dict[str, Callable[[Call], Finish]] = {
+    "plain": plain, "allgather": allgather, "alltoall": alltoall}
+
+__all__ = ["ALGORITHM_FUNCTIONS", "Call", "Finish", "PhaseTimer", "allgather", "alltoall",
+           "plain"]

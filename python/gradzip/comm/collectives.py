@@ -1,0 +1,36 @@
+"""The few ``torch.distributed`` calls gradzip makes, in the form that works on Gloo and NCCL.
+
+Only ``all_gather_into_tensor``, ``all_to_all_single`` and ``all_reduce(SUM)`` are used: Gloo
+emulates ``reduce_scatter`` with an all-reduce (twice the traffic) and has no
+``ReduceOp.AVG``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# torch 2.14 renamed all_gather_into_tensor to all_gather_single; gradzip supports both.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
+    """``out`` (W * inp.numel()) = every rank's ``inp``, in rank order."""
+    return _all_gather_single(out, inp, group=group, async_op=async_op)
+
+
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
+    """Row i of ``inp`` goes to rank i; row j of ``out`` comes from rank j."""
+    return dist.all_to_all_single(out, inp, group=group, async_op=async_op)
+
+
+def all_reduce_sum(t: torch.Tensor, group, async_op: bool):
+    return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+
+def completed(value: torch.Tensor) -> torch.futures.Future:
+    """A future that already holds ``value`` (CUDA-aware for a CUDA tensor)."""
+    fut: torch.futures.Future = torch.futures.Future(
+        devices=[value.device] if value.is_cuda else None)
+    fut.set_result(value)
+    return fut

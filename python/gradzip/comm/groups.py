@@ -1,0 +1,37 @@
+"""State that belongs to one process group: the signatures whose agreement was verified and
+the tuners of ``"auto"``.
+
+It lives in a map weakly keyed by the ``ProcessGroup`` object itself, so it goes away with
+the group: a group created after another was destroyed starts fresh even when Python
+reuses the old object's ``id`` (keying by ``id(group)`` would let it inherit the old
+group's settled choices and "verified" marks).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+
+@dataclass
+class GroupState:
+    verified: set = field(default_factory=set)  # fingerprints exchanged at least once
+    tuners: dict = field(default_factory=dict)  # signature -> autotune.Tuner
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def group_state(group: dist.ProcessGroup | None) -> GroupState:
+    """The state of ``group`` (None: the default group)."""
+    pg = group if group is not None else dist.group.WORLD
+    state = _STATES.get(pg)
+    if state is None:
+        state = _STATES[pg] = GroupState()
+    return state
+
+
+def all_group_states() -> list[GroupState]:
+    return list(_STATES.values())

@@ -1,0 +1,182 @@
+"""Planning: which algorithm moves a tensor, how it is cut, and how many bytes that costs.
+
+Pure functions of the codec, the tensor's size and dtype, the group size and the settings
+given as arguments: no ``torch.distributed``, no module state. Every rank that agrees on
+those inputs computes the same :class:`Plan` (the agreement check compares a fingerprint
+of it).
+
+Cuts
+----
+Two-phase (``"alltoall"``): the tensor is cut into W chunks at multiples of
+``codec.alignment`` (the block for dense codecs, so every block of a chunk is a block of
+the whole tensor): chunk size ``c = align * ceil(ceil(n / align) / W)``, chunk i is
+``[i*c, min((i+1)*c, n))`` (the last chunks may be short or empty). Top-k splits k over the
+chunks. Large tensors of dense codecs are first cut into pipeline segments (one per
+``Pipeline.min_numel`` elements, at most ``Pipeline.max_segments``, at multiples of the
+block), each with chunks of its own; quantization is per block, so segments change the
+timing, never the numbers.
+
+Volumes (bytes one rank sends per call)
+---------------------------------------
+``plain``: a ring all-reduce, ``2 (W-1)/W * numel * itemsize``. ``allgather``: ``(W-1)``
+payloads. ``alltoall``: ``2 (W-1)`` chunk payloads (phase-1 all-to-all plus phase-2
+all-gather). ``"auto"`` first takes the compressed algorithm that moves the fewest bytes,
+taking ``"alltoall"`` only when it moves at most 3/4 of ``"allgather"`` (it compresses
+twice and adds one latency), never for 1-bit sign (re-compressing a sum of scaled signs
+with a second residual made momentum-SGD training diverge in our runs where one
+compression did not: docs/results.md, section 3), and ``"plain"`` when compression would
+not move fewer bytes, for a single rank, or below ``min_numel`` elements.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..codecs import Codec, as_codec
+
+ALGORITHMS = ("auto", "allgather", "alltoall", "plain")
+DEFAULT_MIN_NUMEL = 4096
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How the two-phase algorithm cuts large tensors of dense codecs into segments that
+    overlap compression with the wire: one segment per ``min_numel`` elements, at most
+    ``max_segments``."""
+
+    min_numel: int = 1 << 20
+    max_segments: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("min_numel", "max_segments"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Pipeline.{name} must be a positive int, got {v!r}")
+
+
+DEFAULT_PIPELINE = Pipeline()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one all-reduce will do; identical on every rank that agrees on its inputs."""
+
+    algorithm: str  # "plain", "allgather" or "alltoall"
+    numel: int
+    world: int = 1
+    itemsize: int = 4  # bytes per element of the reduced tensor (the plain volume)
+    chunks: tuple[tuple[int, int], ...] = ()  # alltoall: [start, stop) per rank
+    ks: tuple[int | None, ...] = ()  # alltoall top-k: k per chunk
+    sizes: tuple[int, ...] = ()  # payload bytes per chunk (alltoall) or of the whole
+    payload_bytes: int = 0  # bytes of each row on the wire
+    # alltoall on large tensors: the pipeline segments, each an alltoall Plan of its own
+    # (absolute chunk offsets); empty for one segment, which the fields above describe.
+    segments: tuple[Plan, ...] = ()
+
+    def stages(self) -> tuple[Plan, ...]:
+        """The alltoall segments in order (the plan itself when it has one)."""
+        return self.segments or (self,)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes one rank sends in one call of this plan (headers, scales and padding
+        included; the plain all-reduce counted as a ring)."""
+        w = self.world
+        if self.algorithm == "plain":
+            return 2 * (w - 1) * self.numel * self.itemsize // w
+        if self.algorithm == "allgather":
+            return (w - 1) * self.payload_bytes
+        return 2 * (w - 1) * self.payload_bytes
+
+
+def alltoall_chunks(numel: int, world: int, align: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each rank's chunk: multiples of ``align``, short/empty at the end."""
+    units = -(-numel // align)
+    c = align * -(-units // world)
+    return [(min(i * c, numel), min((i + 1) * c, numel)) for i in range(world)]
+
+
+def pipeline_segments(numel: int, align: int,
+                      pipeline: Pipeline = DEFAULT_PIPELINE) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the two-phase algorithm's pipeline segments, cut at multiples of
+    ``align``. Segment s+1 is compressed while segment s is on the wire."""
+    count = max(1, min(pipeline.max_segments, numel // pipeline.min_numel))
+    units = -(-numel // align)
+    size = align * -(-units // count)
+    return [(min(i * size, numel), min((i + 1) * size, numel)) for i in range(count)
+            if i * size < numel]
+
+
+def _chunk_k(codec: Codec, numel: int, length: int) -> int | None:
+    if not codec.is_sparse or length == 0:
+        return None
+    if isinstance(codec.k, int):
+        # Split a count over the chunks in proportion to their length.
+        return max(1, min(length, -(-codec.k_for(numel) * length // numel)))
+    return codec.k_for(length)
+
+
+def _one_segment_plan(codec: Codec, numel: int, world: int, itemsize: int, start: int,
+                      stop: int) -> Plan:
+    chunks = [(start + a, start + b) for a, b in alltoall_chunks(stop - start, world,
+                                                                 codec.alignment)]
+    ks = tuple(_chunk_k(codec, numel, b - a) for a, b in chunks)
+    sizes = tuple(codec.header(b - a, k=k).total_bytes if b > a else 0
+                  for (a, b), k in zip(chunks, ks))
+    return Plan("alltoall", numel, world, itemsize, tuple(chunks), ks, sizes, max(sizes))
+
+
+def _alltoall_plan(codec: Codec, numel: int, world: int, itemsize: int,
+                   pipeline: Pipeline) -> Plan:
+    # Top-k re-selects per chunk, so cutting it further would change which entries travel;
+    # dense codecs quantize block by block, so segments change nothing but the timing.
+    segs = [(0, numel)] if codec.is_sparse else pipeline_segments(numel, codec.alignment,
+                                                                 pipeline)
+    if len(segs) == 1:
+        return _one_segment_plan(codec, numel, world, itemsize, 0, numel)
+    parts = tuple(_one_segment_plan(codec, numel, world, itemsize, a, b) for a, b in segs)
+    return Plan("alltoall", numel, world, itemsize,
+                payload_bytes=sum(q.payload_bytes for q in parts), segments=parts)
+
+
+def _allgather_plan(codec: Codec, numel: int, world: int, itemsize: int) -> Plan:
+    size = codec.compressed_size(numel)
+    return Plan("allgather", numel, world, itemsize, sizes=(size,), payload_bytes=size)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(codec: Codec | str, numel: int, dtype: torch.dtype, world: int,
+         algorithm: str = "auto", min_numel: int = DEFAULT_MIN_NUMEL,
+         pipeline: Pipeline = DEFAULT_PIPELINE) -> Plan:
+    """Decide how :func:`gradzip.all_reduce` moves a tensor (see the module docstring).
+
+    Cached: all arguments are immutable, and the hot path asks once per bucket per step.
+    """
+    codec = as_codec(codec)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    itemsize = dtype.itemsize
+    if numel == 0 or algorithm == "plain":
+        return Plan("plain", numel, world, itemsize)
+    if algorithm == "alltoall":
+        return _alltoall_plan(codec, numel, world, itemsize, pipeline)
+    if algorithm == "allgather":
+        return _allgather_plan(codec, numel, world, itemsize)
+    # auto: the fewest bytes sent
+    plain = Plan("plain", numel, world, itemsize)
+    if world == 1 or numel < min_numel:
+        return plain
+    best = _allgather_plan(codec, numel, world, itemsize)
+    if not codec.is_sparse and codec.bits > 1 and -(-numel // codec.alignment) >= world:
+        a2a = _alltoall_plan(codec, numel, world, itemsize, pipeline)
+        if a2a.bytes_sent <= 0.75 * best.bytes_sent:
+            best = a2a
+    # The exact (unrounded) ring volume, as the choice has always been made.
+    return best if best.bytes_sent < 2 * (world - 1) / world * numel * itemsize else plain
+
+
+__all__ = ["ALGORITHMS", "DEFAULT_MIN_NUMEL", "DEFAULT_PIPELINE", "Pipeline", "Plan",
+           "alltoall_chunks", "pipeline_segments", "plan"]
