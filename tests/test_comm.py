@@ -685,6 +685,66 @@ def test_error_feedback_state_dict_roundtrip():
         gradzip.ErrorFeedback(seed=-1)
 
 
+def test_plan_bytes_sent():
+    """Bytes one rank sends, from the payload sizes of gradzip.format (headers, scales and
+    padding included) and the chunk layout restated in this file."""
+    from gradzip import format as fmt
+
+    n, world = 1_000_003, 4
+    assert comm.plan(Codec("int8"), n, torch.float32, world, "plain").bytes_sent == \
+        2 * (world - 1) * n * 4 // world
+    assert comm.plan(Codec("int8"), n, torch.float16, world, "plain").bytes_sent == \
+        2 * (world - 1) * n * 2 // world
+    assert comm.plan(Codec("int4"), n, torch.float32, world, "allgather").bytes_sent == \
+        (world - 1) * fmt.dense_payload_bytes(n, 4, 128)
+    assert comm.plan(Codec("topk:0.01"), n, torch.float32, world, "allgather").bytes_sent == \
+        (world - 1) * fmt.topk_payload_bytes(n, round(0.01 * n))
+    chunks, _ = chunk_layout(Codec("int8"), n, world)
+    one_segment = comm.Pipeline(min_numel=1 << 30)
+    p = comm.plan(Codec("int8"), n, torch.float32, world, "alltoall", pipeline=one_segment)
+    assert p.bytes_sent == 2 * (world - 1) * max(fmt.dense_payload_bytes(b - a, 8, 128)
+                                                 for a, b in chunks)
+    assert comm.plan(Codec("int8"), n, torch.float32, 1, "plain").bytes_sent == 0
+
+
+def fresh_group_battery(rank: int, world: int) -> dict:
+    """"auto" settles on one group; a group made after that one is destroyed starts fresh,
+    whatever id() Python gives it."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    g1 = dist.new_group(list(range(world)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(comm.autotune.Clock, "seconds",
+                   lambda self: 0.01 if self.kind == "plain" else 0.05)
+        for step in range(comm.AUTO_FIRST_LOOK + 1):
+            gradzip.all_reduce(make_input(AUTO_TUNE_N, rank, step), codec("int8"), group=g1)
+    out = {"settled": comm.auto_choice(AUTO_TUNE_N, codec("int8"), group=g1),
+           "default": comm.auto_choice(AUTO_TUNE_N, codec("int8"))}
+    alive = weakref.ref(g1)
+    dist.destroy_process_group(g1)
+    del g1
+    gc.collect()
+    out["collected"] = alive() is None
+    g2 = dist.new_group(list(range(world)))
+    out["fresh"] = comm.auto_choice(AUTO_TUNE_N, codec("int8"), group=g2)
+    x = make_input(AUTO_TUNE_N, rank, 0)
+    gradzip.all_reduce(x, codec("int8"), group=g2)  # the first call of a new signature: a probe
+    out["after_one_call"] = comm.auto_choice(AUTO_TUNE_N, codec("int8"), group=g2)
+    return out
+
+
+def test_auto_state_belongs_to_the_group_object():
+    world = 2
+    res = run_ranks(world, fresh_group_battery)
+    for r in range(world):
+        assert res[r]["settled"]["algorithm"] == "plain", res[r]
+        assert res[r]["default"] is None  # the default group never saw this signature
+        assert res[r]["fresh"] is None and res[r]["after_one_call"] is None, res[r]
+
+
 def test_rank_errors_are_reported():
     with pytest.raises(RankError, match="ZeroDivisionError"):
         run_ranks(2, _fail_on_rank_one, deadline=60)
