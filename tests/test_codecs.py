@@ -56,6 +56,18 @@ def test_round_trip_pickle_and_hash(spec):
         c.block = 64  # immutable: safe as a dict key
 
 
+def test_fields_are_canonical_and_replace_reparses():
+    c = Codec("INT4 , block=64")
+    assert (c.name, c.k, c.block, c.rounding, c.values, c.exact, c.backend) == \
+        ("int4", None, 64, "nearest", None, None, "auto")
+    assert dataclasses.replace(c, rounding="stochastic") == Codec("int4,block=64,"
+                                                                  "rounding=stochastic")
+    with pytest.raises(ValueError, match="does not apply"):
+        dataclasses.replace(c, values="bf16")
+    t = dataclasses.replace(Codec("topk:0.01"), exact=False)
+    assert str(t) == "topk:0.01,exact=false"
+
+
 def test_backend_is_not_part_of_the_wire_spec():
     c = Codec("int4", backend="torch")
     assert c.spec == "int4" and str(c) == "int4,backend=torch"

@@ -1,22 +1,56 @@
-"""Argument validation shared by every backend (C++ ops, Triton, reference) and the fake kernels.
+"""Argument validation shared by every backend (C++ ops, Triton, reference), the fake
+kernels, :class:`gradzip.Codec` and the communication layer.
 
-One place, so that every backend refuses the same bad input with the same message.
-The C++ kernels repeat the checks that guard memory safety (csrc/core/checks.h) for
-callers who reach ``torch.ops.gradzip.*`` directly.
+One place, so that every backend refuses the same bad input with the same message, and
+one definition of each set of legal values (:data:`BACKENDS`, :data:`ROUNDINGS`,
+:data:`FLOAT_DTYPES`). The C++ kernels repeat the checks that guard memory safety
+(csrc/core/checks.h) for callers who reach ``torch.ops.gradzip.*`` directly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import format as fmt
 
+#: Floating dtypes the ops read (x) and accumulate into (out).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Rounding modes of the dense codecs.
 ROUNDINGS = ("nearest", "stochastic")
+#: Which kernels run an op (see gradzip.ops).
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_choice(value, choices: Collection, name: str) -> None:
+    """ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_nonnegative_int(value, name: str) -> None:
+    """ValueError unless ``value`` is an int >= 0 (a bool is not an int here)."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def check_bool(value, name: str) -> None:
+    """TypeError unless ``value`` is a bool (1 and 0 are not)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_block(block) -> None:
+    if not _is_int(block) or not (fmt.MIN_BLOCK <= block <= fmt.MAX_BLOCK) \
+            or block & (block - 1):
+        raise ValueError(
+            f"block must be a power of two in [{fmt.MIN_BLOCK}, {fmt.MAX_BLOCK}], got {block!r}")
 
 
 def check_tensor(x, name: str = "x") -> None:
@@ -46,22 +80,22 @@ def check_residual(residual, x: torch.Tensor) -> None:
             "error feedback needs one residual entry per element")
     if not residual.is_contiguous():
         raise ValueError("residual must be contiguous (it is updated in place)")
-    # Fake tensors under torch.compile have no storage to compare.
-    if (not torch.compiler.is_compiling() and x.numel() > 0
-            and residual.data_ptr() == x.data_ptr()):
+    if x.numel() > 0 and _has_memory(x) and residual.data_ptr() == x.data_ptr():
         raise ValueError("residual must not share memory with x")
+
+
+def _has_memory(t: torch.Tensor) -> bool:
+    # Fake tensors (torch.compile, opcheck, the fake kernels) and meta tensors have no
+    # memory to compare: their data_ptr() is 0 for every tensor.
+    return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
 
 
 def check_quantize(x, bits, block, residual, rounding, seed) -> None:
     check_tensor(x)
-    if not _is_int(bits) or bits not in fmt.DENSE_BITS:
+    if not _is_int(bits) or bits not in fmt.DENSE_BITS:  # 8.0 == 8 and True == 1
         raise ValueError(f"bits must be one of {fmt.DENSE_BITS}, got {bits!r}")
-    if not _is_int(block) or not (fmt.MIN_BLOCK <= block <= fmt.MAX_BLOCK) \
-            or block & (block - 1):
-        raise ValueError(
-            f"block must be a power of two in [{fmt.MIN_BLOCK}, {fmt.MAX_BLOCK}], got {block!r}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    check_block(block)
+    check_choice(rounding, ROUNDINGS, "rounding")
     if bits == 1 and rounding == "stochastic":
         raise ValueError(
             "stochastic rounding is not defined for bits=1 (scaled sign); use "
@@ -78,12 +112,35 @@ def check_topk(x, k, residual, exact, values, seed) -> None:
         raise ValueError(f"k must be at least 1, got {k}")
     if k > x.numel():
         raise ValueError(f"k={k} is larger than the tensor's {x.numel()} elements")
-    if not isinstance(exact, bool):
-        raise TypeError(f"exact must be a bool, got {type(exact).__name__}")
-    if values not in fmt.VALUE_FORMATS:
-        raise ValueError(f"values must be one of {tuple(fmt.VALUE_FORMATS)}, got {values!r}")
+    check_bool(exact, "exact")
+    check_choice(values, fmt.VALUE_FORMATS, "values")
     check_seed(seed)
     check_residual(residual, x)
+
+
+# The C++ operators take the rounding as a bool and the value format as its id. Their fake
+# kernels check through these, so tracing refuses what the kernels would refuse.
+
+
+def check_quantize_op(x, bits, block, residual, stochastic, seed) -> None:
+    """Arguments of ``torch.ops.gradzip.quantize_pack``."""
+    check_quantize(x, bits, block, residual, "stochastic" if stochastic else "nearest", seed)
+
+
+def check_topk_op(x, k, residual, exact, value_format, seed) -> None:
+    """Arguments of ``torch.ops.gradzip.topk_select``."""
+    if value_format not in fmt.VALUE_FORMAT_NAMES:
+        raise ValueError(f"value_format must be one of {tuple(fmt.VALUE_FORMAT_NAMES)} "
+                         f"(fp32, bf16, int8), got {value_format!r}")
+    check_topk(x, k, residual, exact, fmt.VALUE_FORMAT_NAMES[value_format], seed)
+
+
+def check_accumulate_op(payloads, out, alpha) -> None:
+    """Arguments of ``torch.ops.gradzip.dequantize_accumulate``, but for the payload headers,
+    which are bytes on the device (:func:`check_accumulate_headers` reads them)."""
+    if isinstance(payloads, torch.Tensor) and payloads.dim() != 2:
+        raise ValueError(f"payloads must be [W, P], got shape {tuple(payloads.shape)}")
+    check_accumulate(payload_rows(payloads), out, alpha)
 
 
 def payload_rows(payloads) -> torch.Tensor:
@@ -111,10 +168,7 @@ def payload_rows(payloads) -> torch.Tensor:
 
 
 def check_accumulate(rows: torch.Tensor, out, alpha) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out must be float32, float16 or bfloat16, got {out.dtype}")
+    check_tensor(out, "out")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous (it is updated in place)")
     if rows.device != out.device:

@@ -25,16 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _checks
 from . import format as fmt
 
 DENSE_KINDS = {"int8": 8, "int4": 4, "int2": 2, "sign": 1}
 KINDS = (*DENSE_KINDS, "topk")
-ROUNDINGS = ("nearest", "stochastic")
 VALUES = tuple(fmt.VALUE_FORMATS)
-BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 _DEFAULTS = {"block": 128, "rounding": "nearest", "values": "fp32", "exact": True,
              "backend": "auto"}
+_OPTIONS = ("k", *_DEFAULTS)
 _DENSE_ONLY = ("block", "rounding")
 _TOPK_ONLY = ("values", "exact")
 
@@ -60,13 +60,112 @@ def _parse_k(text: str) -> int | float:
                          "fraction (e.g. 0.01)") from None
 
 
-@dataclass(frozen=True, eq=True)
+def _parse_option(opt: str) -> tuple[str, object]:
+    """One ``name=value`` part of a spec string, its value converted."""
+    key, eq, val = opt.partition("=")
+    key = key.strip().lower()
+    if not eq or not key:
+        raise ValueError(f"codec option {opt!r} must look like name=value")
+    if key == "block":
+        try:
+            return key, int(val)
+        except ValueError:
+            raise ValueError(f"codec option block={val!r} is not an integer") from None
+    if key == "exact":
+        return key, _parse_bool(val, key)
+    if key == "k":
+        return key, _parse_k(val)
+    if key in ("rounding", "values", "backend"):
+        return key, val.strip().lower()
+    raise ValueError(f"unknown codec option {key!r} (known: {', '.join(_OPTIONS)})")
+
+
+def _split_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """``"topk:0.01,values=bf16"`` -> ("topk", {"k": 0.01, "values": "bf16"})."""
+    head, *opts = (p.strip() for p in spec.split(","))
+    kind, _, ktext = head.partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise ValueError(f"unknown codec {kind!r}: expected one of {', '.join(KINDS)} "
+                         "(e.g. 'int4' or 'topk:0.01')")
+    options: dict[str, object] = {}
+    if ktext:
+        if kind != "topk":
+            raise ValueError(f"codec {kind!r} takes no ':' amount (only 'topk:K' does)")
+        options["k"] = _parse_k(ktext)
+    options.update(_parse_option(opt) for opt in opts)
+    return kind, options
+
+
+def _merge(given: dict[str, object], from_spec: dict[str, object]) -> dict[str, object]:
+    """Options from the arguments and from the spec string; given both ways, they must agree."""
+    merged = {}
+    for f in _OPTIONS:
+        v, s = given[f], from_spec.get(f)
+        if v is not None and s is not None and v != s:
+            raise ValueError(f"codec option {f} given twice with different values: "
+                             f"{s!r} in the spec, {v!r} as an argument")
+        merged[f] = v if v is not None else s
+    return merged
+
+
+def _dense_fields(kind: str, m: dict) -> dict[str, object]:
+    block = m["block"] if m["block"] is not None else _DEFAULTS["block"]
+    _checks.check_block(block)
+    rounding = m["rounding"] if m["rounding"] is not None else _DEFAULTS["rounding"]
+    _checks.check_choice(rounding, _checks.ROUNDINGS, "rounding")
+    if kind == "sign" and rounding == "stochastic":
+        raise ValueError("stochastic rounding is not defined for the 'sign' codec "
+                         "(scaled sign); use rounding='nearest' with error feedback")
+    return {"k": None, "block": block, "rounding": rounding, "values": None, "exact": None}
+
+
+def _topk_fields(m: dict) -> dict[str, object]:
+    k = m["k"]
+    if k is None:
+        raise ValueError("the 'topk' codec needs an amount: 'topk:0.01' (fraction) or "
+                         "'topk:1000' (count), or k=...")
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise TypeError(f"k must be an int count or a float fraction, got {k!r}")
+    if isinstance(k, int):
+        if k < 1:
+            raise ValueError(f"top-k count must be at least 1, got {k}")
+    elif not (math.isfinite(k) and 0.0 < k < 1.0):
+        # 1.0 would send everything; excluding it also keeps 'topk:1' (a count of one)
+        # and a fraction from ever comparing equal.
+        raise ValueError(f"top-k fraction must be in (0, 1), got {k} (use a count for "
+                         "an exact number of entries)")
+    values = m["values"] if m["values"] is not None else _DEFAULTS["values"]
+    _checks.check_choice(values, VALUES, "values")
+    exact = m["exact"] if m["exact"] is not None else _DEFAULTS["exact"]
+    _checks.check_bool(exact, "exact")
+    return {"k": k, "block": None, "rounding": None, "values": values, "exact": exact}
+
+
+def _parse(spec: str, **given: object) -> dict[str, object]:
+    """The canonical fields of a :class:`Codec` from a spec string and option arguments."""
+    if not isinstance(spec, str):
+        raise TypeError(f"codec spec must be a str, got {type(spec).__name__}")
+    kind, from_spec = _split_spec(spec)
+    merged = _merge(given, from_spec)
+    # Options that do not apply to this kind are an error, not silently ignored.
+    for f in ("k", *_TOPK_ONLY) if kind != "topk" else _DENSE_ONLY:
+        if merged[f] is not None:
+            raise ValueError(f"codec option {f!r} does not apply to {kind!r}")
+    fields = _topk_fields(merged) if kind == "topk" else _dense_fields(kind, merged)
+    backend = merged["backend"] if merged["backend"] is not None else _DEFAULTS["backend"]
+    _checks.check_choice(backend, _checks.BACKENDS, "backend")
+    return {"name": kind, **fields, "backend": backend}
+
+
+@dataclass(frozen=True, init=False)
 class Codec:
     """How a gradient is compressed for communication.
 
     Build it from a spec string (``Codec("int4")``, ``Codec("topk:0.01,values=bf16")``) or
     from arguments (``Codec("topk", k=0.01, values="bf16")``). Options given both ways must
-    agree.
+    agree. The fields hold the canonical values (defaults filled in, None where an option
+    does not apply to the kind).
 
     Args:
         name: "int8", "int4", "int2", "sign" or "topk", optionally with ``:k`` and
@@ -86,111 +185,22 @@ class Codec:
     """
 
     name: str
-    k: int | float | None = None
-    block: int | None = None
-    rounding: str | None = None
-    values: str | None = None
-    exact: bool | None = None
-    backend: str | None = None
+    k: int | float | None
+    block: int | None
+    rounding: str | None
+    values: str | None
+    exact: bool | None
+    backend: str
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str):
-            raise TypeError(f"codec spec must be a str, got {type(self.name).__name__}")
-        given = {f: getattr(self, f) for f in ("k", *_DEFAULTS)}
-        parts = [p.strip() for p in self.name.split(",")]
-        head, opts = parts[0], parts[1:]
-        kind, _, ktext = head.partition(":")
-        kind = kind.strip().lower()
-        if kind not in KINDS:
-            raise ValueError(f"unknown codec {kind!r}: expected one of {', '.join(KINDS)} "
-                             "(e.g. 'int4' or 'topk:0.01')")
-        from_spec: dict[str, object] = {}
-        if ktext:
-            if kind != "topk":
-                raise ValueError(f"codec {kind!r} takes no ':' amount (only 'topk:K' does)")
-            from_spec["k"] = _parse_k(ktext)
-        for opt in opts:
-            key, eq, val = opt.partition("=")
-            key = key.strip().lower()
-            if not eq or not key:
-                raise ValueError(f"codec option {opt!r} must look like name=value")
-            if key == "block":
-                try:
-                    from_spec[key] = int(val)
-                except ValueError:
-                    raise ValueError(f"codec option block={val!r} is not an integer") from None
-            elif key == "exact":
-                from_spec[key] = _parse_bool(val, key)
-            elif key == "k":
-                from_spec[key] = _parse_k(val)
-            elif key in ("rounding", "values", "backend"):
-                from_spec[key] = val.strip().lower()
-            else:
-                raise ValueError(f"unknown codec option {key!r} (known: k, block, rounding, "
-                                 "values, exact, backend)")
-        merged: dict[str, object] = {}
-        for f, v in given.items():
-            s = from_spec.get(f)
-            if v is not None and s is not None and v != s:
-                raise ValueError(f"codec option {f} given twice with different values: "
-                                 f"{s!r} in the spec, {v!r} as an argument")
-            merged[f] = v if v is not None else s
-        # Options that do not apply to this kind are an error, not silently ignored.
-        wrong = _TOPK_ONLY if kind != "topk" else _DENSE_ONLY
-        for f in wrong:
-            if merged[f] is not None:
-                raise ValueError(f"codec option {f!r} does not apply to {kind!r}")
-        if kind == "topk":
-            self._init_topk(merged)
-        else:
-            self._init_dense(kind, merged)
-        backend = merged["backend"] if merged["backend"] is not None else "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        object.__setattr__(self, "name", kind)
-        object.__setattr__(self, "backend", backend)
-
-    def _init_dense(self, kind: str, m: dict) -> None:
-        if m["k"] is not None:
-            raise ValueError(f"codec option 'k' does not apply to {kind!r}")
-        block = m["block"] if m["block"] is not None else _DEFAULTS["block"]
-        if (not isinstance(block, int) or isinstance(block, bool)
-                or not fmt.MIN_BLOCK <= block <= fmt.MAX_BLOCK or block & (block - 1)):
-            raise ValueError(f"block must be a power of two in [{fmt.MIN_BLOCK}, "
-                             f"{fmt.MAX_BLOCK}], got {block!r}")
-        rounding = m["rounding"] if m["rounding"] is not None else _DEFAULTS["rounding"]
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        if kind == "sign" and rounding == "stochastic":
-            raise ValueError("stochastic rounding is not defined for the 'sign' codec "
-                             "(scaled sign); use rounding='nearest' with error feedback")
-        object.__setattr__(self, "block", block)
-        object.__setattr__(self, "rounding", rounding)
-
-    def _init_topk(self, m: dict) -> None:
-        k = m["k"]
-        if k is None:
-            raise ValueError("the 'topk' codec needs an amount: 'topk:0.01' (fraction) or "
-                             "'topk:1000' (count), or k=...")
-        if isinstance(k, bool) or not isinstance(k, (int, float)):
-            raise TypeError(f"k must be an int count or a float fraction, got {k!r}")
-        if isinstance(k, int):
-            if k < 1:
-                raise ValueError(f"top-k count must be at least 1, got {k}")
-        elif not (math.isfinite(k) and 0.0 < k < 1.0):
-            # 1.0 would send everything; excluding it also keeps 'topk:1' (a count of one)
-            # and a fraction from ever comparing equal.
-            raise ValueError(f"top-k fraction must be in (0, 1), got {k} (use a count for "
-                             "an exact number of entries)")
-        values = m["values"] if m["values"] is not None else _DEFAULTS["values"]
-        if values not in VALUES:
-            raise ValueError(f"values must be one of {VALUES}, got {values!r}")
-        exact = m["exact"] if m["exact"] is not None else _DEFAULTS["exact"]
-        if not isinstance(exact, bool):
-            raise TypeError(f"exact must be a bool, got {exact!r}")
-        object.__setattr__(self, "k", k)
-        object.__setattr__(self, "values", values)
-        object.__setattr__(self, "exact", exact)
+    def __init__(self, name: str, k: float | None = None, block: int | None = None,
+                 rounding: str | None = None, values: str | None = None,
+                 exact: bool | None = None, backend: str | None = None) -> None:
+        fields = _parse(name, k=k, block=block, rounding=rounding, values=values, exact=exact,
+                        backend=backend)
+        # Parsed before anything is stored: each field is set once, as a frozen
+        # dataclass's own __init__ does.
+        for field, value in fields.items():
+            object.__setattr__(self, field, value)
 
     # ---- description ------------------------------------------------------------------
     @property
@@ -257,8 +267,7 @@ class Codec:
     def compressed_size(self, numel: int) -> int:
         """Payload bytes for one tensor of ``numel`` elements (0 for an empty tensor,
         which is never sent)."""
-        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-            raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+        _checks.check_nonnegative_int(numel, "numel")
         if numel == 0:
             return 0
         return self.header(numel).total_bytes

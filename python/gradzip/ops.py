@@ -26,8 +26,7 @@ from . import (
     _checks,
 )
 from . import format as fmt
-
-BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+from ._checks import BACKENDS
 
 # Decided once at import: backend selection reads plain module constants, which
 # torch.compile treats as constants (no string parsing or imports inside a traced call).
@@ -58,8 +57,7 @@ def build_info() -> dict:
 
 
 def _resolve(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _checks.check_choice(backend, BACKENDS, "backend")
     cuda_built = _CUDA_KERNELS_REGISTERED
     if backend == "auto":
         if device.type == "cpu":
@@ -98,8 +96,14 @@ def _reference():
     return reference
 
 
-def _on_cpu(t: torch.Tensor | None):
-    return None if t is None else t.detach().cpu()
+def _run_reference(op: str, x: torch.Tensor, residual: torch.Tensor | None,
+                   **options) -> torch.Tensor:
+    """backend="torch": the reference op runs on CPU copies; the residual is copied back."""
+    r = None if residual is None else residual.detach().cpu()
+    out = getattr(_reference(), op)(x.detach().cpu(), residual=r, **options)
+    if residual is not None:
+        residual.copy_(r)
+    return out.to(x.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,11 +146,8 @@ def quantize_pack(
         return torch.ops.gradzip.quantize_pack(x, bits, block, residual, stochastic, seed)
     if be == "triton":
         return _triton().quantize_pack(x, bits, block, residual, stochastic, seed)
-    r = _on_cpu(residual)
-    out = _reference().quantize_pack(x.detach().cpu(), bits, block, r, rounding, seed)
-    if residual is not None:
-        residual.copy_(r)
-    return out.to(x.device)
+    return _run_reference("quantize_pack", x, residual, bits=bits, block=block,
+                          rounding=rounding, seed=seed)
 
 
 def topk_select(
@@ -183,11 +184,8 @@ def topk_select(
         return torch.ops.gradzip.topk_select(x, k, residual, exact, vf, seed)
     if be == "triton":
         return _triton().topk_select(x, k, residual, exact, vf, seed)
-    r = _on_cpu(residual)
-    out = _reference().topk_select(x.detach().cpu(), k, r, exact, values, seed)
-    if residual is not None:
-        residual.copy_(r)
-    return out.to(x.device)
+    return _run_reference("topk_select", x, residual, k=k, exact=exact, values=values,
+                          seed=seed)
 
 
 def dequantize_accumulate(
@@ -256,22 +254,25 @@ def compressed_size(numel: int, bits: int | None = None, block: int = 128, k: in
 
 
 # ---------------------------------------------------------------------------------------
-# fake (meta) kernels: shapes for torch.compile and opcheck. Same checks as the real ops.
+# fake (meta) kernels: shapes for torch.compile and opcheck. They run the argument checks
+# the public ops run (a superset of the C++ kernels' csrc/core/checks.h), so tracing refuses
+# what the kernels would; only the payload header checks of dequantize_accumulate, which
+# read payload bytes, cannot run on fake tensors.
 # ---------------------------------------------------------------------------------------
 
 
 def _register_fakes() -> None:
     @torch.library.register_fake("gradzip::quantize_pack")
     def _quantize_pack_fake(x, bits, block, residual, stochastic, seed):
-        torch._check(bits in fmt.DENSE_BITS, lambda: f"bits must be in {fmt.DENSE_BITS}")
-        n = x.numel()
-        return x.new_empty(fmt.dense_payload_bytes(n, bits, block), dtype=torch.uint8)
+        _checks.check_quantize_op(x, bits, block, residual, stochastic, seed)
+        return x.new_empty(fmt.dense_payload_bytes(x.numel(), bits, block), dtype=torch.uint8)
 
     @torch.library.register_fake("gradzip::topk_select")
     def _topk_select_fake(x, k, residual, exact, value_format, seed):
+        _checks.check_topk_op(x, k, residual, exact, value_format, seed)
         size = fmt.topk_header(x.numel(), k, value_format).total_bytes
         return x.new_empty(size, dtype=torch.uint8)
 
     @torch.library.register_fake("gradzip::dequantize_accumulate")
     def _dequantize_accumulate_fake(payloads, out, alpha):
-        return None
+        _checks.check_accumulate_op(payloads, out, alpha)
