@@ -229,16 +229,38 @@ def dequantize_accumulate(
 
 
 def dequantize(
-    payload: torch.Tensor, dtype: torch.dtype = torch.float32, backend: str = "auto"
+    payload: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    *,
+    numel: int | None = None,
 ) -> torch.Tensor:
-    """Decode one payload into a new flat tensor of ``numel`` elements of ``dtype``."""
+    """Decode one payload into a new flat tensor of ``numel`` elements of ``dtype``.
+
+    Args:
+        payload: one 1-D uint8 payload (or a [1, P] tensor).
+        dtype: float32, float16 or bfloat16.
+        backend: "auto", "cpu", "cuda", "triton" or "torch".
+        numel: the number of elements the caller expects. The output is allocated from
+            the header's count, and a top-k header of a hundred bytes may claim up to
+            2**62 elements: give ``numel`` for every payload this process did not make
+            itself, so that a header claiming another size raises before anything is
+            allocated (as ``dequantize_accumulate`` checks it against ``out``).
+
+    Raises:
+        ValueError: a corrupt payload, or a header whose numel is not ``numel``.
+    """
     rows = _checks.payload_rows(payload)
     if rows.shape[0] != 1:
         raise ValueError("dequantize decodes one payload; use dequantize_accumulate for many")
-    h = fmt.parse_header(rows[0, : fmt.HEADER_BYTES].cpu().numpy().tobytes(),
-                         length=rows.shape[1])
     if dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if numel is not None:
+        _checks.check_nonnegative_int(numel, "numel")
+    h = fmt.parse_header(rows[0, : fmt.HEADER_BYTES].cpu().numpy().tobytes(),
+                         length=rows.shape[1])
+    if numel is not None and h.numel != numel:
+        raise ValueError(f"the payload holds {h.numel} elements but numel={numel} was expected")
     out = torch.zeros(h.numel, dtype=dtype, device=rows.device)
     return dequantize_accumulate(rows, out, 1.0, backend=backend)
 
