@@ -18,41 +18,9 @@
 #include "core/checks.h"
 #include "core/format.h"
 #include "core/quant.h"
-#include "cpu/kernels.h"
-#include "cpu/simd.h"
 
-namespace gradzip {
-namespace cpu {
-namespace scalar {
-using V = simd::Scalar;
-#include "cpu/dequantize_accumulate_impl.h"
-}  // namespace scalar
-}  // namespace cpu
-}  // namespace gradzip
-
-#if GZ_X86
-GZ_TARGET_BEGIN_AVX2
-namespace gradzip {
-namespace cpu {
-namespace avx2 {
-using V = simd::Avx2;
-#include "cpu/dequantize_accumulate_impl.h"
-}  // namespace avx2
-}  // namespace cpu
-}  // namespace gradzip
-GZ_TARGET_END
-
-GZ_TARGET_BEGIN_AVX512
-namespace gradzip {
-namespace cpu {
-namespace avx512 {
-using V = simd::Avx512;
-#include "cpu/dequantize_accumulate_impl.h"
-}  // namespace avx512
-}  // namespace cpu
-}  // namespace gradzip
-GZ_TARGET_END
-#endif
+#define GZ_KERNEL_IMPL "cpu/dequantize_accumulate_impl.h"
+#include "cpu/isa_dispatch.h"
 
 namespace gradzip {
 namespace cpu {
@@ -145,13 +113,7 @@ void accumulate_sparse(const SparseAccArgs& a, Isa isa) {
           s = core::fadd(s, sparse_value(a, row, j, scale));
         }
       }
-      switch (isa) {
-#if GZ_X86
-        case Isa::kAvx512: avx512::sparse_finish_range(a, acc.data(), e0, e1); break;
-        case Isa::kAvx2: avx2::sparse_finish_range(a, acc.data(), e0, e1); break;
-#endif
-        default: scalar::sparse_finish_range(a, acc.data(), e0, e1);
-      }
+      GZ_ISA_CALL(isa, sparse_finish_range, a, acc.data(), e0, e1);
     }
   });
 }
@@ -187,13 +149,7 @@ void dequantize_accumulate_cpu(const at::Tensor& payloads, const at::Tensor& out
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / h.block);
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
       std::vector<float> scales(static_cast<size_t>(W));
-      switch (isa) {
-#if GZ_X86
-        case Isa::kAvx512: avx512::dense_accumulate_blocks(a, b0, b1, scales.data()); break;
-        case Isa::kAvx2: avx2::dense_accumulate_blocks(a, b0, b1, scales.data()); break;
-#endif
-        default: scalar::dense_accumulate_blocks(a, b0, b1, scales.data());
-      }
+      GZ_ISA_CALL(isa, dense_accumulate_blocks, a, b0, b1, scales.data());
     });
     return;
   }

@@ -1,5 +1,5 @@
 // dequantize_accumulate kernel bodies. No include guard on purpose: included once per
-// instruction set by dequantize_accumulate.cpp (see quantize_pack_impl.h).
+// instruction set through cpu/isa_dispatch.h (see quantize_pack_impl.h).
 //
 // Dense: each W-lane vector of `out` is read once, the W payloads' codes for those lanes
 // are decoded and summed in payload order in a register, and `out` is written once.

@@ -1,7 +1,7 @@
 // Arguments of the CPU kernels and their per-instruction-set entry points. Each op file
 // (quantize_pack.cpp, topk_select.cpp, dequantize_accumulate.cpp) compiles its kernel
-// template once per instruction set into namespaces scalar / avx2 / avx512 (by including
-// its *_impl.h inside each target region) and calls the one cpu::active_isa() names.
+// template once per instruction set into namespaces scalar / avx2 / avx512 and calls the
+// one cpu::active_isa() names, both through cpu/isa_dispatch.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

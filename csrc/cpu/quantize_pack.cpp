@@ -11,41 +11,9 @@
 #include "core/checks.h"
 #include "core/format.h"
 #include "core/quant.h"
-#include "cpu/kernels.h"
-#include "cpu/simd.h"
 
-namespace gradzip {
-namespace cpu {
-namespace scalar {
-using V = simd::Scalar;
-#include "cpu/quantize_pack_impl.h"
-}  // namespace scalar
-}  // namespace cpu
-}  // namespace gradzip
-
-#if GZ_X86
-GZ_TARGET_BEGIN_AVX2
-namespace gradzip {
-namespace cpu {
-namespace avx2 {
-using V = simd::Avx2;
-#include "cpu/quantize_pack_impl.h"
-}  // namespace avx2
-}  // namespace cpu
-}  // namespace gradzip
-GZ_TARGET_END
-
-GZ_TARGET_BEGIN_AVX512
-namespace gradzip {
-namespace cpu {
-namespace avx512 {
-using V = simd::Avx512;
-#include "cpu/quantize_pack_impl.h"
-}  // namespace avx512
-}  // namespace cpu
-}  // namespace gradzip
-GZ_TARGET_END
-#endif
+#define GZ_KERNEL_IMPL "cpu/quantize_pack_impl.h"
+#include "cpu/isa_dispatch.h"
 
 namespace gradzip {
 namespace cpu {
@@ -85,13 +53,7 @@ at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t block,
   // ~64K elements per task: enough work to amortise scheduling, small enough to balance.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / block);
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
-    switch (isa) {
-#if GZ_X86
-      case Isa::kAvx512: avx512::quantize_blocks(a, b0, b1); break;
-      case Isa::kAvx2: avx2::quantize_blocks(a, b0, b1); break;
-#endif
-      default: scalar::quantize_blocks(a, b0, b1);
-    }
+    GZ_ISA_CALL(isa, quantize_blocks, a, b0, b1);
   });
   return payload;
 }

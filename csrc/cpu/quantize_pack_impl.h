@@ -1,4 +1,4 @@
-// quantize_pack kernel body. No include guard on purpose: quantize_pack.cpp includes this
+// quantize_pack kernel body. No include guard on purpose: cpu/isa_dispatch.h includes this
 // file once per instruction set, inside namespace gradzip::cpu::<isa> with `V` naming
 // that set's simd struct and with the matching target attributes in force.
 //

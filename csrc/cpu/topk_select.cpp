@@ -29,56 +29,13 @@
 #include "core/checks.h"
 #include "core/format.h"
 #include "core/quant.h"
-#include "cpu/kernels.h"
-#include "cpu/simd.h"
 
-namespace gradzip {
-namespace cpu {
-namespace scalar {
-using V = simd::Scalar;
-#include "cpu/topk_select_impl.h"
-}  // namespace scalar
-}  // namespace cpu
-}  // namespace gradzip
-
-#if GZ_X86
-GZ_TARGET_BEGIN_AVX2
-namespace gradzip {
-namespace cpu {
-namespace avx2 {
-using V = simd::Avx2;
-#include "cpu/topk_select_impl.h"
-}  // namespace avx2
-}  // namespace cpu
-}  // namespace gradzip
-GZ_TARGET_END
-
-GZ_TARGET_BEGIN_AVX512
-namespace gradzip {
-namespace cpu {
-namespace avx512 {
-using V = simd::Avx512;
-#include "cpu/topk_select_impl.h"
-}  // namespace avx512
-}  // namespace cpu
-}  // namespace gradzip
-GZ_TARGET_END
-#endif
+#define GZ_KERNEL_IMPL "cpu/topk_select_impl.h"
+#include "cpu/isa_dispatch.h"
 
 namespace gradzip {
 namespace cpu {
 namespace {
-
-#if GZ_X86
-#define GZ_ISA_CALL(isa, FN, ...)                                    \
-  do {                                                               \
-    if ((isa) == Isa::kAvx512) avx512::FN(__VA_ARGS__);              \
-    else if ((isa) == Isa::kAvx2) avx2::FN(__VA_ARGS__);             \
-    else scalar::FN(__VA_ARGS__);                                    \
-  } while (0)
-#else
-#define GZ_ISA_CALL(isa, FN, ...) scalar::FN(__VA_ARGS__)
-#endif
 
 constexpr int kBins = 2048;
 
@@ -122,6 +79,18 @@ RadixResult radix_select(int64_t nchunks, int64_t k,
   return {prefix, remaining};
 }
 
+// v = x + residual at one element, for the passes that read single elements (the sample,
+// the walk to the fill boundary) rather than whole chunks.
+float v_at(const TopkArgs& a, int64_t e) {
+  float v;
+  switch (a.x_dtype) {
+    case Dtype::kFloat: v = static_cast<const float*>(a.x)[e]; break;
+    case Dtype::kHalf: v = to_float(static_cast<const c10::Half*>(a.x)[e]); break;
+    default: v = to_float(static_cast<const c10::BFloat16*>(a.x)[e]);
+  }
+  return a.residual ? core::fadd(v, a.residual[e]) : v;
+}
+
 // k-th largest key of the reference's sample (positions from core::sample_position).
 uint32_t sample_threshold(const TopkArgs& a, uint32_t k1, int64_t rank) {
   const int64_t s = core::sample_count(a.n);
@@ -129,14 +98,7 @@ uint32_t sample_threshold(const TopkArgs& a, uint32_t k1, int64_t rank) {
   at::parallel_for(0, s, 1024, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t p = core::sample_position(a.n, k1, j);
-      float v;
-      switch (a.x_dtype) {
-        case Dtype::kFloat: v = static_cast<const float*>(a.x)[p]; break;
-        case Dtype::kHalf: v = to_float(static_cast<const c10::Half*>(a.x)[p]); break;
-        default: v = to_float(static_cast<const c10::BFloat16*>(a.x)[p]);
-      }
-      if (a.residual) v = core::fadd(v, a.residual[p]);
-      keys[static_cast<size_t>(j)] = core::magnitude_key(v);
+      keys[static_cast<size_t>(j)] = core::magnitude_key(v_at(a, p));
     }
   });
   std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end(), std::greater<uint32_t>());
@@ -231,14 +193,7 @@ at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, const std::optional<a
     // Walk chunk c element by element to the need-th non-candidate.
     int64_t e = c * kTopkChunk, cand_below = 0;
     for (; before < need; ++e) {
-      float v;
-      switch (a.x_dtype) {
-        case Dtype::kFloat: v = static_cast<const float*>(a.x)[e]; break;
-        case Dtype::kHalf: v = to_float(static_cast<const c10::Half*>(a.x)[e]); break;
-        default: v = to_float(static_cast<const c10::BFloat16*>(a.x)[e]);
-      }
-      if (a.residual) v = core::fadd(v, a.residual[e]);
-      if (core::magnitude_key(v) >= t) ++cand_below;
+      if (core::magnitude_key(v_at(a, e)) >= t) ++cand_below;
       else ++before;
     }
     rule.fill_end = e;

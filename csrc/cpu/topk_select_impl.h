@@ -1,5 +1,5 @@
 // topk_select kernel bodies, one chunk of kTopkChunk elements per call. No include guard
-// on purpose: included once per instruction set by topk_select.cpp (see
+// on purpose: included once per instruction set through cpu/isa_dispatch.h (see
 // quantize_pack_impl.h). The selection logic lives in topk_select.cpp; these are the
 // passes over memory: scan (candidates and max key), histogram and count (the exact
 // fallback) and write (payload entries and the residual).
