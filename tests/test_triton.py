@@ -59,8 +59,6 @@ if DEVICE == "cpu" and not INTERPRET:
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (set it before triton is "
                 "imported to run the Triton kernels on CPU)", allow_module_level=True)
 
-_qp_mod = importlib.import_module("gradzip.triton.quantize_pack")
-_da_mod = importlib.import_module("gradzip.triton.dequantize_accumulate")
 
 # The interpreter runs the kernels on numpy, which warns when IEEE arithmetic produces inf
 # or NaN; those are the results the reference produces too (non-finite input, a tiny amax).
@@ -834,9 +832,9 @@ def test_autotune_configs():
     tk = gz_triton.topk_select_configs()
     assert qp and da and tk
     assert all(isinstance(c, triton.Config) for c in qp + da + tk)
-    for prune, configs in ((_qp_mod._prune_configs, qp), (_da_mod._prune_configs, da)):
+    for configs in (qp, da):
         for block in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            kept = prune(configs, {}, BLOCK=block)
+            kept = _common_mod.prune_rows_configs(configs, {}, BLOCK=block)
             assert kept
             assert all(c.kwargs["ROWS"] * block <= 8192 for c in kept)
 

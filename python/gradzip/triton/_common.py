@@ -40,6 +40,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .. import format as fmt
 from ..spec import seed_key  # noqa: F401  (k1 of hash32, computed on the host for the kernels)
@@ -153,6 +154,16 @@ def load_f32(ptr, offs, mask):
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def load_v(x_ptr, res_ptr, offs, mask, HAS_RES: tl.constexpr):
+    """v = float32(x) + residual (0.0 where masked: the reference's zero padding)."""
+    x = load_f32(x_ptr, offs, mask)
+    if HAS_RES:
+        return x + tl.load(res_ptr + offs, mask=mask, other=0.0)
+    else:
+        return x
+
+
 # ---------------------------------------------------------------------------------------
 # counter-based random numbers (spec.hash32 / spec.uniform), uint32 arithmetic
 # ---------------------------------------------------------------------------------------
@@ -191,6 +202,50 @@ def hash32(k1, index):
 def uniform(k1, index):
     """float32 in [0, 1): the top 24 bits of the hash times 2**-24 (both steps exact)."""
     return (hash32(k1, index) >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+# ---------------------------------------------------------------------------------------
+# kernels tiled by quantization blocks (quantize_pack, dense dequantize_accumulate): ROWS
+# blocks of BLOCK elements per program, autotuned on GPU, fixed under the interpreter
+# ---------------------------------------------------------------------------------------
+
+
+def rows_configs() -> list[triton.Config]:
+    """Autotuning space on GPU: blocks per program (``ROWS``) and warps.
+    :func:`prune_rows_configs` keeps the ones giving 1024..8192 elements per program for
+    the block size at hand."""
+    return [triton.Config({"ROWS": rows}, num_warps=warps)
+            for rows in (1, 2, 4, 8, 16, 32, 64, 128) for warps in (2, 4, 8)]
+
+
+def prune_rows_configs(configs, named_args, **kwargs):
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    keep = [c for c in configs if 1024 <= c.kwargs["ROWS"] * block <= 8192]
+    return keep or [c for c in configs if c.kwargs["ROWS"] == 1]
+
+
+def autotune_rows(kernel, key: list[str], restore_value: list[str]):
+    """``kernel`` autotuned over :func:`rows_configs` on GPU; unchanged under the
+    interpreter. ``restore_value``: the arguments the kernel updates in place (autotuning
+    runs it several times, and each run must see the caller's values)."""
+    if INTERPRET:
+        return kernel
+    return triton.autotune(configs=rows_configs(), key=key,
+                           prune_configs_by={"early_config_prune": prune_rows_configs},
+                           restore_value=restore_value)(kernel)
+
+
+def launch_rows(kernel, nb: int, block: int, *args, **constexprs) -> None:
+    """Launch a kernel from :func:`autotune_rows` over ``nb`` blocks of ``block`` elements."""
+    if INTERPRET:
+        # The interpreter's cost is per program and per operation, not per element: big
+        # tiles.
+        rows = max(1, 32768 // block)
+        wrap_triton(kernel)[(triton.cdiv(nb, rows),)](*args, **constexprs, BLOCK=block,
+                                                      ROWS=rows)
+    else:
+        wrap_triton(kernel)[lambda meta: (triton.cdiv(nb, meta["ROWS"]),)](
+            *args, **constexprs, BLOCK=block, **LAUNCH_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------

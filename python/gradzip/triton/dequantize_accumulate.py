@@ -25,19 +25,20 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import format as fmt
-from ._common import INTERPRET, LAUNCH_OPTIONS, f32_to_bf16_bits, fadd_rn, fmul_rn
+from ._common import (
+    INTERPRET,
+    LAUNCH_OPTIONS,
+    autotune_rows,
+    f32_to_bf16_bits,
+    fadd_rn,
+    fmul_rn,
+    launch_rows,
+    load_f32,
+    rows_configs,
+)
 
 SPARSE_TILE = 16384 if INTERPRET else 1024
 BOUNDS_TILE = 1024
-
-
-@triton.jit
-def _load_out(out_ptr, offs, mask):
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        h = tl.load(out_ptr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
-        return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def _accumulate_dense_kernel(
         else:
             d = fmul_rn((code - QMAX).to(tl.float32), scale[:, None])
         acc = fadd_rn(acc, d)
-    o = _load_out(out_ptr, offs, m)
+    o = load_f32(out_ptr, offs, m)
     _store_out(out_ptr, offs, fadd_rn(o, fmul_rn(alpha, acc)), m)
 
 
@@ -103,6 +104,19 @@ def _index_ptr(base, idx_off, IDX64: tl.constexpr):
 
 
 @triton.jit
+def _lower_bound(idx_ptr, lo, hi, target, steps, mask):
+    """Per lane, the first entry in [lo, hi) of the ascending index list at ``idx_ptr``
+    whose index is >= target; ``steps`` halvings (the bit length of the widest range)."""
+    for _ in range(steps):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        right = tl.load(idx_ptr + mid, mask=act & mask, other=0).to(tl.int64) < target
+        lo = tl.where(act & right, mid + 1, lo)
+        hi = tl.where(act & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
 def _sparse_bounds_kernel(rows_ptr, row_stride, idx_off, k, starts_ptr, nbounds, steps,
                           TILE: tl.constexpr, BT: tl.constexpr, IDX64: tl.constexpr):
     """starts[w, t] = first entry of payload w whose index is >= t * TILE."""
@@ -110,15 +124,8 @@ def _sparse_bounds_kernel(rows_ptr, row_stride, idx_off, k, starts_ptr, nbounds,
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     m = t < nbounds
     idx_ptr = _index_ptr(rows_ptr + w.to(tl.int64) * row_stride, idx_off, IDX64)
-    target = t * TILE
-    lo = tl.zeros([BT], dtype=tl.int64)
-    hi = tl.zeros([BT], dtype=tl.int64) + k
-    for _ in range(steps):
-        act = lo < hi
-        mid = (lo + hi) // 2
-        right = tl.load(idx_ptr + mid, mask=act & m, other=0).to(tl.int64) < target
-        lo = tl.where(act & right, mid + 1, lo)
-        hi = tl.where(act & ~right, mid, hi)
+    lo = _lower_bound(idx_ptr, tl.zeros([BT], dtype=tl.int64),
+                      tl.zeros([BT], dtype=tl.int64) + k, t * TILE, steps, m)
     tl.store(starts_ptr + w.to(tl.int64) * nbounds + t, lo, mask=m)
 
 
@@ -148,14 +155,8 @@ def _accumulate_sparse_kernel(
         while c > 0:
             c = c >> 1
             steps += 1
-        lo = tl.zeros([TILE], dtype=tl.int64) + s
-        hi = tl.zeros([TILE], dtype=tl.int64) + e
-        for _ in range(steps):
-            act = lo < hi
-            mid = (lo + hi) // 2
-            right = tl.load(idx_ptr + mid, mask=act & m, other=0).to(tl.int64) < offs
-            lo = tl.where(act & right, mid + 1, lo)
-            hi = tl.where(act & ~right, mid, hi)
+        lo = _lower_bound(idx_ptr, tl.zeros([TILE], dtype=tl.int64) + s,
+                          tl.zeros([TILE], dtype=tl.int64) + e, offs, steps, m)
         inr = m & (lo < e)
         found = inr & (tl.load(idx_ptr + lo, mask=inr, other=-1).to(tl.int64) == offs)
         if VF == 1:
@@ -171,7 +172,7 @@ def _accumulate_sparse_kernel(
             vscale = tl.load((base + vs_off).to(tl.pointer_type(tl.float32)))
             val = fmul_rn(q.to(tl.float32), vscale)
         acc = tl.where(found, fadd_rn(acc, val), acc)
-    o = _load_out(out_ptr, offs, m)
+    o = load_f32(out_ptr, offs, m)
     _store_out(out_ptr, offs, fadd_rn(o, fmul_rn(alpha, acc)), m)
 
 
@@ -191,27 +192,11 @@ def _check_indices_kernel(rows_ptr, row_stride, idx_off, k, n, flags_ptr, nprog,
     tl.store(flags_ptr + w.to(tl.int64) * nprog + p, out_of_range | (unordered * 2))
 
 
-def dequantize_accumulate_configs() -> list[triton.Config]:
-    """Autotuning space on GPU for the dense kernel: blocks per program and warps
-    (pruned to 1024..8192 elements per program for the block size at hand)."""
-    return [triton.Config({"ROWS": rows}, num_warps=warps)
-            for rows in (1, 2, 4, 8, 16, 32, 64, 128) for warps in (2, 4, 8)]
+#: Autotuning space on GPU of the dense kernel (the same as quantize_pack's).
+dequantize_accumulate_configs = rows_configs
 
-
-def _prune_configs(configs, named_args, **kwargs):
-    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
-    keep = [c for c in configs if 1024 <= c.kwargs["ROWS"] * block <= 8192]
-    return keep or [c for c in configs if c.kwargs["ROWS"] == 1]
-
-
-if INTERPRET:
-    _dense_kernel = _accumulate_dense_kernel
-else:
-    _dense_kernel = triton.autotune(
-        configs=dequantize_accumulate_configs(), key=["n", "W", "BITS", "BLOCK"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-        restore_value=["out_ptr"],  # autotuning runs the kernel more than once
-    )(_accumulate_dense_kernel)
+_dense_kernel = autotune_rows(_accumulate_dense_kernel, key=["n", "W", "BITS", "BLOCK"],
+                              restore_value=["out_ptr"])  # the kernel updates out in place
 
 
 def _float32(alpha: float) -> float:
@@ -238,14 +223,8 @@ def triton_dequantize_accumulate(payloads: torch.Tensor, out: torch.Tensor, alph
         header = fmt.dense_header(n, bits, block)
         codes_off = header.sections()["codes"][0]
         nb = header.nblocks
-        args = (payloads, stride, w, out, n, a32, codes_off)
-        if INTERPRET:
-            rows = max(1, 32768 // block)
-            wrap_triton(_dense_kernel)[(triton.cdiv(nb, rows),)](
-                *args, BITS=bits, BLOCK=block, ROWS=rows)
-        else:
-            wrap_triton(_dense_kernel)[lambda meta: (triton.cdiv(nb, meta["ROWS"]),)](
-                *args, BITS=bits, BLOCK=block, **LAUNCH_OPTIONS)
+        launch_rows(_dense_kernel, nb, block, payloads, stride, w, out, n, a32, codes_off,
+                    BITS=bits)
         return
     header = fmt.topk_header(n, k, value_format)
     secs = header.sections()

@@ -20,30 +20,21 @@ from torch.library import triton_op, wrap_triton
 
 from .. import format as fmt
 from ._common import (
-    INTERPRET,
-    LAUNCH_OPTIONS,
+    autotune_rows,
     canonical_nan,
     dummy_like,
     fadd_rn,
     floor_f32,
     fmul_rn,
     fsub_rn,
-    load_f32,
+    launch_rows,
+    load_v,
     round_half_even,
+    rows_configs,
     seed_key,
     uniform,
     write_header,
 )
-
-
-@triton.jit
-def _load_v(x_ptr, res_ptr, offs, mask, HAS_RES: tl.constexpr):
-    """v = float32(x) + residual (0.0 where masked: the reference's zero padding)."""
-    x = load_f32(x_ptr, offs, mask)
-    if HAS_RES:
-        return x + tl.load(res_ptr + offs, mask=mask, other=0.0)
-    else:
-        return x
 
 
 @triton.jit
@@ -66,7 +57,7 @@ def _quantize_pack_kernel(
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [ROWS, BLOCK] element ids
     inb = offs < n
     scales_ptr = (out_ptr + 64).to(tl.pointer_type(tl.float32))
-    v = _load_v(x_ptr, res_ptr, offs, inb, HAS_RES)
+    v = load_v(x_ptr, res_ptr, offs, inb, HAS_RES)
     vbits = v.to(tl.uint32, bitcast=True)
     # NaN-propagating amax as an integer max over |v|'s bits: exact, order-free, and every
     # NaN pattern sorts above +inf.
@@ -79,11 +70,7 @@ def _quantize_pack_kernel(
         lane = tl.zeros([ROWS, 32], dtype=tl.float32)
         for s in range(BLOCK // 32):
             o32 = blk[:, None] * BLOCK + s * 32 + lanes[None, :]
-            m32 = o32 < n
-            x32 = load_f32(x_ptr, o32, m32)
-            if HAS_RES:
-                x32 = x32 + tl.load(res_ptr + o32, mask=m32, other=0.0)
-            lane = lane + tl.abs(x32)
+            lane = lane + tl.abs(load_v(x_ptr, res_ptr, o32, o32 < n, HAS_RES))
         # Shuffle-down tree, lane[i] += lane[i + h] for h = 16, 8, 4, 2, 1: each step adds
         # exactly two values, so tl.sum's internal order cannot change the result.
         lane = tl.sum(tl.reshape(lane, [ROWS, 2, 16]), axis=1)
@@ -141,35 +128,13 @@ def _quantize_pack_kernel(
     tl.store(out_ptr + codes_off + byte_idx, packed.to(tl.uint8), mask=byte_idx < code_bytes)
 
 
-def quantize_pack_configs() -> list[triton.Config]:
-    """Autotuning space on GPU: elements per program (as ROWS blocks) and warps.
+#: Autotuning space on GPU (the same as the dense dequantize_accumulate kernel's).
+quantize_pack_configs = rows_configs
 
-    ``ROWS`` is the number of quantization blocks per program; :func:`_prune_configs`
-    keeps the ones giving 1024..8192 elements per program for the block size at hand."""
-    return [triton.Config({"ROWS": rows}, num_warps=warps)
-            for rows in (1, 2, 4, 8, 16, 32, 64, 128) for warps in (2, 4, 8)]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
-    keep = [c for c in configs if 1024 <= c.kwargs["ROWS"] * block <= 8192]
-    return keep or [c for c in configs if c.kwargs["ROWS"] == 1]
-
-
-def _interpreter_rows(block: int) -> int:
-    # The interpreter's cost is per program and per operation, not per element: big tiles.
-    return max(1, 32768 // block)
-
-
-if INTERPRET:
-    _kernel = _quantize_pack_kernel
-else:
-    _kernel = triton.autotune(
-        configs=quantize_pack_configs(), key=["nb", "BITS", "BLOCK", "HAS_RES", "STOCHASTIC"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-        # Autotuning runs the kernel several times: give each run the caller's residual.
-        restore_value=["res_ptr"],
-    )(_quantize_pack_kernel)
+_kernel = autotune_rows(_quantize_pack_kernel,
+                        key=["nb", "BITS", "BLOCK", "HAS_RES", "STOCHASTIC"],
+                        # the kernel updates the residual in place
+                        restore_value=["res_ptr"])
 
 
 @triton_op("gradzip::triton_quantize_pack", mutates_args={"residual"})
@@ -193,14 +158,8 @@ def triton_quantize_pack(x: torch.Tensor, bits: int, block: int,
     res = residual if residual is not None else dummy_like(x)
     codes_off = header.sections()["codes"][0]
     args = (xf, res, payload, n, nb, codes_off, seed_key(seed))
-    flags = {"BITS": bits, "BLOCK": block, "HAS_RES": residual is not None,
-             "STOCHASTIC": bool(stochastic)}
-    if INTERPRET:
-        rows = _interpreter_rows(block)
-        wrap_triton(_kernel)[(triton.cdiv(nb, rows),)](*args, **flags, ROWS=rows)
-    else:
-        wrap_triton(_kernel)[lambda meta: (triton.cdiv(nb, meta["ROWS"]),)](
-            *args, **flags, **LAUNCH_OPTIONS)
+    launch_rows(_kernel, nb, block, *args, BITS=bits, HAS_RES=residual is not None,
+                STOCHASTIC=bool(stochastic))
     return payload
 
 

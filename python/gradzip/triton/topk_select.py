@@ -52,7 +52,7 @@ from ._common import (
     fmul_rn,
     fsub_rn,
     hash32,
-    load_f32,
+    load_v,
     round_half_even,
     seed_key,
     write_header,
@@ -107,15 +107,6 @@ def _topk_init_kernel(st_ptr, n, k, s, rank, APPROX: tl.constexpr):
 
 
 @triton.jit
-def _load_v(x_ptr, res_ptr, offs, mask, HAS_RES: tl.constexpr):
-    x = load_f32(x_ptr, offs, mask)
-    if HAS_RES:
-        return x + tl.load(res_ptr + offs, mask=mask, other=0.0)
-    else:
-        return x
-
-
-@triton.jit
 def _topk_sample_kernel(x_ptr, res_ptr, sv_ptr, n, s, k1,
                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     """v at reference.sample_positions: one position per stratum [j*n/s, (j+1)*n/s)."""
@@ -125,7 +116,7 @@ def _topk_sample_kernel(x_ptr, res_ptr, sv_ptr, n, s, k1,
     size = (j + 1) * n // s - start
     h = hash32((k1 + tl.zeros([], dtype=tl.int64)).to(tl.uint32), j).to(tl.int64)
     pos = start + h % tl.maximum(size, 1)
-    v = _load_v(x_ptr, res_ptr, pos, m, HAS_RES)
+    v = load_v(x_ptr, res_ptr, pos, m, HAS_RES)
     tl.store(sv_ptr + j, v, mask=m)
 
 
@@ -137,7 +128,7 @@ def _topk_prepare_kernel(x_ptr, res_ptr, v_ptr, n, st_ptr, cnt_ptr,
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
     m = offs < n
-    v = _load_v(x_ptr, res_ptr, offs, m, HAS_RES)
+    v = load_v(x_ptr, res_ptr, offs, m, HAS_RES)
     tl.store(v_ptr + offs, v, mask=m)
     if COUNT:
         t = tl.load(st_ptr + SAMP + PREFIX).to(tl.int32)
