@@ -1,10 +1,11 @@
-"""Independent expectations for the op tests, and exact comparisons that explain mismatches.
+"""Independent expectations for the op tests.
 
 The decoder here is written from the payload rules in DESIGN.md / docs/format.md (struct
 layout, 16-byte aligned sections, element i's code at bit ``(i*bits) % 8`` of byte
 ``(i*bits) // 8`` LSB first, offset binary), in numpy, without using
 ``gradzip.reference`` or ``gradzip.format``: property tests that decode with it check the
 kernels *and* the reference against the written format, not against themselves.
+The exact comparisons the tests use live in :mod:`gradzip.testing`.
 """
 
 from __future__ import annotations
@@ -142,83 +143,6 @@ def decode64(payload) -> np.ndarray:
     out = np.zeros(f.numel, dtype=np.float64)
     out[idx] = vals.astype(np.float64)
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# exact comparisons
-# ---------------------------------------------------------------------------------------
-
-
-def _section_of(b: bytes, offset: int) -> str:
-    if offset < HEADER_BYTES:
-        name = [(0, "magic"), (4, "version"), (6, "codec"), (7, "bits"), (8, "block"),
-                (12, "value_format"), (13, "index_format"), (14, "flags"), (16, "numel"),
-                (24, "k"), (32, "total_bytes"), (40, "reserved")]
-        return "header." + [n for o, n in name if o <= offset][-1]
-    try:
-        f = fields(b)
-        if f.codec == 1:
-            so, co, _ = dense_layout(f.numel, f.bits, f.block)
-            if offset < co:
-                return f"scales[block {(offset - so) // 4}]"
-            return f"codes[byte {offset - co}, elements from {(offset - co) * 8 // f.bits}]"
-        io, vo, so, _ = topk_layout(f.numel, f.k, f.value_format)
-        if offset < vo:
-            return f"indices[{(offset - io) // (8 if f.numel >= 2**31 else 4)}]"
-        if so is None or offset < so:
-            return f"values[{(offset - vo) // VALUE_BYTES[f.value_format]}]"
-        return "value_scale"
-    except Exception:  # noqa: BLE001  (only used to label a mismatch)
-        return "?"
-
-
-def assert_payload_equal(got: torch.Tensor, want: torch.Tensor, context: str = "") -> None:
-    """Byte-exact payload comparison; on failure, names the first differing section."""
-    assert got.dtype == torch.uint8, f"{context}: payload dtype {got.dtype}, expected uint8"
-    assert got.dim() == 1, f"{context}: payload shape {tuple(got.shape)}, expected 1-D"
-    g, w = raw(got), raw(want)
-    if g == w:
-        return
-    if len(g) != len(w):
-        raise AssertionError(f"{context}: payload is {len(g)} bytes, reference {len(w)}")
-    ga, wa = np.frombuffer(g, np.uint8), np.frombuffer(w, np.uint8)
-    diff = np.nonzero(ga != wa)[0]
-    first = int(diff[0])
-    raise AssertionError(
-        f"{context}: {len(diff)} of {len(g)} payload bytes differ; first at byte {first} "
-        f"({_section_of(w, first)}): got 0x{ga[first]:02x}, reference 0x{wa[first]:02x}; "
-        f"differing offsets {diff[:8].tolist()}")
-
-
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16,
-             torch.bfloat16: torch.int16, torch.float64: torch.int64}
-
-
-def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, context: str = "",
-                      nan_equal: bool = False) -> None:
-    """Bit-exact float comparison (``-0.0 != +0.0``).
-
-    ``nan_equal``: any NaN matches any NaN, for computed outputs such as accumulate's
-    ``out``. IEEE 754 does not pin down which NaN an operation returns (x86 returns the
-    first NaN operand or a negative default NaN, GPUs a canonical one); only payloads
-    promise the canonical NaN.
-    """
-    assert got.dtype == want.dtype, f"{context}: dtype {got.dtype}, expected {want.dtype}"
-    assert got.shape == want.shape, f"{context}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    g = got.detach().cpu().contiguous().reshape(-1)
-    w = want.detach().cpu().contiguous().reshape(-1)
-    it = _INT_VIEW.get(g.dtype, g.dtype)  # integer tensors compare as they are
-    neq = g.view(it) != w.view(it)
-    if nan_equal and g.is_floating_point():
-        neq &= ~(torch.isnan(g) & torch.isnan(w))
-    if not bool(neq.any()):
-        return
-    bad = torch.nonzero(neq).reshape(-1)
-    i = int(bad[0])
-    raise AssertionError(
-        f"{context}: {bad.numel()} of {g.numel()} elements differ in bits; first at "
-        f"[{i}]: got {g[i].item()!r} (0x{int(g.view(it)[i]) & 0xFFFFFFFF:x}), expected "
-        f"{w[i].item()!r} (0x{int(w.view(it)[i]) & 0xFFFFFFFF:x}); indices {bad[:8].tolist()}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import torch
 from gradzip import format as fmt
 from gradzip import reference
+from gradzip.testing import assert_bits_equal, assert_payload_equal
 
 _CUDA_BUILT = gradzip.build_info()["cuda_kernels_registered"]
 pytestmark = [
@@ -39,28 +40,6 @@ needs_cpu_kernels = pytest.mark.skipif(not _CPU_BUILT,
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SIZES = (1, 7, 31, 33, 127, 1000, 2048, 4097, 65537)
 DEV = "cuda"
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.detach().cpu(), b.detach().cpu()
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        a, b = a.view(torch.int16 if a.element_size() == 2 else torch.int32), \
-            b.view(torch.int16 if b.element_size() == 2 else torch.int32)
-    return torch.equal(a, b)
-
-
-def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
-    a, b = a.detach().cpu().reshape(-1), b.detach().cpu().reshape(-1)
-    if a.numel() != b.numel():
-        return f"sizes {a.numel()} != {b.numel()}"
-    if a.is_floating_point():
-        a = a.view(torch.int16 if a.element_size() == 2 else torch.int32)
-        b = b.view(torch.int16 if b.element_size() == 2 else torch.int32)
-    idx = torch.nonzero(a != b).reshape(-1)
-    return f"{idx.numel()} differ, first at {idx[:5].tolist()}: {a[idx[:5]].tolist()} vs " \
-           f"{b[idx[:5]].tolist()}"
 
 
 def make_input(n: int, dtype=torch.float32, seed: int = 0, kind: str = "normal") -> torch.Tensor:
@@ -99,10 +78,6 @@ def run_quantize(x, bits, block, residual, rounding, seed):
     return got, r_dev, want, r_ref
 
 
-def assert_same(got, want, what):
-    assert bits_equal(got, want), f"{what}: {first_difference(got, want)}"
-
-
 # ---------------------------------------------------------------------------------------
 # quantize_pack
 # ---------------------------------------------------------------------------------------
@@ -122,9 +97,9 @@ def test_quantize_pack_matches_reference(bits, block, rounding, dtype, with_resi
         x = make_input(n, dtype, seed=n + bits)
         r = residual_for(n) if with_residual else None
         got, r_dev, want, r_ref = run_quantize(x, bits, block, r, rounding, seed=n)
-        assert_same(got, want, f"payload n={n}")
+        assert_payload_equal(got, want, f"payload n={n}")
         if with_residual:
-            assert_same(r_dev, r_ref, f"residual n={n}")
+            assert_bits_equal(r_dev, r_ref, f"residual n={n}")
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
@@ -136,8 +111,8 @@ def test_quantize_pack_special_values(bits, kind, block):
     # Zero, tiny and huge blocks only stay so with a zero residual (v = x + residual).
     r0 = residual_for(n) if kind == "nonfinite" else torch.zeros(n)
     got, r_dev, want, r_ref = run_quantize(x, bits, block, r0, "nearest", 0)
-    assert_same(got, want, "payload")
-    assert_same(r_dev, r_ref, "residual")
+    assert_payload_equal(got, want, "payload")
+    assert_bits_equal(r_dev, r_ref, "residual")
     assert torch.isfinite(r_dev).all(), "a non-finite input poisoned the residual"
 
 
@@ -149,7 +124,7 @@ def test_quantize_pack_non_contiguous_and_unaligned_inputs(bits, dtype):
     for x in (base[:, ::2], base.t(), base.reshape(-1)[1:4098]):
         want = reference.quantize_pack(x.cpu(), bits, 128)
         got = gradzip.quantize_pack(x, bits, 128, backend="cuda")
-        assert_same(got, want, f"payload of a {tuple(x.shape)} view")
+        assert_payload_equal(got, want, f"payload of a {tuple(x.shape)} view")
     # A residual view that is not 16-byte aligned: the scalar path, in place.
     big = residual_for(4099 + 1)
     r_ref = big[1:].clone()
@@ -158,9 +133,9 @@ def test_quantize_pack_non_contiguous_and_unaligned_inputs(bits, dtype):
     r_dev_big = big.to(DEV)
     r_dev = r_dev_big[1:]
     got = gradzip.quantize_pack(x.to(DEV), bits, 128, r_dev, backend="cuda")
-    assert_same(got, want, "payload with an unaligned residual")
-    assert_same(r_dev, r_ref, "unaligned residual")
-    assert bits_equal(r_dev_big[:1], big[:1]), "wrote before the residual view"
+    assert_payload_equal(got, want, "payload with an unaligned residual")
+    assert_bits_equal(r_dev, r_ref, "unaligned residual")
+    assert_bits_equal(r_dev_big[:1], big[:1], "wrote before the residual view")
 
 
 @pytest.mark.slow
@@ -170,8 +145,8 @@ def test_quantize_pack_large(bits):
     for rounding in ("nearest", "stochastic") if bits > 1 else ("nearest",):
         x = make_input(n, torch.float32, seed=bits)
         got, r_dev, want, r_ref = run_quantize(x, bits, 256, residual_for(n), rounding, 9)
-        assert_same(got, want, "payload")
-        assert_same(r_dev, r_ref, "residual")
+        assert_payload_equal(got, want, "payload")
+        assert_bits_equal(r_dev, r_ref, "residual")
 
 
 @needs_cpu_kernels
@@ -184,14 +159,14 @@ def test_quantize_pack_cuda_equals_cpu(bits, dtype):
         r_cpu, r_dev = residual_for(n), residual_for(n).to(DEV)
         cpu = gradzip.quantize_pack(x, bits, block, r_cpu, rounding, 4, backend="cpu")
         dev = gradzip.quantize_pack(x.to(DEV), bits, block, r_dev, rounding, 4, backend="cuda")
-        assert_same(dev, cpu, f"payload n={n}")
-        assert_same(r_dev, r_cpu, f"residual n={n}")
+        assert_payload_equal(dev, cpu, f"payload n={n}")
+        assert_bits_equal(r_dev, r_cpu, f"residual n={n}")
 
 
 def test_quantize_pack_empty_tensor():
     x = torch.zeros(0, device=DEV)
     got = gradzip.quantize_pack(x, 4, 64, backend="cuda")
-    assert_same(got, reference.quantize_pack(x.cpu(), 4, 64), "empty payload")
+    assert_payload_equal(got, reference.quantize_pack(x.cpu(), 4, 64), "empty payload")
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,8 +190,8 @@ def test_topk_select_matches_reference(exact, values, dtype):
         for k in sorted({1, max(1, n // 100), max(1, n // 3), n}):
             x = make_input(n, dtype, seed=n + k)
             got, r_dev, want, r_ref = run_topk(x, k, residual_for(n), exact, values, seed=k)
-            assert_same(got, want, f"payload n={n} k={k}")
-            assert_same(r_dev, r_ref, f"residual n={n} k={k}")
+            assert_payload_equal(got, want, f"payload n={n} k={k}")
+            assert_bits_equal(r_dev, r_ref, f"residual n={n} k={k}")
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "approx"])
@@ -228,8 +203,8 @@ def test_topk_select_ties_and_special_values(exact, kind):
         r0 = torch.zeros(n) if kind in ("ties", "zeros") else residual_for(n)
         for values in ("fp32", "int8"):
             got, r_dev, want, r_ref = run_topk(x, k, r0, exact, values, seed=2)
-            assert_same(got, want, f"payload {kind} n={n} k={k} {values}")
-            assert_same(r_dev, r_ref, f"residual {kind} n={n} k={k} {values}")
+            assert_payload_equal(got, want, f"payload {kind} n={n} k={k} {values}")
+            assert_bits_equal(r_dev, r_ref, f"residual {kind} n={n} k={k} {values}")
 
 
 def test_topk_select_approximate_fill_rule():
@@ -245,8 +220,8 @@ def test_topk_select_approximate_fill_rule():
     t = skeys[reference.approximate_rank(n, k) - 1]
     assert int((key >= t).sum()) < k  # the case is what it claims: the fill rule is used
     got, r_dev, want, r_ref = run_topk(x, k, residual_for(n), False, "fp32", seed)
-    assert_same(got, want, "payload")
-    assert_same(r_dev, r_ref, "residual")
+    assert_payload_equal(got, want, "payload")
+    assert_bits_equal(r_dev, r_ref, "residual")
 
 
 def test_topk_select_many_equal_candidates_overflow_buffer():
@@ -256,8 +231,8 @@ def test_topk_select_many_equal_candidates_overflow_buffer():
     x = torch.full((n,), 0.5)
     for exact in (True, False):
         got, r_dev, want, r_ref = run_topk(x, k, torch.zeros(n), exact, "bf16", 1)
-        assert_same(got, want, f"payload exact={exact}")
-        assert_same(r_dev, r_ref, f"residual exact={exact}")
+        assert_payload_equal(got, want, f"payload exact={exact}")
+        assert_bits_equal(r_dev, r_ref, f"residual exact={exact}")
 
 
 @needs_cpu_kernels
@@ -269,8 +244,8 @@ def test_topk_select_cuda_equals_cpu(exact, values):
     r_cpu, r_dev = residual_for(n), residual_for(n).to(DEV)
     cpu = gradzip.topk_select(x, k, r_cpu, exact, values, 5, backend="cpu")
     dev = gradzip.topk_select(x.to(DEV), k, r_dev, exact, values, 5, backend="cuda")
-    assert_same(dev, cpu, "payload")
-    assert_same(r_dev, r_cpu, "residual")
+    assert_payload_equal(dev, cpu, "payload")
+    assert_bits_equal(r_dev, r_cpu, "residual")
 
 
 def _free_gpu_bytes() -> int:
@@ -340,7 +315,7 @@ def test_dequantize_accumulate_matches_reference(codec, out_dtype, w):
             want = reference.dequantize_accumulate(rows, out0.clone(), alpha)
             out = out0.clone().to(DEV)
             gradzip.dequantize_accumulate(rows.to(DEV), out, alpha, backend="cuda")
-            assert_same(out, want, f"out n={n} alpha={alpha}")
+            assert_bits_equal(out, want, f"out n={n} alpha={alpha}")
 
 
 def test_dequantize_accumulate_nonfinite_payloads():
@@ -352,7 +327,7 @@ def test_dequantize_accumulate_nonfinite_payloads():
         want = reference.dequantize_accumulate(rows, out0.clone(), 0.5)
         out = out0.clone().to(DEV)
         gradzip.dequantize_accumulate(rows.to(DEV), out, 0.5, backend="cuda")
-        assert_same(out, want, f"out {out_dtype}")
+        assert_bits_equal(out, want, f"out {out_dtype}")
 
 
 def test_dequantize_accumulate_sparse_is_deterministic_and_one_pass():
@@ -363,9 +338,10 @@ def test_dequantize_accumulate_sparse_is_deterministic_and_one_pass():
         out = torch.ones(n, device=DEV)
         gradzip.dequantize_accumulate(rows, out, 1.0 / w, backend="cuda")
         outs.append(out)
-    assert bits_equal(outs[0], outs[1]) and bits_equal(outs[0], outs[2])
+    assert_bits_equal(outs[1], outs[0], "out of run 2 vs run 1")
+    assert_bits_equal(outs[2], outs[0], "out of run 3 vs run 1")
     want = reference.dequantize_accumulate(rows.cpu(), torch.ones(n), 1.0 / w)
-    assert_same(outs[0], want, "out")
+    assert_bits_equal(outs[0], want, "out")
 
 
 @needs_cpu_kernels
@@ -377,7 +353,7 @@ def test_dequantize_accumulate_cuda_equals_cpu(codec):
     out_dev = out_cpu.clone().to(DEV)
     gradzip.dequantize_accumulate(rows, out_cpu, 0.25, backend="cpu")
     gradzip.dequantize_accumulate(rows.to(DEV), out_dev, 0.25, backend="cuda")
-    assert_same(out_dev, out_cpu, "out")
+    assert_bits_equal(out_dev, out_cpu, "out")
 
 
 def test_dequantize_round_trip_on_device():
@@ -385,7 +361,7 @@ def test_dequantize_round_trip_on_device():
     payload = gradzip.quantize_pack(x.to(DEV), 8, 128, backend="cuda")
     got = gradzip.dequantize(payload, torch.float32, backend="cuda")
     want = reference.dequantize_accumulate(reference.quantize_pack(x, 8, 128), torch.zeros(10_000))
-    assert_same(got, want, "decoded")
+    assert_bits_equal(got, want, "decoded")
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,8 +384,10 @@ def test_ops_run_on_the_current_stream():
         gradzip.dequantize_accumulate(got, out, backend="cuda")
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    assert bits_equal(got, want) and bits_equal(r, want_r)
-    assert bits_equal(out, reference.dequantize_accumulate(want.cpu(), torch.zeros(n)))
+    assert_payload_equal(got, want, "payload on a side stream")
+    assert_bits_equal(r, want_r, "residual on a side stream")
+    assert_bits_equal(out, reference.dequantize_accumulate(want.cpu(), torch.zeros(n)),
+                      "out on a side stream")
 
 
 def _capture(fn):
@@ -439,8 +417,8 @@ def test_quantize_pack_cuda_graph_capture_and_replay():
         r_eager = r_new.clone()
         eager = gradzip.quantize_pack(x_new, 4, 128, r_eager, "stochastic", 3, backend="cuda")
         torch.cuda.synchronize()
-        assert bits_equal(payload, eager), "replayed payload differs from eager"
-        assert bits_equal(r, r_eager), "replayed residual differs from eager"
+        assert_payload_equal(payload, eager, "replayed payload vs eager")
+        assert_bits_equal(r, r_eager, "replayed residual vs eager")
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "approx"])
@@ -458,7 +436,8 @@ def test_topk_select_cuda_graph_capture_and_replay(exact):
     r_eager = r_new.clone()
     eager = gradzip.topk_select(x_new, k, r_eager, exact, "int8", 1, backend="cuda")
     torch.cuda.synchronize()
-    assert bits_equal(payload, eager) and bits_equal(r, r_eager)
+    assert_payload_equal(payload, eager, "replayed payload vs eager")
+    assert_bits_equal(r, r_eager, "replayed residual vs eager")
 
 
 def test_torch_compile_fullgraph_on_gpu():
@@ -477,9 +456,10 @@ def test_torch_compile_fullgraph_on_gpu():
     want = step(x, r_eager, out_eager)
     compiled = torch.compile(step, fullgraph=True)
     got = compiled(x, r_comp, out_comp)
-    for a, b in zip(got, want):
-        assert bits_equal(a, b)
-    assert bits_equal(r_comp, r_eager) and bits_equal(out_comp, out_eager)
+    for name, a, b in zip(("quantize_pack", "topk_select"), got, want, strict=True):
+        assert_payload_equal(a, b, f"compiled {name} payload vs eager")
+    assert_bits_equal(r_comp, r_eager, "compiled residual vs eager")
+    assert_bits_equal(out_comp, out_eager, "compiled out vs eager")
 
 
 def test_opcheck_on_gpu():
@@ -531,7 +511,7 @@ def test_ops_on_a_second_device_use_that_device():
     x = make_input(5000, seed=1)
     got = gradzip.quantize_pack(x.to("cuda:1"), 4, 64, backend="cuda")
     assert got.device == torch.device("cuda:1")
-    assert_same(got, reference.quantize_pack(x, 4, 64), "payload on cuda:1")
+    assert_payload_equal(got, reference.quantize_pack(x, 4, 64), "payload on cuda:1")
 
 
 def _corrupt(payload: torch.Tensor, offset: int, value: int) -> torch.Tensor:

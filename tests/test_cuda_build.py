@@ -27,6 +27,7 @@ import pytest
 import torch
 from gradzip import format as fmt
 from gradzip import reference
+from gradzip.testing import assert_bits_equal, assert_payload_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -249,15 +250,19 @@ def test_16bit_to_float(helpers):
     helpers.gz_from_16(_ptr(from_half), _ptr(from_bf16))
     allbits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
     # bfloat16 is the top half of a float32: exact for every pattern, NaN payloads included.
-    assert np.array_equal(_bits(from_bf16), allbits.astype(np.uint32) << 16)
+    assert_bits_equal(torch.from_numpy(from_bf16),
+                      torch.from_numpy((allbits.astype(np.uint32) << 16).view(np.float32)),
+                      "bfloat16 -> float")
     # float16: exact for numbers (numpy's conversion is an independent implementation);
     # a NaN keeps its sign and payload, quietened, as x86's F16C conversion does.
     h = allbits.view(np.float16)
     num = ~np.isnan(h)
-    assert np.array_equal(_bits(from_half)[num], _bits(h[num].astype(np.float32)))
+    assert_bits_equal(torch.from_numpy(from_half[num]),
+                      torch.from_numpy(h[num].astype(np.float32)), "float16 number -> float")
     hb = allbits[~num].astype(np.uint32)
     want_nan = ((hb & 0x8000) << 16) | 0x7FC00000 | ((hb & 0x3FF) << 13)
-    assert np.array_equal(_bits(from_half)[~num], want_nan)
+    assert_bits_equal(torch.from_numpy(from_half[~num]),
+                      torch.from_numpy(want_nan.view(np.float32)), "float16 NaN -> float")
 
 
 def test_x86_nan_rule_rebuilds_the_reference_from_gpu_results(helpers):
@@ -286,8 +291,9 @@ def test_abs_and_neg_by_sign_bit(helpers):
     absv, negv = np.empty_like(f), np.empty_like(f)
     helpers.gz_abs_neg(_ptr(f), ctypes.c_int64(f.size), _ptr(absv), _ptr(negv))
     t = torch.from_numpy(f)
-    assert np.array_equal(_bits(absv), _bits(t.abs()))
-    assert np.array_equal(_bits(negv), _bits(f) ^ np.uint32(0x80000000))
+    assert_bits_equal(torch.from_numpy(absv), t.abs(), "abs")
+    flipped = (f.view(np.uint32) ^ np.uint32(0x80000000)).view(np.float32)
+    assert_bits_equal(torch.from_numpy(negv), torch.from_numpy(flipped), "neg")
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -452,13 +458,6 @@ def test_topk_algorithm_model_selects_the_reference_indices(case, exact):
 # reference byte for byte, like tests/test_cuda.py does on a GPU.
 
 
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.is_floating_point():
-        view = torch.int32 if a.element_size() == 4 else torch.int16
-        a, b = a.view(view), b.view(view)
-    return a.shape == b.shape and torch.equal(a, b)
-
-
 @pytest.fixture(scope="module")
 def emu():
     if sys.platform != "linux":
@@ -496,9 +495,9 @@ def _emulated_quantize(emu, x, bits, block, residual, rounding, seed=3):
     want = reference.quantize_pack(x, bits, block, r_ref, rounding, seed)
     r = residual.clone() if residual is not None else None
     got = emu.quantize_pack(x, bits, block, r, rounding == "stochastic", seed)
-    assert _bits_equal(got, want), "payload differs from the reference"
+    assert_payload_equal(got, want, "payload vs the reference")
     if residual is not None:
-        assert _bits_equal(r, r_ref), "residual differs from the reference"
+        assert_bits_equal(r, r_ref, "residual vs the reference")
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
@@ -526,8 +525,9 @@ def test_emulated_quantize_pack_scalar_paths_and_special_values(emu, bits):
     want = reference.quantize_pack(base[1:], bits, 128, r_ref)
     r = r_base.clone()
     got = emu.quantize_pack(base[1:], bits, 128, r[1:], False, 0)
-    assert _bits_equal(got, want) and _bits_equal(r[1:], r_ref)
-    assert _bits_equal(r[:1], r_base[:1]), "wrote outside the residual view"
+    assert_payload_equal(got, want, "payload vs the reference")
+    assert_bits_equal(r[1:], r_ref, "residual vs the reference")
+    assert_bits_equal(r[:1], r_base[:1], "wrote outside the residual view")
     special = torch.randn(3000, generator=g)
     special[[0, 700, 1500, 2999]] = torch.tensor([float("inf"), float("nan"), -float("inf"),
                                                   float("nan")])
@@ -548,8 +548,8 @@ def _emulated_topk(emu, x, k, exact, values, seed=5, keep_ties=False):
     want = reference.topk_select(x, k, r_ref, exact, values, seed)
     r = residual.clone()
     got = emu.topk_select(x, k, r, exact, fmt.VALUE_FORMATS[values], seed)
-    assert _bits_equal(got, want), f"payload differs (n={x.numel()} k={k})"
-    assert _bits_equal(r, r_ref), f"residual differs (n={x.numel()} k={k})"
+    assert_payload_equal(got, want, f"payload n={x.numel()} k={k}")
+    assert_bits_equal(r, r_ref, f"residual n={x.numel()} k={k}")
 
 
 
@@ -610,7 +610,7 @@ def test_emulated_dequantize_accumulate_matches_reference(emu, codec):
                 want = reference.dequantize_accumulate(rows, out0.clone(), -0.3)
                 out = out0.clone()
                 emu.dequantize_accumulate(rows, out, -0.3)
-                assert _bits_equal(out, want), f"n={n} w={w} {dtype}"
+                assert_bits_equal(out, want, f"out n={n} w={w} {dtype}")
 
 
 def test_emulated_dequantize_accumulate_rejects_corrupt_payloads(emu):

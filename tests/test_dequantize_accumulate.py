@@ -15,6 +15,7 @@ import pytest
 import torch
 from gradzip import format as fmt
 from gradzip import reference
+from gradzip.testing import assert_bits_equal
 
 OP = "dequantize_accumulate"
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,8 +120,8 @@ def test_matches_reference(target, codec, W, out_dtype, alpha, n):
     make = make_payloads if W <= 3 else synth_payloads
     payloads = make(codec, n, W, seed=n + W)
     got, want = run_both(target, payloads, initial_out(n, out_dtype), alpha)
-    expect.assert_bits_equal(got, want, f"{target} {codec_id(codec)} W={W} {out_dtype} "
-                             f"alpha={alpha} n={n}", nan_equal=True)
+    assert_bits_equal(got, want, f"{target} {codec_id(codec)} W={W} {out_dtype} "
+                      f"alpha={alpha} n={n}", nan_equal=True)
 
 
 @pytest.mark.parametrize("target,codec", backends.product(
@@ -129,7 +130,7 @@ def test_large_matches_reference(target, codec):
     n = 2**20 + 3
     payloads = synth_payloads(codec, n, 4, seed=1)
     got, want = run_both(target, payloads, initial_out(n, torch.float32), 0.25)
-    expect.assert_bits_equal(got, want, f"{target} {codec_id(codec)} n={n}")
+    assert_bits_equal(got, want, f"{target} {codec_id(codec)} n={n}")
 
 
 @pytest.mark.slow
@@ -139,7 +140,7 @@ def test_large_matches_reference_w8(target, codec, out_dtype):
     n = 2**20 + 3
     payloads = synth_payloads(codec, n, 8, seed=2)
     got, want = run_both(target, payloads, initial_out(n, out_dtype), -1.5)
-    expect.assert_bits_equal(got, want, f"{target} {codec_id(codec)} n={n} W=8 {out_dtype}")
+    assert_bits_equal(got, want, f"{target} {codec_id(codec)} n={n} W=8 {out_dtype}")
 
 
 @pytest.mark.parametrize("target,codec,out_dtype,W", backends.product(
@@ -196,7 +197,7 @@ def test_sparse_accumulate_is_deterministic(target, codec):
     finally:
         torch.set_num_threads(threads)
     for i, r in enumerate(results[1:], 1):
-        expect.assert_bits_equal(r, results[0], f"{target} run {i} differs from run 0")
+        assert_bits_equal(r, results[0], f"{target} run {i} differs from run 0")
 
 
 @pytest.mark.parametrize("target", backends.targets(OP, reference=True))
@@ -216,18 +217,18 @@ def test_input_forms_agree(target):
         return o.cpu()
 
     ref = run(torch.stack(payloads).to(dev))
-    expect.assert_bits_equal(run([p.to(dev) for p in payloads]), ref, f"{target} list")
+    assert_bits_equal(run([p.to(dev) for p in payloads]), ref, f"{target} list")
     big = torch.zeros(3, P + 48, dtype=torch.uint8, device=dev)
     big[:, 16:16 + P] = torch.stack(payloads).to(dev)
     rows = big[:, 16:16 + P]
     assert not rows.is_contiguous()
-    expect.assert_bits_equal(run(rows), ref, f"{target} strided rows")
+    assert_bits_equal(run(rows), ref, f"{target} strided rows")
     one = run(payloads[0].to(dev))
-    expect.assert_bits_equal(one, run(torch.stack(payloads[:1]).to(dev)), f"{target} 1-D")
+    assert_bits_equal(one, run(torch.stack(payloads[:1]).to(dev)), f"{target} 1-D")
     # An out of any shape with the right numel.
     o2 = out0.clone().view(1, n)
     gradzip.dequantize_accumulate(torch.stack(payloads).to(dev), o2, 0.5, backend=target.backend)
-    expect.assert_bits_equal(o2.reshape(-1).cpu(), ref, f"{target} 2-D out")
+    assert_bits_equal(o2.reshape(-1).cpu(), ref, f"{target} 2-D out")
 
 
 @pytest.mark.parametrize("target,codec,dtype", backends.product(
@@ -238,7 +239,7 @@ def test_dequantize_decodes_one_payload(target, codec, dtype):
     got = gradzip.dequantize(p.to(target.device), dtype, backend=target.backend)
     assert got.dtype == dtype and got.shape == (n,) and got.device.type == target.device
     want = torch.from_numpy(expect.decode(p)).to(dtype)  # one rounding: fp32 -> dtype
-    expect.assert_bits_equal(got.cpu(), want, f"{target} dequantize")
+    assert_bits_equal(got.cpu(), want, f"{target} dequantize")
 
 
 @pytest.mark.parametrize("target", backends.targets(OP, reference=True))
@@ -340,7 +341,7 @@ def test_bad_input_raises_and_leaves_out_alone(target, case):
     with pytest.raises(exc, match=match):
         gradzip.dequantize_accumulate(payloads, out, **kw)
     if out_before is not None:
-        expect.assert_bits_equal(out, out_before, f"{target} {name}: out modified")
+        assert_bits_equal(out, out_before, f"{target} {name}: out modified")
 
 
 @pytest.mark.parametrize("target", backends.targets(OP, reference=True))
@@ -387,4 +388,4 @@ def test_direct_op_checks_arguments(target):
     for args, exc, match in cases:
         with pytest.raises(exc, match=match):
             op(*args)
-    expect.assert_bits_equal(out, before, f"{target}: out modified by a failed call")
+    assert_bits_equal(out, before, f"{target}: out modified by a failed call")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gradzip import reference
+from gradzip.testing import assert_bits_equal, assert_payload_equal
 
 OP = "quantize_pack"
 BITS = (8, 4, 2, 1)
@@ -47,7 +48,7 @@ def run_both(target, x, bits, block, residual, rounding, seed):
     got_r = None if residual is None else residual.clone().to(target.device)
     got = gradzip.quantize_pack(xd, bits, block, got_r, rounding, seed, backend=target.backend)
     assert got.device == xd.device, f"payload on {got.device}, x on {xd.device}"
-    expect.assert_bits_equal(xd, x_before, "x was modified by quantize_pack")
+    assert_bits_equal(xd, x_before, "x was modified by quantize_pack")
     return got, got_r, want, want_r
 
 
@@ -58,9 +59,9 @@ def check_case(target, x, bits, block, with_residual, rounding, seed, ctx):
         r = inputs.residual_like(x.numel(), seed=seed % 1000) if with_residual else None
     got, got_r, want, want_r = run_both(target, x, bits, block, r, rounding, seed)
     # NaN scales too: every NaN written into a payload is the canonical 0x7FC00000.
-    expect.assert_payload_equal(got, want, ctx)
+    assert_payload_equal(got, want, ctx)
     if r is not None:
-        expect.assert_bits_equal(got_r, want_r, ctx + " residual")
+        assert_bits_equal(got_r, want_r, ctx + " residual")
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_noncontiguous_matches_reference(target, kind, bits, dtype):
                               backend=target.backend)
     b = gradzip.quantize_pack(x.contiguous(), bits, 128, r.clone().to(target.device),
                               rounding, seed, backend=target.backend)
-    expect.assert_payload_equal(a, b, ctx + " vs contiguous copy")
+    assert_payload_equal(a, b, ctx + " vs contiguous copy")
 
 
 @pytest.mark.parametrize("target,shape", backends.product(
@@ -233,7 +234,7 @@ def test_error_feedback_invariant(target, bits, rounding, dtype):
         f"{target}: |decode + residual - v| = {err[worst]:.3g} > {bound[worst]:.3g} at "
         f"{worst} (v={v64[worst]!r}, decode={d64[worst]!r}, residual={r64[worst]!r})")
     # And the residual is exactly that one rounding of v - d (the definition).
-    expect.assert_bits_equal(r, v - torch.from_numpy(d), f"{target} residual != fl32(v - d)")
+    assert_bits_equal(r, v - torch.from_numpy(d), f"{target} residual != fl32(v - d)")
 
 
 @pytest.mark.parametrize("target,bits,block", backends.product(
@@ -480,7 +481,7 @@ def test_nonfinite_reaches_payload_and_spares_residual(target, bits, rounding):
     for b in bad_blocks:
         sl = slice(b * block, (b + 1) * block)
         bad = ~torch.isfinite(x[sl] + r0[sl] - torch.from_numpy(d[sl]))
-        expect.assert_bits_equal(rc[sl][bad], r0[sl][bad], f"{target} block {b} residual")
+        assert_bits_equal(rc[sl][bad], r0[sl][bad], f"{target} block {b} residual")
     # The next, finite step is clean.
     p2 = gradzip.quantize_pack(inputs.grad_like(n, seed=8).to(target.device), bits, block, r,
                                rounding, 6, backend=target.backend)
@@ -574,9 +575,9 @@ def test_bad_arguments_raise_and_touch_nothing(case):
     with pytest.raises(exc, match=match):
         gradzip.quantize_pack(**kw)
     if x_before is not None:
-        expect.assert_bits_equal(kw["x"], x_before, f"{name}: x modified")
+        assert_bits_equal(kw["x"], x_before, f"{name}: x modified")
     if r_before is not None:
-        expect.assert_bits_equal(r, r_before, f"{name}: residual modified by a failed call")
+        assert_bits_equal(r, r_before, f"{name}: residual modified by a failed call")
 
 
 @pytest.mark.parametrize("target", backends.targets(OP))
@@ -598,7 +599,7 @@ def test_bad_arguments_on_each_backend(target):
         args.update(kw)
         with pytest.raises(exc, match=match):
             gradzip.quantize_pack(x, **args)
-    expect.assert_bits_equal(r, r_before, f"{target}: residual modified by a failed call")
+    assert_bits_equal(r, r_before, f"{target}: residual modified by a failed call")
 
 
 @pytest.mark.parametrize("target", [t for t in backends.targets(OP)
@@ -626,4 +627,4 @@ def test_direct_op_checks_arguments(target):
     for args, exc, match in cases:
         with pytest.raises(exc, match=match):
             op(*args)
-    expect.assert_bits_equal(r, r_before, f"{target}: residual modified by a failed call")
+    assert_bits_equal(r, r_before, f"{target}: residual modified by a failed call")

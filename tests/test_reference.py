@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from gradzip import reference
+from gradzip.testing import assert_bits_equal
 
 M32 = 0xFFFFFFFF
 
@@ -53,7 +54,7 @@ def test_uniform_range_resolution_and_determinism():
         assert u.dtype == torch.float32
         assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
         assert torch.equal(u * 2**24, torch.floor(u * 2**24)), "not multiples of 2**-24"
-        expect.assert_bits_equal(reference.uniform(seed, idx), u, "uniform not deterministic")
+        assert_bits_equal(reference.uniform(seed, idx), u, "uniform not deterministic")
         assert torch.equal((u * 2**24).long(), reference.hash32(seed, idx) >> 8)
 
 
@@ -117,8 +118,8 @@ def test_magnitude_key_orders_by_magnitude_nan_first():
     for sign in (1.0, -1.0):
         keys = reference.magnitude_key(t * sign).tolist()
         assert keys == sorted(keys) and len(set(keys)) == len(keys)
-    expect.assert_bits_equal(reference.magnitude_key(t), reference.magnitude_key(-t),
-                             "key depends on sign")
+    assert_bits_equal(reference.magnitude_key(t), reference.magnitude_key(-t),
+                      "key depends on sign")
     # Every NaN has the canonical NaN's key, whatever its bits.
     nans = torch.tensor([0x7FC00000, -0x400000, 0x7F800001, -1, 0x7FFFFFFF],
                         dtype=torch.int32).view(torch.float32)
@@ -163,8 +164,8 @@ def _payload(codec, x, residual=None):
 def test_reference_decode_matches_independent_decoder(codec):
     for n in (1, 33, 4097):
         p = _payload(codec, inputs.grad_like(n, seed=n))
-        expect.assert_bits_equal(reference.dequantize(p), torch.from_numpy(expect.decode(p)),
-                                 f"{codec} n={n}")
+        assert_bits_equal(reference.dequantize(p), torch.from_numpy(expect.decode(p)),
+                          f"{codec} n={n}")
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: "-".join(map(str, c)))
@@ -173,8 +174,8 @@ def test_reference_is_deterministic_and_leaves_x_alone(codec):
     x0 = x.clone()
     r1, r2 = inputs.residual_like(3001), inputs.residual_like(3001)
     assert torch.equal(_payload(codec, x, r1), _payload(codec, x, r2))
-    expect.assert_bits_equal(r1, r2, f"{codec} residual")
-    expect.assert_bits_equal(x, x0, f"{codec} x modified")
+    assert_bits_equal(r1, r2, f"{codec} residual")
+    assert_bits_equal(x, x0, f"{codec} x modified")
 
 
 def test_reference_accumulate_forms():
@@ -182,8 +183,8 @@ def test_reference_accumulate_forms():
     a = reference.dequantize_accumulate(torch.stack(ps), torch.zeros(500))
     b = reference.dequantize_accumulate(ps, torch.zeros(500))
     c = reference.dequantize_accumulate(ps[0], torch.zeros(500))
-    expect.assert_bits_equal(a, b, "list vs tensor")
-    expect.assert_bits_equal(c, reference.dequantize(ps[0]), "1-D payload")
+    assert_bits_equal(a, b, "list vs tensor")
+    assert_bits_equal(c, reference.dequantize(ps[0]), "1-D payload")
 
 
 def test_compressed_bytes_per_element():

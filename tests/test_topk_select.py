@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gradzip import reference
+from gradzip.testing import assert_bits_equal, assert_payload_equal
 
 OP = "topk_select"
 VALUES = ("fp32", "bf16", "int8")
@@ -39,16 +40,16 @@ def run_both(target, x, k, residual, exact, values, seed):
     got_r = None if residual is None else residual.clone().to(target.device)
     got = gradzip.topk_select(xd, k, got_r, exact, values, seed, backend=target.backend)
     assert got.device == xd.device
-    expect.assert_bits_equal(xd, x_before, "x was modified by topk_select")
+    assert_bits_equal(xd, x_before, "x was modified by topk_select")
     return got, got_r, want, want_r
 
 
 def check_case(target, x, k, with_residual, exact, values, seed, ctx):
     r = inputs.residual_like(x.numel(), seed=seed % 1000) if with_residual else None
     got, got_r, want, want_r = run_both(target, x, k, r, exact, values, seed)
-    expect.assert_payload_equal(got, want, ctx)
+    assert_payload_equal(got, want, ctx)
     if r is not None:
-        expect.assert_bits_equal(got_r, want_r, ctx + " residual")
+        assert_bits_equal(got_r, want_r, ctx + " residual")
 
 
 def _light(values, exact, dtype, with_residual, nk):
@@ -90,7 +91,7 @@ def test_noncontiguous_matches_reference(target, kind, exact):
     check_case(target, x, k, True, exact, "fp32", 3, ctx)
     a = gradzip.topk_select(x, k, exact=exact, seed=3, backend=target.backend)
     b = gradzip.topk_select(x.contiguous(), k, exact=exact, seed=3, backend=target.backend)
-    expect.assert_payload_equal(a, b, ctx + " vs contiguous copy")
+    assert_payload_equal(a, b, ctx + " vs contiguous copy")
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_picks_the_largest_magnitudes(target, n, kfrac, exact):
         # With distinct magnitudes the approximate result is the exact one whenever enough
         # candidates pass the sampled threshold; demand at least 0.95 recall here.
         assert np.intersect1d(idx, want).size >= 0.95 * k, target
-    expect.assert_bits_equal(torch.from_numpy(vals), x[torch.from_numpy(idx)], f"{target} values")
+    assert_bits_equal(torch.from_numpy(vals), x[torch.from_numpy(idx)], f"{target} values")
 
 
 @pytest.mark.parametrize("target,exact", backends.product(OP, [(True, False)], reference=True))
@@ -273,10 +274,10 @@ def test_values_and_residual(target, values):
     d = torch.zeros(n)
     d[sel] = torch.from_numpy(vals)
     if values == "fp32":
-        expect.assert_bits_equal(d[sel], v[sel], f"{target} fp32 values")
+        assert_bits_equal(d[sel], v[sel], f"{target} fp32 values")
     elif values == "bf16":
         # bf16 values are v rounded to nearest even (torch's conversion does exactly that)
-        expect.assert_bits_equal(d[sel], v[sel].to(torch.bfloat16).float(), f"{target} bf16")
+        assert_bits_equal(d[sel], v[sel].to(torch.bfloat16).float(), f"{target} bf16")
     else:
         so = expect.topk_layout(n, k, 3)[2]
         scale = float(np.frombuffer(expect.raw(p)[so:so + 4], "<f4")[0])
@@ -291,12 +292,12 @@ def test_values_and_residual(target, values):
         assert scale == s_want
         np.testing.assert_array_equal(codes, q_want, err_msg=f"{target} int8 codes")
     rc = r.cpu()
-    expect.assert_bits_equal(rc, v - d, f"{target} residual != v - decode")
+    assert_bits_equal(rc, v - d, f"{target} residual != v - decode")
     if values == "fp32":
         assert (rc[sel].view(torch.int32) == 0).all(), "selected residual not +0.0"
     unsel = torch.ones(n, dtype=torch.bool)
     unsel[sel] = False
-    expect.assert_bits_equal(rc[unsel], v[unsel], f"{target} unselected residual != v")
+    assert_bits_equal(rc[unsel], v[unsel], f"{target} unselected residual != v")
 
 
 @pytest.mark.parametrize("target,values", backends.product(
@@ -373,9 +374,9 @@ def test_bad_arguments_raise_and_touch_nothing(case):
     r_before = r.clone() if isinstance(r, torch.Tensor) and r.device.type != "meta" else None
     with pytest.raises(exc, match=match):
         gradzip.topk_select(**kw)
-    expect.assert_bits_equal(kw["x"], x_before, f"{name}: x modified")
+    assert_bits_equal(kw["x"], x_before, f"{name}: x modified")
     if r_before is not None:
-        expect.assert_bits_equal(r, r_before, f"{name}: residual modified by a failed call")
+        assert_bits_equal(r, r_before, f"{name}: residual modified by a failed call")
 
 
 @pytest.mark.parametrize("target", [t for t in backends.targets(OP)
@@ -401,4 +402,4 @@ def test_direct_op_checks_arguments(target):
     for args, exc, match in cases:
         with pytest.raises(exc, match=match):
             op(*args)
-    expect.assert_bits_equal(r, r_before, f"{target}: residual modified by a failed call")
+    assert_bits_equal(r, r_before, f"{target}: residual modified by a failed call")

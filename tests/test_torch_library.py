@@ -6,12 +6,12 @@ same payload bytes and residual bits as eager."""
 from __future__ import annotations
 
 import backends
-import expect
 import gradzip
 import inputs
 import pytest
 import torch
 from gradzip import reference
+from gradzip.testing import assert_bits_equal, assert_payload_equal
 from torch._inductor.exc import InductorError
 
 
@@ -99,17 +99,17 @@ def test_compile_fullgraph_matches_eager(target):
     eager = _step(x, r_e, out_e, 9, target.backend)
     r_c, out_c = r0.clone(), out0.clone()
     compiled = torch.compile(_step, fullgraph=True)(x, r_c, out_c, 9, target.backend)
-    expect.assert_payload_equal(compiled[0], eager[0], "compiled quantize_pack")
-    expect.assert_payload_equal(compiled[1], eager[1], "compiled topk_select")
-    expect.assert_bits_equal(compiled[2], eager[2], "compiled topk residual")
-    expect.assert_bits_equal(r_c, r_e, "compiled quantize residual")
-    expect.assert_bits_equal(out_c, out_e, "compiled accumulate out")
+    assert_payload_equal(compiled[0], eager[0], "compiled quantize_pack")
+    assert_payload_equal(compiled[1], eager[1], "compiled topk_select")
+    assert_bits_equal(compiled[2], eager[2], "compiled topk residual")
+    assert_bits_equal(r_c, r_e, "compiled quantize residual")
+    assert_bits_equal(out_c, out_e, "compiled accumulate out")
     # and a second call reuses the graph with new inputs
     x2 = _x(3001, seed=11).to(dev)
     eager2 = _step(x2, r_e, out_e, 10, target.backend)
     compiled2 = torch.compile(_step, fullgraph=True)(x2, r_c, out_c, 10, target.backend)
-    expect.assert_payload_equal(compiled2[0], eager2[0], "compiled quantize_pack, call 2")
-    expect.assert_bits_equal(r_c, r_e, "compiled residual, call 2")
+    assert_payload_equal(compiled2[0], eager2[0], "compiled quantize_pack, call 2")
+    assert_bits_equal(r_c, r_e, "compiled residual, call 2")
 
 
 @pytest.mark.parametrize("backend", [
@@ -129,6 +129,6 @@ def test_compile_fullgraph_without_residual(target, backend):
     eager = _step_no_residual(x, out_e, target.backend)
     compiled = torch.compile(_step_no_residual, fullgraph=True, backend=backend)(
         x, out_c, target.backend)
-    expect.assert_payload_equal(compiled[0], eager[0], f"{backend} quantize_pack")
-    expect.assert_payload_equal(compiled[1], eager[1], f"{backend} topk_select")
-    expect.assert_bits_equal(out_c, out_e, f"{backend} accumulate out")
+    assert_payload_equal(compiled[0], eager[0], f"{backend} quantize_pack")
+    assert_payload_equal(compiled[1], eager[1], f"{backend} topk_select")
+    assert_bits_equal(out_c, out_e, f"{backend} accumulate out")

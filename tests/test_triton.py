@@ -52,6 +52,7 @@ import gradzip
 from gradzip import format as fmt
 from gradzip import reference
 from gradzip import triton as gz_triton
+from gradzip.testing import assert_bits_equal, assert_payload_equal
 
 INTERPRET = gz_triton.INTERPRET
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -93,29 +94,6 @@ def _residual(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, generator=_gen(seed)) * 0.05
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
-
-
-def assert_same_payload(got: torch.Tensor, want: torch.Tensor) -> None:
-    got = got.cpu()
-    assert got.dtype == torch.uint8 and got.dim() == 1
-    assert got.numel() == want.numel(), (got.numel(), want.numel())
-    if not torch.equal(got, want):
-        diff = (got != want).nonzero().flatten()
-        raise AssertionError(f"payloads differ at {diff.numel()} bytes, first {diff[:8].tolist()}:"
-                             f" got {got[diff[:8]].tolist()} want {want[diff[:8]].tolist()}")
-
-
-def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
-    got = got.cpu()
-    if not torch.equal(_bits(got), _bits(want)):
-        diff = (_bits(got) != _bits(want)).nonzero().flatten()
-        raise AssertionError(f"residuals differ at {diff.numel()} elements, first "
-                             f"{diff[:8].tolist()}: got {got.flatten()[diff[:8]].tolist()} "
-                             f"want {want.flatten()[diff[:8]].tolist()}")
-
-
 def check_quantize(x, bits, block, with_residual=True, rounding="nearest", seed=7):
     n = x.numel()
     r_ref = _residual(n) if with_residual else None
@@ -124,9 +102,9 @@ def check_quantize(x, bits, block, with_residual=True, rounding="nearest", seed=
     got = gradzip.quantize_pack(x.to(DEVICE), bits, block, r_dev, rounding, seed,
                                 backend="triton")
     assert got.device.type == DEVICE
-    assert_same_payload(got, want)
+    assert_payload_equal(got, want, "payload")
     if with_residual:
-        assert_same_bits(r_dev, r_ref)
+        assert_bits_equal(r_dev, r_ref, "residual")
 
 
 def check_topk(x, k, exact, values, with_residual=True, seed=11):
@@ -135,24 +113,9 @@ def check_topk(x, k, exact, values, with_residual=True, seed=11):
     r_dev = r_ref.clone().to(DEVICE) if with_residual else None
     want = reference.topk_select(x, k, r_ref, exact, values, seed)
     got = gradzip.topk_select(x.to(DEVICE), k, r_dev, exact, values, seed, backend="triton")
-    assert_same_payload(got, want)
+    assert_payload_equal(got, want, "payload")
     if with_residual:
-        assert_same_bits(r_dev, r_ref)
-
-
-def assert_same_out(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Bit equality of ``out``, except that two NaNs match whatever their payload bits: NaN
-    bits of float arithmetic differ between CPUs and GPUs, and ``out`` is not a payload."""
-    got = got.cpu()
-    g, w = got.float(), want.float()
-    both_nan = torch.isnan(g) & torch.isnan(w)
-    if got.dtype == torch.float32:
-        gb, wb = _bits(got), _bits(want)
-    else:
-        gb, wb = got.view(torch.int16).int(), want.view(torch.int16).int()
-    same = (gb == wb) | both_nan
-    assert bool(same.all()), (f"out differs at {(~same).sum().item()} elements: got "
-                              f"{got[~same][:5].tolist()} want {want[~same][:5].tolist()}")
+        assert_bits_equal(r_dev, r_ref, "residual")
 
 
 def check_accumulate(rows: torch.Tensor, n: int, out_dtype, alpha, seed=3):
@@ -162,7 +125,7 @@ def check_accumulate(rows: torch.Tensor, n: int, out_dtype, alpha, seed=3):
     got = out0.clone().to(DEVICE)
     res = gradzip.dequantize_accumulate(rows.to(DEVICE), got, alpha, backend="triton")
     assert res is got
-    assert_same_out(got, want)
+    assert_bits_equal(got, want, "out", nan_equal=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,9 +149,9 @@ def test_quantize_pack_empty(bits):
     r = torch.empty(0, device=DEVICE)
     got = gradzip.quantize_pack(x, bits, 64, r, backend="triton")
     want = torch.frombuffer(bytearray(fmt.dense_header(0, bits, 64).pack()), dtype=torch.uint8)
-    assert_same_payload(got, want)
+    assert_payload_equal(got, want, "empty payload vs the header")
     if bits > 1:
-        assert_same_payload(got, reference.quantize_pack(x.cpu(), bits, 64))
+        assert_payload_equal(got, reference.quantize_pack(x.cpu(), bits, 64), "empty payload")
 
 
 # (stochastic rounding is not defined for 1 bit: the API rejects it, see the bad-input tests)
@@ -284,8 +247,8 @@ def test_quantize_pack_nan_bit_patterns(bits):
     want_r, got_r = r.clone(), r.clone().to(DEVICE)
     want = reference.quantize_pack(x, bits, 32, want_r)
     got = gradzip.quantize_pack(x.to(DEVICE), bits, 32, got_r, backend="triton")
-    assert_same_payload(got, want)
-    assert_same_bits(got_r, want_r)
+    assert_payload_equal(got, want, "payload")
+    assert_bits_equal(got_r, want_r, "residual")
 
 
 @pytest.mark.parametrize("values", VALUES)
@@ -480,9 +443,9 @@ def test_accumulate_alpha_and_input_forms():
     reference.dequantize_accumulate(rows, out_ref, 0.5)
     out = torch.ones(777, device=DEVICE)
     gradzip.dequantize_accumulate([r.to(DEVICE) for r in rows], out, 0.5, backend="triton")
-    assert_same_out(out, out_ref)
+    assert_bits_equal(out, out_ref, "out", nan_equal=True)
     one = gradzip.dequantize(rows[0].to(DEVICE), torch.float32, backend="triton")
-    assert_same_out(one, reference.dequantize(rows[0]))
+    assert_bits_equal(one, reference.dequantize(rows[0]), "dequantize", nan_equal=True)
 
 
 def test_accumulate_non_finite():
@@ -507,7 +470,7 @@ def test_accumulate_strided_rows():
     reference.dequantize_accumulate(rows, out_ref, 1.0)
     out = torch.zeros(500, device=DEVICE)
     gradzip.dequantize_accumulate(view, out, 1.0, backend="triton")
-    assert_same_out(out, out_ref)
+    assert_bits_equal(out, out_ref, "out", nan_equal=True)
 
 
 @pytest.mark.slow
@@ -641,7 +604,7 @@ def test_hash_and_uniform_match_reference_for_large_indices():
         _hash_kernel[(1,)](idx.to(DEVICE), h, u, idx.numel(), _common_mod.seed_key(seed),
                            BLOCK=16)
         assert torch.equal(h.cpu(), reference.hash32(seed, idx))
-        assert_same_bits(u, reference.uniform(seed, idx))
+        assert_bits_equal(u, reference.uniform(seed, idx), "uniform")
 
 
 # ---------------------------------------------------------------------------------------
