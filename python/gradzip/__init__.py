@@ -3,7 +3,8 @@
 Ops (``gradzip.ops``): :func:`quantize_pack`, :func:`topk_select`,
 :func:`dequantize_accumulate`, :func:`dequantize`; the specification they all follow is
 :mod:`gradzip.reference`, the wire format :mod:`gradzip.format` (docs/format.md).
-Communication: :class:`Codec`, :func:`all_reduce`, :class:`ErrorFeedback`, and the DDP
+Communication: :class:`Codec`, :func:`all_reduce`, :func:`reduce_scatter`,
+:class:`ErrorFeedback`, and the DDP
 hook in :mod:`gradzip.ddp`.
 """
 
@@ -29,7 +30,8 @@ del _register_fakes
 
 __version__ = "0.1.0"
 
-_LAZY = {"Codec": "codecs", "all_reduce": "comm", "ErrorFeedback": "comm", "ddp": None}
+_LAZY = {"Codec": "codecs", "all_reduce": "comm", "reduce_scatter": "comm",
+         "ErrorFeedback": "comm", "ddp": None}
 
 
 def __getattr__(name):
@@ -55,6 +57,7 @@ __all__ = [
     "dequantize_accumulate",
     "format",
     "quantize_pack",
+    "reduce_scatter",
     "reference",
     "topk_select",
 ]

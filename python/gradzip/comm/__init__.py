@@ -12,6 +12,7 @@ signatures, tuners) lives in :mod:`.groups`, tied to the group object.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -35,11 +36,13 @@ from .plan import (
     ALGORITHMS,
     DEFAULT_MIN_NUMEL,
     DEFAULT_PIPELINE,
+    REDUCE_SCATTER_ALGORITHMS,
     Pipeline,
     Plan,
     alltoall_chunks,
     pipeline_segments,
     plan,
+    reduce_scatter_plan,
 )
 
 
@@ -94,129 +97,244 @@ def all_reduce(
         TypeError: a tensor of another dtype.
         RuntimeError: from torch.distributed, e.g. a peer died (within the group's timeout).
     """
-    codec = as_codec(codec)
-    rank, world = _check_arguments(tensor, state, group, algorithm, min_numel, verify, seed,
-                                   pipeline)
-    timer = PhaseTimer(timings)
+    return _run(_Request("all_reduce", tensor, tensor, as_codec(codec), state, group,
+                         algorithm, average, async_op, key, min_numel, verify, seed, timings,
+                         pipeline))
+
+
+def reduce_scatter(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    codec: Codec | str,
+    *,
+    state: ErrorFeedback | None = None,
+    group: dist.ProcessGroup | None = None,
+    algorithm: str = "auto",
+    average: bool = False,
+    async_op: bool = False,
+    key: Hashable | None = None,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+    verify: str = "auto",
+    seed: int = 0,
+    timings: dict[str, float] | None = None,
+) -> torch.Tensor | torch.futures.Future:
+    """Reduce-scatter ``input`` across ``group`` through compressed payloads: ``output`` =
+    the (averaged) sum over ranks of shard ``rank`` of ``input``, where ``input.view(W,
+    -1)[r]`` is rank r's shard (the argument order of
+    ``torch.distributed.reduce_scatter_tensor``).
+
+    Each rank compresses its W shards (worker error feedback, an input-sized residual in
+    ``state``), one ``all_to_all_single`` sends shard r to rank r, and rank r decodes the W
+    payloads of its shard with one ``dequantize_accumulate``: phase 1 of the two-phase
+    all-reduce. Traffic per rank: (W-1) shard payloads.
+
+    Args:
+        output: ``input.numel() // W`` elements of ``input``'s dtype; overwritten.
+        input: float32/float16/bfloat16, ``W * output.numel()`` elements; not modified.
+        codec, state, group, async_op, key, min_numel, verify, seed, timings: as in
+            :func:`all_reduce` (``key`` default: the input's shape and dtype).
+        algorithm: "auto" (compressed when it sends fewer bytes than the plain
+            reduce-scatter; measured against it as in :func:`all_reduce`), "alltoall" or
+            "plain".
+        average: divide the sum by the group size.
+
+    Returns:
+        ``output`` (``async_op=False``) or a Future holding it.
+
+    Raises:
+        ValueError: ranks disagree (codec, sizes, dtype, algorithm, format version), a
+            received header does not match, or ``output`` and ``input`` do not fit
+            together (raised on every rank together); bad arguments.
+        TypeError: a tensor of another dtype.
+    """
+    return _run(_Request("reduce_scatter", input, output, as_codec(codec), state, group,
+                         algorithm, average, async_op, key, min_numel, verify, seed, timings,
+                         DEFAULT_PIPELINE))
+
+
+@dataclass(frozen=True)
+class _Request:
+    op: str  # "all_reduce" or "reduce_scatter"
+    tensor: torch.Tensor  # what is reduced (the input)
+    output: torch.Tensor  # where the result goes (the tensor itself for all_reduce)
+    codec: Codec
+    state: ErrorFeedback | None
+    group: dist.ProcessGroup | None
+    algorithm: str
+    average: bool
+    async_op: bool
+    key: Hashable | None
+    min_numel: int
+    verify: str
+    seed: int
+    timings: dict[str, float] | None
+    pipeline: Pipeline
+
+    @property
+    def who(self) -> str:
+        return f"gradzip.{self.op}"
+
+
+def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
+    """The steps of one collective call, the same for both operations."""
+    rank, world = _check_arguments(r)
+    tensor, state = r.tensor, r.state
+    timer = PhaseTimer(r.timings)
     # 1. Plan. A rank that refuses its input still takes part in the agreement below, so
     #    that its peers raise too instead of waiting for it in the next collective.
-    local_error = _input_error(tensor)
-    p = None if local_error else plan(codec, tensor.numel(), tensor.dtype, world, algorithm,
-                                      min_numel, pipeline)
-    probe = _auto_probe(p, algorithm, group, codec, tensor, average, world)
+    local_error = _input_error(r, world)
+    p = None if local_error else _plan(r, world)
+    probe = _auto_probe(p, r, world)
     # 2. Residuals, for a call that will compress.
     compresses = p is not None and p.algorithm != "plain" and not (probe and probe.plain)
+    key = r.key
     if state is not None and key is None:
         key = (tuple(tensor.shape), str(tensor.dtype))
+        key = key if r.op == "all_reduce" else ("reduce_scatter", *key)
     if state is not None and compresses:
         try:
             state.worker_residual(key, tensor.numel(), tensor.device)
         except ValueError as e:
             local_error = e
     # 3. Agreement: every rank raises together.
-    mode = resolve_mode(verify, tensor.device)
-    _agree(mode, codec, tensor, p, average, group, world, local_error, timer)
+    mode = resolve_mode(r.verify, tensor.device)
+    _agree(mode, r, p, world, local_error, timer)
     if tensor.numel() == 0:
-        return completed(tensor) if async_op else tensor
+        return completed(r.output) if r.async_op else r.output
     # 4. Run one algorithm.
     if probe is not None:
-        p = probe.plan(group, tensor.device)
+        p = probe.plan(r.group, tensor.device)
     with torch.no_grad():
-        flat = tensor.detach().reshape(-1) if tensor.is_contiguous() \
-            else tensor.detach().contiguous().view(-1)
+        flat = _flat(tensor)
+        out = None if r.op == "all_reduce" else _flat(r.output)
         if p.algorithm == "plain" and probe is not None and probe.tuner.choice is p:
-            _hand_over(state, key, flat)
-        call = Call(flat, p, codec, group, rank, world, average,
-                    state if p.algorithm != "plain" else None, key,
-                    state.seed if state is not None and p.algorithm != "plain" else seed,
-                    mode == "always", timer)
-        finish = ALGORITHM_FUNCTIONS[p.algorithm](call)
+            flat = _hand_over(state, key, flat, r.op)
+        compressed = p.algorithm != "plain"
+        call = Call(flat, p, r.codec, r.group, rank, world, r.average,
+                    state if compressed else None, key,
+                    state.seed if state is not None and compressed else r.seed,
+                    mode == "always", timer, out)
+        finish = ALGORITHM_FUNCTIONS[r.op, p.algorithm](call)
     # 5. Complete: decode, copy back into a non-contiguous tensor, stop the probe's clock.
+    result = r.output
+    written = flat if r.op == "all_reduce" else out
 
     def complete(_=None) -> torch.Tensor:
         with torch.no_grad():
             finish()
-            if flat.data_ptr() != tensor.data_ptr() or not tensor.is_contiguous():
-                tensor.copy_(flat.view(tensor.shape))
+            if written.data_ptr() != result.data_ptr() or not result.is_contiguous():
+                result.copy_(written.view(result.shape))
         if probe is not None:
             probe.end()
-        return tensor
+        return result
 
-    if not async_op:
+    if not r.async_op:
         with timer("communicate"):
             finish.wait()
         return complete()
     return finish.future().then(complete)
 
 
-def _check_arguments(tensor, state, group, algorithm, min_numel, verify, seed, pipeline
-                     ) -> tuple[int, int]:
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a flat contiguous tensor: a view when it can be, else a copy."""
+    return t.detach().reshape(-1) if t.is_contiguous() else t.detach().contiguous().view(-1)
+
+
+def _check_arguments(r: _Request) -> tuple[int, int]:
     """Arguments that are wrong on this rank alone, before any collective: (rank, world)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    _checks.check_choice(algorithm, ALGORITHMS, "algorithm")
-    _checks.check_choice(verify, VERIFY_MODES, "verify")
-    if state is not None and not isinstance(state, ErrorFeedback):
+    for name, t in (("tensor", r.tensor), ("output", r.output)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{r.who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    algorithms = ALGORITHMS if r.op == "all_reduce" else REDUCE_SCATTER_ALGORITHMS
+    _checks.check_choice(r.algorithm, algorithms, "algorithm")
+    _checks.check_choice(r.verify, VERIFY_MODES, "verify")
+    if r.state is not None and not isinstance(r.state, ErrorFeedback):
         raise TypeError(f"state must be a gradzip.ErrorFeedback or None, got "
-                        f"{type(state).__name__}")
-    _checks.check_nonnegative_int(min_numel, "min_numel")
-    _checks.check_seed(seed)
-    if not isinstance(pipeline, Pipeline):
+                        f"{type(r.state).__name__}")
+    _checks.check_nonnegative_int(r.min_numel, "min_numel")
+    _checks.check_seed(r.seed)
+    if not isinstance(r.pipeline, Pipeline):
         raise TypeError(f"pipeline must be a gradzip.comm.Pipeline, got "
-                        f"{type(pipeline).__name__}")
+                        f"{type(r.pipeline).__name__}")
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("gradzip.all_reduce needs an initialised torch.distributed "
-                           "process group (torch.distributed.init_process_group)")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+        raise RuntimeError(f"{r.who} needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
+    world, rank = dist.get_world_size(r.group), dist.get_rank(r.group)
     if rank < 0 or world < 1:
         raise ValueError("this process is not a member of the given process group")
     return rank, world
 
 
-def _input_error(tensor: torch.Tensor) -> Exception | None:
-    """What is wrong with this rank's tensor (raised after the agreement, on every rank)."""
-    if tensor.layout != torch.strided:
-        return TypeError(f"gradzip.all_reduce needs a dense (strided) tensor, got layout "
-                         f"{tensor.layout}")
-    if tensor.dtype not in _checks.FLOAT_DTYPES:
-        return TypeError(f"gradzip.all_reduce needs a float32, float16 or bfloat16 tensor, "
-                         f"got {tensor.dtype}")
+def _input_error(r: _Request, world: int) -> Exception | None:
+    """What is wrong with this rank's tensors (raised after the agreement, on every rank)."""
+    for name, t in (("input", r.tensor), ("output", r.output)):
+        if t.layout != torch.strided:
+            return TypeError(f"{r.who} needs dense (strided) tensors, got {name} of layout "
+                             f"{t.layout}")
+        if t.dtype not in _checks.FLOAT_DTYPES:
+            return TypeError(f"{r.who} needs float32, float16 or bfloat16 tensors, got "
+                             f"{name} of {t.dtype}")
+    if r.op == "reduce_scatter":
+        if r.output.dtype != r.tensor.dtype:
+            return TypeError(f"{r.who}: output is {r.output.dtype} but input is "
+                             f"{r.tensor.dtype}")
+        if r.tensor.numel() != world * r.output.numel():
+            return ValueError(f"{r.who}: input has {r.tensor.numel()} elements, which is not "
+                              f"{world} ranks x output's {r.output.numel()}")
+        if r.output.device != r.tensor.device:
+            return ValueError(f"{r.who}: output is on {r.output.device} but input is on "
+                              f"{r.tensor.device}")
+        if r.output.numel() and r.output.untyped_storage().data_ptr() == \
+                r.tensor.untyped_storage().data_ptr():
+            return ValueError(f"{r.who}: output must not share memory with input")
     return None
 
 
-def _auto_probe(p: Plan | None, algorithm: str, group, codec: Codec, tensor: torch.Tensor,
-                average: bool, world: int) -> Probe | None:
+def _plan(r: _Request, world: int) -> Plan:
+    numel, dtype = r.tensor.numel(), r.tensor.dtype
+    if r.op == "all_reduce":
+        return plan(r.codec, numel, dtype, world, r.algorithm, r.min_numel, r.pipeline)
+    return reduce_scatter_plan(r.codec, numel, dtype, world, r.algorithm, r.min_numel)
+
+
+def _auto_probe(p: Plan | None, r: _Request, world: int) -> Probe | None:
     """With "auto" and a compressed plan: this call's probe of its signature's tuner."""
-    if p is None or algorithm != "auto" or p.algorithm == "plain":
+    if p is None or r.algorithm != "auto" or p.algorithm == "plain":
         return None
-    tuners = group_state(group).tuners
-    tkey = tuner_key(codec.spec, tensor.numel(), tensor.dtype, average, world)
+    tuners = group_state(r.group).tuners
+    tkey = tuner_key(r.op, r.codec.spec, r.tensor.numel(), r.tensor.dtype, r.average, world)
     tuner = tuners.get(tkey)
     if tuner is None or tuner.compressed != p:
         tuner = tuners[tkey] = Tuner(p)
-    return tuner.begin(tensor.device)
+    return tuner.begin(r.tensor.device)
 
 
-def _agree(mode: str, codec: Codec, tensor: torch.Tensor, p: Plan | None, average: bool,
-           group, world: int, local_error: Exception | None, timer: PhaseTimer) -> None:
+def _agree(mode: str, r: _Request, p: Plan | None, world: int,
+           local_error: Exception | None, timer: PhaseTimer) -> None:
     if mode != "never":
-        fp = fingerprint(codec, tensor.numel(), tensor.dtype, p, average,
+        fp = fingerprint(r.codec, r.tensor.numel(), r.tensor.dtype, p, r.average,
                          STATUS_OK if local_error is None else STATUS_REFUSED)
-        verified = group_state(group).verified
+        verified = group_state(r.group).verified
         if mode == "always" or fp not in verified or local_error:
             with timer("verify"):
-                exchange_fingerprints(fp, tensor.device, group, world, local_error)
+                exchange_fingerprints(fp, r.tensor.device, r.group, world, local_error,
+                                      r.who)
             verified.add(fp)
     if local_error:
         raise local_error
 
 
-def _hand_over(state: ErrorFeedback | None, key: Hashable, flat: torch.Tensor) -> None:
+def _hand_over(state: ErrorFeedback | None, key: Hashable, flat: torch.Tensor,
+               op: str) -> torch.Tensor:
     """"auto" settled on plain: add what compression held back (the plain sum is exact)
-    and forget it. A plain probe leaves it for the next compressed call."""
+    and forget it. A plain probe leaves it for the next compressed call. The input of a
+    reduce-scatter is the caller's: it gets a copy."""
     if state is not None and key in state:
+        if op == "reduce_scatter":
+            flat = flat.clone()
         flat.add_(state.pending(key).to(flat.dtype))
         state.drop(key)
+    return flat
 
 
 def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | None = None,
@@ -231,7 +349,8 @@ def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | Non
         numel, dtype = tensor_or_numel.numel(), tensor_or_numel.dtype
     else:
         numel, dtype = int(tensor_or_numel), dtype or torch.float32
-    key = tuner_key(codec.spec, numel, dtype, average, dist.get_world_size(group))
+    key = tuner_key("all_reduce", codec.spec, numel, dtype, average,
+                    dist.get_world_size(group))
     tuner = group_state(group).tuners.get(key)
     return None if tuner is None else tuner.report()
 
@@ -261,6 +380,8 @@ __all__ = [
     "key_hash",
     "pipeline_segments",
     "plan",
+    "reduce_scatter",
+    "reduce_scatter_plan",
     "reset_auto",
     "stochastic_seed",
 ]

@@ -36,7 +36,9 @@ _FP_FIELDS = ("magic", "format version", "codec", "bits", "block", "rounding", "
               "status")
 _KIND_IDS = {"int8": 1, "int4": 2, "int2": 3, "sign": 4, "topk": 5}
 _DTYPE_IDS = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-_ALGO_IDS = {"plain": 1, "allgather": 2, "alltoall": 3}
+_ALGO_IDS = {("all_reduce", "plain"): 1, ("all_reduce", "allgather"): 2,
+             ("all_reduce", "alltoall"): 3, ("reduce_scatter", "plain"): 4,
+             ("reduce_scatter", "alltoall"): 5}
 _ROUNDING_IDS = {None: 0, "nearest": 1, "stochastic": 2}
 
 
@@ -62,7 +64,7 @@ def _fingerprint(version: int, codec: Codec, numel: int, dtype: torch.dtype, p: 
         _FP_MAGIC, version, _KIND_IDS[codec.name], codec.bits or 0, codec.block or 0,
         _ROUNDING_IDS[codec.rounding], k,
         fmt.VALUE_FORMATS.get(codec.values, 0), int(bool(codec.exact)), numel,
-        _DTYPE_IDS.get(dtype, 0), _ALGO_IDS[p.algorithm] if p else 0, int(average),
+        _DTYPE_IDS.get(dtype, 0), _ALGO_IDS[p.op, p.algorithm] if p else 0, int(average),
         p.payload_bytes if p else 0, zlib.crc32(codec.spec.encode()), status,
     )
 
@@ -70,7 +72,7 @@ def _fingerprint(version: int, codec: Codec, numel: int, dtype: torch.dtype, p: 
 def _describe(fp: list[int]) -> str:
     kinds = {v: k for k, v in _KIND_IDS.items()}
     dtypes = {v: str(k).replace("torch.", "") for k, v in _DTYPE_IDS.items()}
-    algos = {v: k for k, v in _ALGO_IDS.items()}
+    algos = {v: " ".join(k) for k, v in _ALGO_IDS.items()}
     roundings = {v: k for k, v in _ROUNDING_IDS.items()}
     f = dict(zip(_FP_FIELDS, fp))
     kind = kinds.get(f["codec"], f"?{f['codec']}")
@@ -85,7 +87,8 @@ def _describe(fp: list[int]) -> str:
 
 
 def exchange_fingerprints(fp: tuple[int, ...], device: torch.device, group, world: int,
-                          local_error: Exception | None) -> None:
+                          local_error: Exception | None, who: str = "gradzip.all_reduce"
+                          ) -> None:
     """All-gather every rank's fingerprint; raise on every rank if any rank refused its
     input (that rank raises its own error) or the fingerprints differ."""
     mine = torch.tensor(fp, dtype=torch.int64, device=device)
@@ -96,14 +99,14 @@ def exchange_fingerprints(fp: tuple[int, ...], device: torch.device, group, worl
         raise local_error
     refused = [r for r, row in enumerate(rows) if row[-1] != STATUS_OK or row[0] != _FP_MAGIC]
     if refused:
-        raise ValueError(f"gradzip.all_reduce: rank(s) {refused} refused their input (see the "
+        raise ValueError(f"{who}: rank(s) {refused} refused their input (see the "
                          "error raised there); every rank stops")
     if any(row != rows[0] for row in rows):
         differing = [name for i, name in enumerate(_FP_FIELDS)
                      if len({row[i] for row in rows}) > 1 and name != "codec spec"]
         lines = "\n".join(f"  rank {r}: {_describe(row)}" for r, row in enumerate(rows))
         raise ValueError(
-            "gradzip.all_reduce: ranks disagree on "
+            f"{who}: ranks disagree on "
             f"{', '.join(differing) or 'the codec options'}; every rank must reduce the same "
             f"tensor size and dtype with the same codec and options:\n{lines}")
 
@@ -129,9 +132,9 @@ def header_problems(rows: torch.Tensor, expected: list[fmt.Header | None],
     return problems
 
 
-def mismatch_error(what: str, problems: list[tuple[int, str]], source: str = "from rank"
-                   ) -> ValueError:
-    return ValueError(f"gradzip.all_reduce: {what}: "
+def mismatch_error(what: str, problems: list[tuple[int, str]], source: str = "from rank",
+                   who: str = "gradzip.all_reduce") -> ValueError:
+    return ValueError(f"{who}: {what}: "
                       + "; ".join(f"{source} {w}: {why}" for w, why in problems))
 
 

@@ -35,7 +35,7 @@ import torch
 
 from ..codecs import Codec
 from .agreement import header_problems, mismatch_error
-from .collectives import all_gather, all_reduce_sum, all_to_all
+from .collectives import all_gather, all_reduce_sum, all_to_all, reduce_scatter_sum
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
 from .plan import Plan
 
@@ -75,6 +75,7 @@ class Call:
     base_seed: int  # the feedback's seed, or the call's seed without one
     check_headers: bool
     timer: PhaseTimer
+    out: torch.Tensor | None = None  # reduce-scatter: this rank's shard, flat, contiguous
 
     def __post_init__(self) -> None:
         # Seeds of this call: the feedback's step counter of this key, or 0 without one.
@@ -244,8 +245,67 @@ def alltoall(call: Call) -> Finish:
     return Finish(gworks, decode)
 
 
-ALGORITHM_FUNCTIONS: dict[str, Callable[[Call], Finish]] = {
-    "plain": plain, "allgather": allgather, "alltoall": alltoall}
+def plain_reduce_scatter(call: Call) -> Finish:
+    """Uncompressed: the native reduce-scatter where the backend has one (NCCL), else the
+    W shards through one all-to-all and a float32 sum in rank order (Gloo emulates
+    reduce-scatter with a full all-reduce: twice the traffic). The input is not changed."""
+    flat, out, world = call.flat, call.out, call.world
+    with call.timer("communicate"):
+        work = reduce_scatter_sum(out, flat, call.group, async_op=True)
+    if work is not None:
+        def scale(wait: bool) -> None:
+            if call.average and world > 1:
+                out.div_(world)
+        return Finish(work, scale)
+    recv = torch.empty_like(flat)
+    with call.timer("communicate"):
+        work = all_to_all(recv, flat, call.group, async_op=True)
+
+    def accumulate(wait: bool) -> None:
+        with call.timer("decompress"):
+            acc = recv.view(world, -1).to(torch.float32).sum(0)
+            if call.average and world > 1:
+                acc.mul_(call.alpha)
+            out.copy_(acc)
+
+    return Finish(work, accumulate)
+
+
+def alltoall_reduce_scatter(call: Call) -> Finish:
+    """Phase 1 of the two-phase all-reduce on its own: each of the W shards compressed with
+    its slice of the worker residual, sent to its owner, which decodes the W payloads of
+    its shard with one ``dequantize_accumulate``."""
+    flat, p, codec, world = call.flat, call.plan, call.codec, call.world
+    worker = call.worker_residual()
+    with call.timer("compress"):
+        send = torch.empty((world, p.payload_bytes), dtype=torch.uint8, device=flat.device)
+        for i, ((a, b), k) in enumerate(zip(p.chunks, p.ks)):
+            res = worker[a:b] if worker is not None else None
+            send[i] = codec.compress(flat[a:b], res, seed=call.seed(0, i), k=k)
+    recv = torch.empty_like(send)
+    with call.timer("communicate"):
+        work = all_to_all(recv.view(-1), send.view(-1), call.group, async_op=True)
+    shard = p.numel // world
+
+    def decode(wait: bool) -> None:
+        with call.timer("decompress"):
+            if call.check_headers:
+                problems = header_problems(recv, [codec.header(shard, k=p.ks[call.rank])] *
+                                           world, [p.payload_bytes] * world)
+                if problems:
+                    raise mismatch_error(f"received payloads do not match this rank's codec "
+                                         f"{codec.spec} for a shard of {shard}", problems,
+                                         who="gradzip.reduce_scatter")
+            call.out.zero_()
+            codec.decompress_accumulate(recv, call.out, call.alpha)
+
+    return Finish(work, decode)
+
+
+ALGORITHM_FUNCTIONS: dict[tuple[str, str], Callable[[Call], Finish]] = {
+    ("all_reduce", "plain"): plain, ("all_reduce", "allgather"): allgather,
+    ("all_reduce", "alltoall"): alltoall, ("reduce_scatter", "plain"): plain_reduce_scatter,
+    ("reduce_scatter", "alltoall"): alltoall_reduce_scatter}
 
 __all__ = ["ALGORITHM_FUNCTIONS", "Call", "Finish", "PhaseTimer", "allgather", "alltoall",
-           "plain"]
+           "alltoall_reduce_scatter", "plain", "plain_reduce_scatter"]

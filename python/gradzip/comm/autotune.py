@@ -151,10 +151,10 @@ class Tuner:
                 "compressed_s": self.times[0], "plain_s": self.times[1]}
 
 
-def tuner_key(codec_spec: str, numel: int, dtype: torch.dtype, average: bool, world: int
-              ) -> tuple:
+def tuner_key(op: str, codec_spec: str, numel: int, dtype: torch.dtype, average: bool,
+              world: int) -> tuple:
     """The signature a tuner measures, within one process group."""
-    return (world, codec_spec, numel, str(dtype), bool(average))
+    return (op, world, codec_spec, numel, str(dtype), bool(average))
 
 
 __all__ = ["AUTO_CLEAR", "AUTO_FIRST_LOOK", "AUTO_PROBES", "Clock", "Probe", "Tuner",

@@ -1,8 +1,9 @@
 """The few ``torch.distributed`` calls gradzip makes, in the form that works on Gloo and NCCL.
 
-Only ``all_gather_into_tensor``, ``all_to_all_single`` and ``all_reduce(SUM)`` are used: Gloo
-emulates ``reduce_scatter`` with an all-reduce (twice the traffic) and has no
-``ReduceOp.AVG``.
+Only ``all_gather_into_tensor``, ``all_to_all_single`` and ``all_reduce(SUM)`` carry
+gradzip's payloads, on every backend: Gloo emulates ``reduce_scatter`` with an all-reduce
+(twice the traffic) and has no ``ReduceOp.AVG``. The uncompressed reduce-scatter uses the
+backend's own where it is native (NCCL).
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
 
 def all_reduce_sum(t: torch.Tensor, group, async_op: bool):
     return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+
+def reduce_scatter_sum(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
+    """The backend's own reduce-scatter where it has one (NCCL), else None: Gloo emulates
+    it with an all-reduce of the whole input, which sends twice the bytes of an
+    all-to-all of the shards."""
+    if dist.get_backend(group) != "nccl":
+        return None
+    return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group,
+                                      async_op=async_op)
 
 
 def completed(value: torch.Tensor) -> torch.futures.Future:

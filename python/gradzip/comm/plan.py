@@ -65,7 +65,7 @@ class Plan:
     """What one all-reduce will do; identical on every rank that agrees on its inputs."""
 
     algorithm: str  # "plain", "allgather" or "alltoall"
-    numel: int
+    numel: int  # of the reduced tensor (reduce-scatter: of the input, W shards)
     world: int = 1
     itemsize: int = 4  # bytes per element of the reduced tensor (the plain volume)
     chunks: tuple[tuple[int, int], ...] = ()  # alltoall: [start, stop) per rank
@@ -75,6 +75,7 @@ class Plan:
     # alltoall on large tensors: the pipeline segments, each an alltoall Plan of its own
     # (absolute chunk offsets); empty for one segment, which the fields above describe.
     segments: tuple[Plan, ...] = ()
+    op: str = "all_reduce"  # or "reduce_scatter": phase 1 alone, one chunk per shard
 
     def stages(self) -> tuple[Plan, ...]:
         """The alltoall segments in order (the plan itself when it has one)."""
@@ -85,11 +86,12 @@ class Plan:
         """Bytes one rank sends in one call of this plan (headers, scales and padding
         included; the plain all-reduce counted as a ring)."""
         w = self.world
+        phases = 1 if self.op == "reduce_scatter" else 2
         if self.algorithm == "plain":
-            return 2 * (w - 1) * self.numel * self.itemsize // w
+            return phases * (w - 1) * self.numel * self.itemsize // w
         if self.algorithm == "allgather":
             return (w - 1) * self.payload_bytes
-        return 2 * (w - 1) * self.payload_bytes
+        return phases * (w - 1) * self.payload_bytes
 
 
 def alltoall_chunks(numel: int, world: int, align: int) -> list[tuple[int, int]]:
@@ -178,5 +180,37 @@ def plan(codec: Codec | str, numel: int, dtype: torch.dtype, world: int,
     return best if best.bytes_sent < 2 * (world - 1) / world * numel * itemsize else plain
 
 
-__all__ = ["ALGORITHMS", "DEFAULT_MIN_NUMEL", "DEFAULT_PIPELINE", "Pipeline", "Plan",
-           "alltoall_chunks", "pipeline_segments", "plan"]
+@functools.lru_cache(maxsize=4096)
+def reduce_scatter_plan(codec: Codec | str, numel: int, dtype: torch.dtype, world: int,
+                        algorithm: str = "auto", min_numel: int = DEFAULT_MIN_NUMEL) -> Plan:
+    """How :func:`gradzip.reduce_scatter` moves an input of ``numel`` elements (``world``
+    shards of ``numel // world``): ``"alltoall"`` (each shard compressed on its own with
+    its slice of the worker residual, sent to its owner, decoded there) or ``"plain"``.
+    ``"auto"`` compresses when that sends fewer bytes, there is more than one rank and the
+    input has at least ``min_numel`` elements."""
+    codec = as_codec(codec)
+    if algorithm not in REDUCE_SCATTER_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {REDUCE_SCATTER_ALGORITHMS}, got "
+                         f"{algorithm!r}")
+    itemsize = dtype.itemsize
+    plain = Plan("plain", numel, world, itemsize, op="reduce_scatter")
+    if numel == 0 or algorithm == "plain":
+        return plain
+    shard = numel // world
+    chunks = tuple((i * shard, (i + 1) * shard) for i in range(world))
+    ks = tuple(_chunk_k(codec, numel, shard) for _ in chunks)
+    sizes = tuple(codec.header(shard, k=k).total_bytes if shard else 0 for k in ks)
+    compressed = Plan("alltoall", numel, world, itemsize, chunks, ks, sizes, max(sizes),
+                      op="reduce_scatter")
+    if algorithm == "alltoall":
+        return compressed
+    if world == 1 or numel < min_numel or compressed.bytes_sent >= plain.bytes_sent:
+        return plain
+    return compressed
+
+
+REDUCE_SCATTER_ALGORITHMS = ("auto", "alltoall", "plain")
+
+__all__ = ["ALGORITHMS", "DEFAULT_MIN_NUMEL", "DEFAULT_PIPELINE", "REDUCE_SCATTER_ALGORITHMS",
+           "Pipeline", "Plan", "alltoall_chunks", "pipeline_segments", "plan",
+           "reduce_scatter_plan"]
