@@ -745,6 +745,31 @@ def test_auto_state_belongs_to_the_group_object():
         assert res[r]["fresh"] is None and res[r]["after_one_call"] is None, res[r]
 
 
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_compact_storage_state_dict_and_memory(storage):
+    ef = gradzip.ErrorFeedback(seed=1, storage=storage)
+    w = make_input(1000, 0, 0)
+    ef.set_residual("a", w.clone(), step=3)
+    kept = ef.residual("a")
+    # what the format keeps: bf16 rounding, or int8 within half a step of its block's scale
+    if storage == "bf16":
+        assert torch.equal(kept, w.to(torch.bfloat16).float())
+        assert ef.memory_bytes() == 2 * 1000
+    else:
+        scales = w.view(-1)[: 896].view(7, 128).abs().amax(1) / 127
+        assert torch.all((kept[:896] - w[:896]).view(7, 128).abs()
+                         <= scales[:, None] / 2 * (1 + 1e-6))
+        assert ef.memory_bytes() == gradzip.format.dense_payload_bytes(1000, 8, 128)
+    sd = ef.state_dict()
+    ef2 = gradzip.ErrorFeedback(storage=storage)
+    ef2.load_state_dict(sd)
+    assert torch.equal(ef2.residual("a"), kept) and ef2.step("a") == 3
+    with pytest.raises(ValueError, match="holds .* residuals"):
+        gradzip.ErrorFeedback(storage="fp32").load_state_dict(sd)
+    with pytest.raises(ValueError, match="storage"):
+        gradzip.ErrorFeedback(storage="fp16")
+
+
 def test_rank_errors_are_reported():
     with pytest.raises(RankError, match="ZeroDivisionError"):
         run_ranks(2, _fail_on_rank_one, deadline=60)

@@ -40,8 +40,9 @@ class Simulation:
     """Every rank of a compressed reduce-scatter in one process, residuals carried over."""
 
     def __init__(self, c: Codec, world: int, shard: int, ef: bool, average: bool,
-                 base_seed: int = 0, key=None):
+                 base_seed: int = 0, key=None, storage: str = "fp32"):
         self.c, self.world, self.shard, self.ef, self.average = c, world, shard, ef, average
+        self.storage = storage
         self.base, self.khash = base_seed, comm.key_hash(key) if key is not None else 0
         self.worker = [torch.zeros(world * shard) for _ in range(world)] if ef else None
         self.step = 0
@@ -62,8 +63,23 @@ class Simulation:
             reference.dequantize_accumulate(torch.stack(rows), out,
                                             1.0 / W if self.average else 1.0)
             outs.append(out)
+        if self.ef:
+            self.worker = [stored(w, self.storage) for w in self.worker]
         self.step += 1
         return outs
+
+
+def stored(w: torch.Tensor, storage: str) -> torch.Tensor:
+    """What compact residual storage keeps of a float32 residual: bfloat16 rounding, or
+    gradzip's int8 codec (block 128, nearest) encoded and decoded."""
+    if storage == "bf16":
+        return w.to(torch.bfloat16).float()
+    if storage == "int8":
+        out = torch.zeros_like(w)
+        reference.dequantize_accumulate(reference.quantize_pack(w, 8, 128, None, "nearest", 0)[None],
+                                        out, 1.0)
+        return out
+    return w
 
 
 def battery(rank: int, world: int) -> dict:
@@ -87,6 +103,18 @@ def battery(rank: int, world: int) -> dict:
         gradzip.reduce_scatter(y, make_input(n, rank, 0, tag=22), codec(spec),
                                algorithm="alltoall", seed=3)
         out[("no-ef", spec)] = y
+    # compact worker residuals
+    for spec in ("int4", "sign", "topk:0.05"):
+        for storage in ("bf16", "int8"):
+            st = gradzip.ErrorFeedback(seed=EF_SEED, storage=storage)
+            steps = []
+            for t in range(STEPS):
+                y = torch.empty(SHARD)
+                gradzip.reduce_scatter(y, make_input(n, rank, t, tag=21), codec(spec), state=st,
+                                       algorithm="alltoall", key=KEY, average=True)
+                steps.append(y)
+            out[("storage", spec, storage)] = {"outs": steps, "pending": st.pending(KEY),
+                                               "bytes": st.memory_bytes()}
     # uncompressed, half precision, non-contiguous output, async, auto
     for average in (True, False):
         y = torch.empty(SHARD)
@@ -183,6 +211,27 @@ def test_matches_reference_simulation_with_error_feedback(results, spec, average
     # what each rank still owes is exactly its simulated worker residual
     for r in range(world):
         assert torch.equal(res[r][("ef", spec, average)]["pending"], sim.worker[r])
+
+
+@pytest.mark.parametrize("spec", ["int4", "sign", "topk:0.05"])
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_compact_residual_storage(results, spec, storage):
+    """bf16 / int8 worker residuals: the simulation with the residual rounded through the
+    storage format after every step, bit for bit; and the memory it takes."""
+    from gradzip import format as fmt
+
+    world, res = results
+    sim = Simulation(Codec(spec), world, SHARD, ef=True, average=True, base_seed=EF_SEED,
+                     key=KEY, storage=storage)
+    for t in range(STEPS):
+        want = sim(_inputs(world, 21, t))
+        for r in range(world):
+            assert torch.equal(res[r][("storage", spec, storage)]["outs"][t], want[r]), (r, t)
+    n = world * SHARD
+    for r in range(world):
+        got = res[r][("storage", spec, storage)]
+        assert torch.equal(got["pending"], sim.worker[r])
+        assert got["bytes"] == (2 * n if storage == "bf16" else fmt.dense_payload_bytes(n, 8, 128))
 
 
 @pytest.mark.parametrize("spec", CODECS)

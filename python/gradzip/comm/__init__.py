@@ -193,7 +193,7 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
         key = key if r.op == "all_reduce" else ("reduce_scatter", *key)
     if state is not None and compresses:
         try:
-            state.worker_residual(key, tensor.numel(), tensor.device)
+            state.check_key(key, tensor.numel())
         except ValueError as e:
             local_error = e
     # 3. Agreement: every rank raises together.

@@ -97,6 +97,11 @@ class Call:
             return None
         return self.feedback.worker_residual(self.key, self.plan.numel, self.flat.device)
 
+    def store_worker_residual(self) -> None:
+        """The worker compression is done (compact residual storage encodes it now)."""
+        if self.feedback is not None:
+            self.feedback.store(self.key)
+
 
 class Finish:
     """The tail of an algorithm: the running collectives plus the decode that follows.
@@ -135,6 +140,7 @@ def allgather(call: Call) -> Finish:
     flat, p, codec, world = call.flat, call.plan, call.codec, call.world
     with call.timer("compress"):
         payload = codec.compress(flat, call.worker_residual(), seed=call.seed(0, 0))
+        call.store_worker_residual()
     rows = torch.empty((world, p.payload_bytes), dtype=torch.uint8, device=flat.device)
     with call.timer("communicate"):
         work = all_gather(rows.view(-1), payload, call.group, async_op=True)
@@ -180,6 +186,7 @@ def alltoall(call: Call) -> Finish:
         with call.timer("communicate"):
             works.append(all_to_all(recv.view(-1), send.view(-1), call.group, async_op=True))
         recvs.append(recv)
+    call.store_worker_residual()
 
     # Phase 2, segment by segment as they arrive: accumulate this rank's chunk, re-compress
     # it (server residual), start its all-gather.
@@ -282,6 +289,7 @@ def alltoall_reduce_scatter(call: Call) -> Finish:
         for i, ((a, b), k) in enumerate(zip(p.chunks, p.ks)):
             res = worker[a:b] if worker is not None else None
             send[i] = codec.compress(flat[a:b], res, seed=call.seed(0, i), k=k)
+        call.store_worker_residual()
     recv = torch.empty_like(send)
     with call.timer("communicate"):
         work = all_to_all(recv.view(-1), send.view(-1), call.group, async_op=True)

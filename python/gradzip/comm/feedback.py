@@ -5,6 +5,15 @@
 algorithm the *server* residual of the ranges this rank owns (its chunk of every pipeline
 segment), and a step counter that feeds the stochastic-rounding seeds. The algorithms use
 it only through its public methods; nothing else touches its slots.
+
+Worker residuals can be stored compactly (``storage``): ``"fp32"`` (4 bytes per element,
+exact), ``"bf16"`` (2 bytes: the residual rounded to bfloat16 after each call) or
+``"int8"`` (about 1.03 bytes: the residual itself quantized with gradzip's int8 codec,
+block 128, nearest rounding). A compact residual is decoded into a float32 working copy
+for the call that uses it and encoded again right after the compression that updated it
+(:meth:`ErrorFeedback.store`); what the encoding drops is lost, which is the price of the
+memory. That matters for FSDP's compressed reduce-scatter, whose worker residual is the
+size of the *unsharded* gradient. Server residuals (1/W of the tensor) are always float32.
 """
 
 from __future__ import annotations
@@ -15,10 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_seed
+from .._checks import check_choice, check_seed
+from ..codecs import Codec
 from ..spec import lowbias32
 
 _MASK32 = 0xFFFFFFFF
+
+STORAGES = ("fp32", "bf16", "int8")
+_INT8 = Codec("int8")  # nearest rounding, block 128: a deterministic encoding
 
 
 def key_hash(key: Hashable) -> int:
@@ -54,9 +67,30 @@ class ServerLayout:
         return sum(b - a for a, b in self.ranges)
 
 
+def _encode(worker: torch.Tensor, storage: str) -> torch.Tensor:
+    if storage == "fp32":
+        return worker
+    if storage == "bf16":
+        return worker.to(torch.bfloat16)
+    return _INT8.compress(worker)
+
+
+def _decode(stored: torch.Tensor, storage: str, numel: int) -> torch.Tensor:
+    """A new float32 tensor (the stored one itself for fp32)."""
+    if storage == "fp32":
+        return stored
+    if storage == "bf16":
+        return stored.to(torch.float32)
+    out = torch.zeros(numel, dtype=torch.float32, device=stored.device)
+    _INT8.decompress_accumulate(stored, out)
+    return out
+
+
 @dataclass
 class _Slot:
-    worker: torch.Tensor | None = None
+    worker: torch.Tensor | None = None  # in the feedback's storage format
+    numel: int = 0
+    working: torch.Tensor | None = None  # compact storage: the float32 copy of this call
     server: torch.Tensor | None = None
     layout: ServerLayout | None = None
     step: int = 0
@@ -71,11 +105,14 @@ class _Slot:
 
     def fold_server(self) -> None:
         """Move the server residual into the worker residual (in input units), so that no
-        error is lost when the chunk layout or the algorithm changes."""
+        error is lost when the chunk layout or the algorithm changes. Needs the float32
+        worker residual: the working copy with compact storage (see
+        ErrorFeedback.server_residual_for)."""
         if self.server is None:
             return
-        if self.worker is not None:
-            self.add_server_to(self.worker)
+        worker = self.working if self.working is not None else self.worker
+        if worker is not None:
+            self.add_server_to(worker)
         self.server = None
         self.layout = None
 
@@ -85,15 +122,32 @@ class ErrorFeedback:
 
     Args:
         seed: base of the stochastic-rounding seeds (combined with rank, step and key).
+        storage: how worker residuals are kept between calls: "fp32", "bf16" or "int8"
+            (see the module docstring).
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, storage: str = "fp32") -> None:
         check_seed(seed)
+        check_choice(storage, STORAGES, "storage")
         self.seed = seed
+        self.storage = storage
         self._slots: dict[Hashable, _Slot] = {}
 
     def __repr__(self) -> str:
-        return f"ErrorFeedback(seed={self.seed}, keys={len(self._slots)})"
+        return (f"ErrorFeedback(seed={self.seed}, storage={self.storage!r}, "
+                f"keys={len(self._slots)})")
+
+    def memory_bytes(self) -> int:
+        """Bytes held between calls by every residual (worker and server)."""
+        return sum(t.numel() * t.element_size() for s in self._slots.values()
+                   for t in (s.worker, s.server) if t is not None)
+
+    def _worker32(self, slot: _Slot) -> torch.Tensor | None:
+        if slot.worker is None:
+            return None
+        if slot.working is not None:
+            return slot.working
+        return _decode(slot.worker, self.storage, slot.numel)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._slots
@@ -103,9 +157,10 @@ class ErrorFeedback:
 
     # ---- what a key owes -------------------------------------------------------------------
     def residual(self, key: Hashable) -> torch.Tensor | None:
-        """The worker residual of ``key`` (flat float32), or None. Live: do not modify."""
+        """The worker residual of ``key`` (flat float32), or None. Live with fp32 storage:
+        do not modify."""
         slot = self._slots.get(key)
-        return None if slot is None else slot.worker
+        return None if slot is None else self._worker32(slot)
 
     def server_residual(self, key: Hashable) -> torch.Tensor | None:
         """The server residual of ``key`` spread over the whole tensor (zero outside the
@@ -114,7 +169,7 @@ class ErrorFeedback:
         slot = self._slots.get(key)
         if slot is None or slot.server is None or slot.worker is None:
             return None
-        out = torch.zeros_like(slot.worker)
+        out = torch.zeros(slot.numel, dtype=torch.float32, device=slot.server.device)
         off = 0
         for a, b in slot.layout.ranges:
             out[a:b] = slot.server[off : off + b - a]
@@ -129,7 +184,7 @@ class ErrorFeedback:
         slot = self._slots.get(key)
         if slot is None or slot.worker is None:
             return None
-        out = slot.worker.clone()
+        out = self._worker32(slot).clone()
         if slot.server is not None:
             slot.add_server_to(out)
         return out
@@ -140,23 +195,42 @@ class ErrorFeedback:
         return 0 if slot is None else slot.step
 
     # ---- what the algorithms use -------------------------------------------------------------
-    def worker_residual(self, key: Hashable, numel: int, device: torch.device) -> torch.Tensor:
-        """The worker residual of ``key`` on ``device``, zeros on first use. Raises
-        ``ValueError`` if ``key`` holds a residual of another size."""
+    def check_key(self, key: Hashable, numel: int) -> None:
+        """Raise ``ValueError`` if ``key`` holds a residual of another size."""
         slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = _Slot()
-        if slot.worker is None:
-            slot.worker = torch.zeros(numel, dtype=torch.float32, device=device)
-        elif slot.worker.numel() != numel:
+        if slot is not None and slot.worker is not None and slot.numel != numel:
             raise ValueError(
-                f"ErrorFeedback key {key!r} holds a residual of {slot.worker.numel()} elements "
+                f"ErrorFeedback key {key!r} holds a residual of {slot.numel} elements "
                 f"but the tensor has {numel}; give each tensor its own key")
+
+    def worker_residual(self, key: Hashable, numel: int, device: torch.device) -> torch.Tensor:
+        """The worker residual of ``key`` on ``device`` as float32, zeros on first use,
+        updated in place by the compression; with compact storage a working copy that
+        :meth:`store` encodes again. Raises ``ValueError`` if ``key`` holds a residual of
+        another size."""
+        self.check_key(key, numel)
+        slot = self._slots.setdefault(key, _Slot())
+        if slot.worker is None:
+            slot.worker = _encode(torch.zeros(numel, dtype=torch.float32, device=device),
+                                  self.storage)
+            slot.numel = numel
         elif slot.worker.device != device:
             slot.worker = slot.worker.to(device)
         if slot.server is not None and slot.server.device != device:
             slot.server = slot.server.to(device)
-        return slot.worker
+        if self.storage == "fp32":
+            return slot.worker
+        if slot.working is None:
+            slot.working = _decode(slot.worker, self.storage, numel)
+        return slot.working
+
+    def store(self, key: Hashable) -> None:
+        """The compression that updated ``key``'s worker residual is done: encode the
+        working copy into compact storage (nothing to do for fp32)."""
+        slot = self._slots.get(key)
+        if slot is not None and slot.working is not None:
+            slot.worker = _encode(slot.working, self.storage)
+            slot.working = None
 
     def next_step(self, key: Hashable) -> int:
         """The step number of this compressed call of ``key`` (then counts it)."""
@@ -171,7 +245,12 @@ class ErrorFeedback:
         layout is first folded into the worker residual, so no error is lost."""
         slot = self._slots.setdefault(key, _Slot())
         if slot.server is not None and slot.layout != layout:
-            slot.fold_server()
+            if self.storage != "fp32" and slot.worker is not None and slot.working is None:
+                slot.working = _decode(slot.worker, self.storage, slot.numel)
+                slot.fold_server()
+                self.store(key)
+            else:
+                slot.fold_server()
         if slot.server is None and layout.numel > 0:
             slot.server = torch.zeros(layout.numel, dtype=torch.float32, device=device)
             slot.layout = layout
@@ -183,7 +262,8 @@ class ErrorFeedback:
         tensor's layout changes, e.g. DDP's bucket rebuild)."""
         if worker.dtype != torch.float32 or worker.dim() != 1 or not worker.is_contiguous():
             raise ValueError("a residual must be a contiguous 1-D float32 tensor")
-        self._slots[key] = _Slot(worker=worker, step=step)
+        self._slots[key] = _Slot(worker=_encode(worker, self.storage), numel=worker.numel(),
+                                 step=step)
 
     def drop(self, key: Hashable) -> None:
         self._slots.pop(key, None)
@@ -202,9 +282,9 @@ class ErrorFeedback:
         for key, s in self._slots.items():
             layout = None if s.layout is None else (s.layout.world, s.layout.ranges,
                                                     s.layout.scale)
-            slots[key] = {"worker": cpu(s.worker), "server": cpu(s.server),
+            slots[key] = {"worker": cpu(s.worker), "numel": s.numel, "server": cpu(s.server),
                           "server_layout": layout, "step": s.step}
-        return {"version": 1, "seed": self.seed, "slots": slots}
+        return {"version": 1, "seed": self.seed, "storage": self.storage, "slots": slots}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (on this same rank). Tensors move to the
@@ -212,6 +292,9 @@ class ErrorFeedback:
         if not isinstance(state, dict) or state.get("version") != 1 or "slots" not in state:
             raise ValueError("not an ErrorFeedback state_dict (version 1)")
         check_seed(state["seed"])
+        if state.get("storage") != self.storage:
+            raise ValueError(f"the state_dict holds {state.get('storage')!r} residuals, this "
+                             f"ErrorFeedback stores {self.storage!r}")
         slots = {}
         for key, s in state["slots"].items():
             layout = s["server_layout"]
@@ -221,10 +304,11 @@ class ErrorFeedback:
                                       float(scale))
             slots[key] = _Slot(
                 worker=None if s["worker"] is None else s["worker"].clone(),
+                numel=int(s["numel"]),
                 server=None if s["server"] is None else s["server"].clone(),
                 layout=layout, step=int(s["step"]))
         self.seed = state["seed"]
         self._slots = slots
 
 
-__all__ = ["ErrorFeedback", "ServerLayout", "key_hash", "stochastic_seed"]
+__all__ = ["STORAGES", "ErrorFeedback", "ServerLayout", "key_hash", "stochastic_seed"]
