@@ -2,6 +2,7 @@
 
     python bench/allreduce.py                                   # 4 ranks, 64 MiB, 1gbit
     python bench/allreduce.py --link 1gbit,10gbit,none --out bench/results/allreduce.json
+    python bench/allreduce.py --split --link none --codecs int8,int4 --algorithms allgather,alltoall
 
 W ranks (``--world``, default 4) run on Gloo, all on 127.0.0.1 inside a private network
 namespace whose loopback is rate-limited with ``tc tbf`` (bench/netlink.py; needs root,
@@ -29,22 +30,37 @@ calls them, and their result is copied into the bucket's buffer when they return
 tensor (DDP does the same copy). The tensor is a matrix (4096 x 4096 for 64 MiB) because
 PowerSGD compresses only matrices.
 
+Correctness before timing: every method's first call (fresh error-feedback state) must
+give bit-identical, finite results on every rank, within a relative error of the exact
+mean (bench/harness.py: for gradzip, a bound from each rank's own compression error; for
+the hooks, one from their number formats). A failed check stops the run before anything
+more is timed, with exit status 3. A method that raises is recorded as failing and the
+others go on.
+
 Timing: before every call the input is restored and the ranks meet at a barrier; a call's
-time is the slowest rank's; the reported time is the median over ``--reps`` calls (more
-for fast calls) after ``--warmup`` calls. Before timing, every method's result is checked:
-all ranks must hold bit-identical results, and the relative error against the exact
-average is reported. Bytes on the wire are the ``lo`` transmit counter of the private
-namespace over the timed calls, divided by W and the number of calls; the theory column
-is the payload a rank must send for that algorithm (ring all-reduce 2(W-1)/W of the
-tensor, ring all-gather (W-1) payloads, two-phase 2(W-1)/W of the compressed size).
-For gradzip the time is split into compress, decompress and verify (the agreement check)
-as reported by ``gradzip.all_reduce(..., timings=...)`` during the timed calls themselves
-(each phase averaged over the ranks, then the median over calls), and "communicate +
-other" = median call time minus those (the collectives and the wait for the slowest
-rank). Without a ``timings`` sink the PyTorch profiler's CPU time of the gradzip ops is
-used instead, from ``--split-reps`` extra calls.
+time is the slowest rank's (bench/harness.py); the reported time is the median over
+``--reps`` calls (more for fast calls) after ``--warmup`` calls. Bytes on the wire are the
+``lo`` transmit counter of the private namespace over the timed calls, divided by W and
+the number of calls; the plan column is what a rank must send: gradzip's own plan for
+gradzip and for fp32 (``gradzip.comm.plan(...).bytes_sent``: a ring all-reduce sends
+2(W-1)/W of the tensor, an all-gather W-1 payloads, two-phase 2(W-1) chunk payloads,
+headers and scales included), the hooks' formats for the hooks.
+
+Wire-bytes limit: the ratio of what a rank sends in the fp32 ring all-reduce to what it
+sends in the method (for "auto", the algorithm it settled on); no method can beat fp32 by
+more on a link that is the bottleneck. The tables print it next to the measured speed-up
+and their ratio ("of limit").
+
+Phases: for gradzip, ``gradzip.all_reduce(..., timings=...)`` splits every timed call into
+verify (the agreement check), compress, communicate and decompress. The main table shows
+each phase averaged over the ranks (median over calls) and "communicate + other" = median
+call time minus compress, decompress and verify. ``--split`` prints where the time goes:
+each phase of the slowest rank (median over calls), next to the call time and the bytes
+sent, and times only fp32 of the baselines unless ``--baselines`` names more.
 
 Writes JSON (``--out``), prints a table and draws a PNG next to the JSON (``--plot``).
+``--report JSON`` prints the Markdown tables of an earlier run (also of runs made before
+the limit columns existed).
 """
 
 from __future__ import annotations
@@ -54,65 +70,34 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import netlink
+import harness  # bench/harness.py: picks the gradzip build, so it comes before gradzip
 
-MiB = 1 << 20
+# isort: split
+import netlink
+from harness import MiB, fmt_bytes
+
 BASELINES = ("fp32", "fp16_hook", "bf16_hook", "perchannel_hook", "powersgd_r1", "powersgd_r4")
 DEFAULT_CODECS = ("int8", "int4", "int2", "sign", "topk:0.01")
 DEFAULT_ALGORITHMS = ("allgather", "alltoall", "auto")
+PHASES = ("verify", "compress", "communicate", "decompress")
 
-
-def parse_size(s: str) -> int:
-    """'64MiB' / '1M' / '4096' (bytes) -> bytes, a multiple of 4 (fp32 elements)."""
-    s = s.strip()
-    units = {"kib": 1 << 10, "k": 1 << 10, "mib": MiB, "m": MiB, "gib": 1 << 30, "g": 1 << 30,
-             "b": 1, "": 1}
-    i = len(s)
-    while i > 0 and not s[i - 1].isdigit():
-        i -= 1
-    num, unit = s[:i], s[i:].lower()
-    if not num or unit not in units:
-        raise ValueError(f"bad size {s!r}: use e.g. 64MiB, 512KiB, 4096")
-    n = int(num) * units[unit]
-    if n <= 0 or n % 4:
-        raise ValueError(f"size {s!r} must be a positive multiple of 4 bytes (fp32 elements)")
-    return n
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def split_specs(text: str) -> list[str]:
-    """'int8,topk:0.01,exact=false,sign' -> ['int8', 'topk:0.01,exact=false', 'sign'].
-
-    Codec specs carry their options after commas too; a piece with '=' is an option of the
-    spec before it.
-    """
-    out: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
-        if not piece:
-            continue
-        if "=" in piece and out:
-            out[-1] += "," + piece
-        else:
-            out.append(piece)
-    return out
+# Relative error against the exact mean that each baseline's first call stays within.
+BASELINE_TOLERANCE = {
+    "fp32": 1e-6,  # the exact mean is computed by this very collective
+    "fp16_hook": 1e-2,  # every element and the W - 1 partial sums rounded to 11 bits
+    "bf16_hook": 1e-1,  # ... to 8 bits
+    "perchannel_hook": 5e-2,  # 255 levels between each 512-element channel's min and max
+    # A projection onto r dimensions never adds energy: the error is at most the mean itself.
+    "powersgd_r1": 1.0 + 1e-3,
+    "powersgd_r4": 1.0 + 1e-3,
+}
 
 
 def matrix_shape(numel: int) -> tuple[int, int]:
@@ -202,11 +187,9 @@ def _innermost(e: BaseException) -> str:
     return text.strip().splitlines()[0]
 
 
-def _theory_bytes(method: str, numel: int, world: int, shape, gz=None) -> float | None:
-    """Payload bytes one rank sends for one call (see module docstring)."""
+def hook_bytes_sent(method: str, numel: int, world: int, shape) -> float:
+    """Bytes one rank sends in one call of a PyTorch hook (its number format and collective)."""
     ring = 2 * (world - 1) / world
-    if method == "fp32":
-        return ring * 4 * numel
     if method in ("fp16_hook", "bf16_hook"):
         return ring * 2 * numel
     if method == "perchannel_hook":
@@ -218,71 +201,17 @@ def _theory_bytes(method: str, numel: int, world: int, shape, gz=None) -> float 
         n, m = shape
         r = min(r, n, m)
         return ring * 4 * r * (n + m)
-    if method.startswith("gz:") and gz is not None:
-        codec, algo, chunk_bytes = gz
-        if algo == "plain":
-            return ring * 4 * numel
-        if algo == "allgather":
-            return (world - 1) * codec.compressed_size(numel)
-        if algo == "alltoall":
-            # W-1 chunk payloads out in the all-to-all, W-1 in the all-gather; every
-            # message is padded to the largest chunk payload.
-            if chunk_bytes is None:
-                chunk_bytes = codec.compressed_size(-(-numel // world))
-            return 2 * (world - 1) * chunk_bytes
-    return None
+    raise ValueError(f"unknown baseline {method!r}")
 
 
-def _has_timings(gz) -> bool:
-    import inspect
-
-    return "timings" in inspect.signature(gz.all_reduce).parameters
-
-
-def _gz_split(call, restore, reps: int) -> tuple[float, float, float, str]:
-    """Mean compress / decompress seconds per call from the PyTorch profiler's CPU time of
-    the gradzip ops (``quantize_pack``/``topk_select`` = compress, ``dequantize_accumulate``
-    = decompress); used when ``gradzip.all_reduce`` has no ``timings`` sink."""
-    import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
-
-    compress = decompress = 0.0
-    for _ in range(reps):
-        restore()
-        dist.barrier()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            call()
-        for ev in prof.events():
-            if ev.name in ("gradzip::quantize_pack", "gradzip::topk_select"):
-                compress += ev.cpu_time_total / 1e6
-            elif ev.name == "gradzip::dequantize_accumulate":
-                decompress += ev.cpu_time_total / 1e6
-    return compress / reps, decompress / reps, 0.0, "torch.profiler (gradzip ops only)"
-
-
-def _slowest(t: float) -> float:
-    """The largest of every rank's ``t`` (a call takes as long as its slowest rank)."""
+def plan_bytes_sent(codec, numel: int, world: int, algorithm: str) -> int:
+    """Bytes one rank sends in one ``gradzip.all_reduce`` of ``numel`` fp32 with
+    ``algorithm``, from gradzip's own plan; ``"plain"`` is the fp32 ring all-reduce (the
+    codec plays no part in it)."""
     import torch
-    import torch.distributed as dist
+    from gradzip import comm
 
-    x = torch.tensor([t], dtype=torch.float64)
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return float(x)
-
-
-def _identical_across_ranks(t) -> bool:
-    """Whether every rank holds the same values (compared through fp64 sum and sum of squares)."""
-    import torch
-    import torch.distributed as dist
-
-    d = t.double()
-    digest = torch.stack([d.sum(), (d * d).sum()])
-    lo, hi = digest.clone(), digest.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    same = torch.tensor([int(torch.equal(lo, hi))])
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    return bool(same.item())
+    return comm.plan(codec, numel, torch.float32, world, algorithm).bytes_sent
 
 
 class Bench:
@@ -312,38 +241,32 @@ class Bench:
         dist.all_reduce(self.buf)
         self.buf.div_(self.world)
 
-    def make(self, method: str, gz) -> tuple[object, dict, object]:
-        """(call, record fields, codec or None) for ``method``."""
+    def make(self, method: str) -> tuple[object, dict, object]:
+        """(call, record fields, codec or None) for ``method``. A gradzip call takes an
+        optional ``timings`` dict (gradzip.all_reduce's phase sink)."""
         if method == "fp32":
             return self.fp32_call, {"kind": "baseline"}, None
         if method.startswith("gz:"):
-            spec, algo = method[3:].rsplit(":", 1)
-            codec = gz.Codec(spec)
-            ef = gz.ErrorFeedback()
-            buf = self.buf
-            fields = {"kind": "gradzip", "codec": spec, "algorithm": algo,
-                      "codec_repr": repr(codec)}
-            plan = getattr(getattr(gz, "comm", None), "plan", None)
-            if plan is not None:
-                pl = plan(codec, self.numel, buf.dtype, self.world, algo,
-                          **({"min_numel": self.cfg["gz_min_numel"]}
-                             if self.cfg.get("gz_min_numel") is not None else {}))
-                fields["algorithm_used"] = pl.algorithm
-                if pl.algorithm == "alltoall":
-                    fields["chunk_payload_bytes"] = pl.payload_bytes
+            import gradzip
 
+            spec, algo = method[3:].rsplit(":", 1)
+            codec = gradzip.Codec(spec)
+            ef = gradzip.ErrorFeedback()
+            buf = self.buf
             # Only what the user chose is passed, so the library's defaults are what is timed.
             extra = {"verify": self.cfg["gz_verify"]} if self.cfg.get("gz_verify") else {}
             if self.cfg.get("gz_min_numel") is not None:
                 extra["min_numel"] = self.cfg["gz_min_numel"]
-            fields["options"] = extra
+            pl = gradzip.comm.plan(codec, self.numel, buf.dtype, self.world, algo,
+                                   **({"min_numel": extra["min_numel"]}
+                                      if "min_numel" in extra else {}))
+            fields = {"kind": "gradzip", "codec": spec, "algorithm": algo,
+                      "codec_repr": repr(codec), "algorithm_used": pl.algorithm,
+                      "options": extra}
 
             def call(timings: dict | None = None) -> None:
-                if timings is None:
-                    gz.all_reduce(buf, codec, state=ef, algorithm=algo, **extra)
-                else:
-                    gz.all_reduce(buf, codec, state=ef, algorithm=algo, timings=timings,
-                                  **extra)
+                gradzip.all_reduce(buf, codec, state=ef, algorithm=algo, timings=timings,
+                                   **extra)
 
             return call, fields, codec
         call, state = _hook_method(method, self.bucket, self.world)
@@ -357,23 +280,50 @@ class Bench:
         return call, {"kind": "baseline"}, None
 
     def timed(self, call) -> float:
+        return harness.time_collective(call, before=self.restore)
+
+    def check(self, method: str, rec: dict, codec) -> None:
+        """The first call's result (in the buffer) against the exact mean, on every rank;
+        stops the run before timing when it fails."""
+        if codec is not None:
+            tol = harness.all_reduce_tolerance(codec, self.x, self.exact, rec["algorithm"])
+        else:
+            tol = BASELINE_TOLERANCE.get(method)
+        c = harness.check_all_reduce(self.buf, self.exact, tolerance=tol)
+        rec.update(rel_err=c.rel_err, rel_err_limit=tol, finite=c.finite,
+                   identical_across_ranks=c.identical)
+        if c.problem:
+            harness.stop_before_timing(f"{method} at {fmt_bytes(self.size)} on {self.world} "
+                                       "ranks", c.problem, show=self.rank == 0)
+
+    def phases(self, sinks: list[dict], median_s: float) -> dict:
+        """The timed calls' phases: averaged over the ranks ("split", as always recorded)
+        and of the slowest rank ("phases_slowest_s"), each the median over calls."""
+        import torch
         import torch.distributed as dist
 
-        self.restore()
-        dist.barrier()
-        t0 = time.perf_counter()
-        call()
-        return _slowest(time.perf_counter() - t0)
+        mine = torch.tensor([[sk.get(k, 0.0) for k in PHASES] for sk in sinks],
+                            dtype=torch.float64)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        every = torch.stack(every)  # [rank, call, phase]
+        mean = dict(zip(PHASES, every.mean(dim=0).median(dim=0).values.tolist()))
+        worst = dict(zip(PHASES, every.max(dim=0).values.median(dim=0).values.tolist()))
+        c, d, v = mean["compress"], mean["decompress"], mean["verify"]
+        return {"split": {"compress_s": c, "decompress_s": d, "verify_s": v,
+                          "communicate_s": mean["communicate"],
+                          "communicate_other_s": max(0.0, median_s - c - d - v),
+                          "source": "gradzip.all_reduce(timings=...) during the timed calls"},
+                "phases_slowest_s": worst}
 
-    def run(self, method: str, gz, log) -> dict:
-        import torch
+    def run(self, method: str, log) -> dict:
         import torch.distributed as dist
 
         cfg, world = self.cfg, self.world
         rec = {"size_bytes": self.size, "numel": self.numel, "shape": list(self.shape),
                "method": method, "world": world}
         try:
-            call, fields, codec = self.make(method, gz)
+            call, fields, codec = self.make(method)
         except (ValueError, TypeError, NotImplementedError) as e:
             # Raised the same way on every rank before any collective: safe to skip.
             rec["error"] = f"{type(e).__name__}: {e}"
@@ -381,8 +331,7 @@ class Bench:
             return rec
         rec.update(fields)
 
-        # Correctness before timing: the first call (fresh error-feedback state) must give
-        # identical results on every rank; its error against the exact mean is reported.
+        # Correctness before timing: the first call (fresh error-feedback state).
         try:
             self.restore()
             dist.barrier()
@@ -393,33 +342,31 @@ class Bench:
             log(f"{method}: failed ({rec['error']})")
             dist.barrier()
             return rec
-        rec["rel_err"] = float((self.buf - self.exact).norm() / self.exact.norm())
-        rec["finite"] = bool(torch.isfinite(self.buf).all())
-        rec["identical_across_ranks"] = _identical_across_ranks(self.buf)
+        self.check(method, rec, codec)
 
         # "auto" measures its first calls of a signature before it settles (its probe
         # calls are its start-up cost, not its steady state): get past them first.
-        auto = rec.get("algorithm") == "auto" and hasattr(getattr(gz, "comm", None),
-                                                           "auto_choice")
-        n_warm = max(cfg["warmup"], 2 * gz.comm.AUTO_PROBES + 1) if auto else cfg["warmup"]
+        auto = rec.get("algorithm") == "auto"
+        if auto:
+            from gradzip import comm
+
+            n_warm = max(cfg["warmup"], 2 * comm.AUTO_PROBES + 1)
+        else:
+            n_warm = cfg["warmup"]
         warm = [self.timed(call) for _ in range(n_warm)]
         if auto:
-            choice = gz.comm.auto_choice(self.buf, codec)
+            choice = comm.auto_choice(self.buf, codec)
             if choice is not None:
                 rec["auto"] = choice
                 rec["algorithm_used"] = choice["algorithm"]
-                if choice["algorithm"] != "alltoall":
-                    rec.pop("chunk_payload_bytes", None)
         est = min(warm) if warm else 1.0
         reps = cfg["reps"]
         if 0 < est and est * reps < cfg["min_time"]:
             reps = min(cfg["max_reps"], max(reps, int(cfg["min_time"] / est)))
 
-        # gradzip's own phase timings come from the timed calls themselves when
-        # all_reduce offers a ``timings`` sink (a few perf_counter calls per phase).
         sinks: list[dict] = []
         timed_call = call
-        if codec is not None and _has_timings(gz):
+        if codec is not None:
             def timed_call():
                 sinks.append({})
                 call(sinks[-1])
@@ -436,30 +383,20 @@ class Bench:
             self.timed(lambda: None)
         dist.barrier()
         txb1 = netlink.lo_bytes()[1]
+        if codec is not None:
+            theory = plan_bytes_sent(codec, self.numel, world, rec["algorithm_used"])
+        elif method == "fp32":
+            theory = plan_bytes_sent("int8", self.numel, world, "plain")
+        else:
+            theory = hook_bytes_sent(method, self.numel, world, self.shape)
         rec.update(times_s=times, median_s=statistics.median(times), reps=reps,
                    bytes_per_rank_measured=max(0.0, (tx1 - tx0) - (txb1 - txb0)) / world / reps,
-                   bytes_per_rank_theory=_theory_bytes(
-                       method, self.numel, world, self.shape,
-                       (codec, rec.get("algorithm_used", rec.get("algorithm")),
-                        rec.get("chunk_payload_bytes")) if codec is not None else None))
+                   bytes_per_rank_theory=theory,
+                   bytes_per_rank_theory_source="gradzip.comm.plan(...).bytes_sent"
+                   if codec is not None or method == "fp32" else "the hook's number format")
         if codec is not None:
             rec["compressed_size"] = codec.compressed_size(self.numel)
-            if sinks:
-                # Per call, each phase averaged over the ranks; then the median over calls.
-                ph = torch.tensor([[sk.get(k, 0.0) for k in ("compress", "decompress", "verify")]
-                                   for sk in sinks], dtype=torch.float64)
-                dist.all_reduce(ph)
-                c, d, v = (ph / world).median(dim=0).values.tolist()
-                how = "gradzip.all_reduce(timings=...) during the timed calls"
-            elif cfg["split_reps"] > 0:
-                c, d, v, how = _gz_split(call, self.restore, cfg["split_reps"])
-                cd = torch.tensor([c, d, v], dtype=torch.float64)
-                dist.all_reduce(cd)
-                c, d, v = (cd / world).tolist()
-            if sinks or cfg["split_reps"] > 0:
-                rec["split"] = {"compress_s": c, "decompress_s": d, "verify_s": v,
-                                "communicate_other_s": max(0.0, rec["median_s"] - c - d - v),
-                                "source": how}
+            rec.update(self.phases(sinks, rec["median_s"]))
         log(f"{fmt_bytes(self.size):>10} {method:<22} {rec['median_s'] * 1e3:9.2f} ms  "
             f"reps={reps} rel_err={rec['rel_err']:.2e} "
             f"wire/rank={fmt_bytes(rec['bytes_per_rank_measured'])}")
@@ -467,7 +404,6 @@ class Bench:
 
 
 def worker(cfg_path: str) -> None:
-
     import torch.distributed as dist
 
     cfg = json.loads(Path(cfg_path).read_text())
@@ -477,23 +413,11 @@ def worker(cfg_path: str) -> None:
         if rank == 0:
             print("[bench]", *a, flush=True)
 
-    gz = None
-    if cfg["gz_methods"]:
-        try:
-            import gradzip
-
-            gradzip.Codec  # noqa: B018  (fails early if the comm layer is missing)
-            gz = gradzip
-        except (ImportError, AttributeError) as e:
-            raise SystemExit(f"gradzip's comm layer is not importable ({e}); build the extension "
-                             "in place and run with PYTHONPATH=$PWD/python, or pass --codecs ''"
-                             ) from e
-
     results = []
     for size in cfg["sizes"]:
         bench = Bench(cfg, size, rank, world)
         for method in list(cfg["baselines"]) + list(cfg["gz_methods"]):
-            results.append(bench.run(method, gz, log))
+            results.append(bench.run(method, log))
         del bench
     if rank == 0:
         Path(cfg["result_path"]).write_text(json.dumps(results))
@@ -506,76 +430,92 @@ def worker(cfg_path: str) -> None:
 # ===========================================================================================
 
 
-def machine_info() -> dict:
-    import torch
-
-    info = {"hostname": platform.node(), "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
-        info["mem_gib"] = round(int(mem[1]) / (1 << 20), 1)
-    except OSError:
-        pass
-    try:
-        import gradzip
-
-        info["gradzip_build"] = gradzip.build_info()
-    except Exception as e:  # noqa: BLE001 - recorded, not fatal: baselines still run
-        info["gradzip_build"] = f"unavailable: {type(e).__name__}: {e}"
-    try:
-        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                     text=True, check=False,
-                                     cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        pass
-    return info
-
-
-def add_speedups(results: list[dict]) -> None:
-    base = {(r["link"], r["size_bytes"]): r["median_s"] for r in results
+def add_derived(results: list[dict]) -> None:
+    """Per row: the speed-up over fp32 (same link and size), the wire-bytes limit (fp32's
+    bytes per rank over the row's, from the plan columns) and the speed-up as a fraction
+    of that limit. Also fills these in for result files written before they existed."""
+    fp32 = {(r["link"], r["size_bytes"]): r for r in results
             if r["method"] == "fp32" and "median_s" in r}
     for r in results:
-        b = base.get((r["link"], r["size_bytes"]))
-        if b and r.get("median_s"):
-            r["speedup_vs_fp32"] = b / r["median_s"]
+        base = fp32.get((r["link"], r["size_bytes"]))
+        if base is None or not r.get("median_s"):
+            continue
+        r["speedup_vs_fp32"] = base["median_s"] / r["median_s"]
+        ring, mine = base.get("bytes_per_rank_theory"), r.get("bytes_per_rank_theory")
+        if ring and mine:
+            r["wire_limit"] = ring / mine
+            r["of_limit"] = r["speedup_vs_fp32"] / r["wire_limit"]
 
 
 def _ms(v: float | None) -> str:
     return f"{v * 1e3:8.1f}ms" if v is not None else f"{'-':>10}"
 
 
+def _x(v: float | None, width: int = 7) -> str:
+    return f"{v:{width - 1}.2f}x" if v is not None else f"{'-':>{width}}"
+
+
+def _pct(v: float | None) -> str:
+    return f"{v * 100:5.0f}%" if v is not None else f"{'-':>6}"
+
+
+def _name(r: dict) -> str:
+    if r.get("algorithm") == "auto" and r.get("algorithm_used"):
+        return f"{r['method']} (->{r['algorithm_used']})"
+    return r["method"]
+
+
 def print_table(results: list[dict]) -> str:
     lines = []
-    head = (f"{'link':>7} {'size':>9} {'method':<24} {'median':>10} {'speedup':>8} "
-            f"{'wire/rank':>11} {'theory':>11} {'rel_err':>9} {'compress':>9} {'decomp':>9} "
-            f"{'verify':>9} {'comm+':>9}")
+    head = (f"{'link':>7} {'size':>9} {'method':<34} {'median':>10} {'speedup':>8} "
+            f"{'limit':>8} {'of lim':>6} {'wire/rank':>11} {'plan':>11} {'rel_err':>9} "
+            f"{'compress':>9} {'decomp':>9} {'verify':>9} {'comm+':>9}")
     lines.append(head)
     lines.append("-" * len(head))
     for r in results:
         if "error" in r:
-            lines.append(f"{r['link']:>7} {fmt_bytes(r['size_bytes']):>9} {r['method']:<24} "
+            lines.append(f"{r['link']:>7} {fmt_bytes(r['size_bytes']):>9} {_name(r):<34} "
                          f"{r['error']}")
             continue
         sp = r.get("split", {})
         lines.append(
-            f"{r['link']:>7} {fmt_bytes(r['size_bytes']):>9} {r['method']:<24} "
-            f"{_ms(r['median_s']):>10} {r.get('speedup_vs_fp32', float('nan')):7.2f}x "
+            f"{r['link']:>7} {fmt_bytes(r['size_bytes']):>9} {_name(r):<34} "
+            f"{_ms(r['median_s']):>10} {_x(r.get('speedup_vs_fp32'), 8)} "
+            f"{_x(r.get('wire_limit'), 8)} {_pct(r.get('of_limit'))} "
             f"{fmt_bytes(r.get('bytes_per_rank_measured')):>11} "
             f"{fmt_bytes(r.get('bytes_per_rank_theory')):>11} {r['rel_err']:9.2e} "
             f"{_ms(sp.get('compress_s')):>9} {_ms(sp.get('decompress_s')):>9} "
             f"{_ms(sp.get('verify_s')):>9} {_ms(sp.get('communicate_other_s')):>9}")
+    lines.append("limit: the wire-bytes limit, fp32 ring bytes per rank over the method's "
+                 "(plan column); of lim: speed-up / limit")
     text = "\n".join(lines)
     print(text)
     return text
 
 
+def phase_table(results: list[dict]) -> str:
+    """Where the time of each gradzip call goes (``--split``): each phase of the slowest
+    rank, median over the timed calls."""
+    head = (f"{'link':>7} {'size':>9} {'method':<34} {'verify':>9} {'compress':>9} "
+            f"{'communic.':>10} {'decomp.':>9} {'call':>9} {'sent/rank':>11} {'rel_err':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        ph = r.get("phases_slowest_s")
+        if ph is None:
+            continue
+        lines.append(
+            f"{r['link']:>7} {fmt_bytes(r['size_bytes']):>9} {_name(r):<34} "
+            f"{_ms(ph['verify']):>9} {_ms(ph['compress']):>9} {_ms(ph['communicate']):>10} "
+            f"{_ms(ph['decompress']):>9} {_ms(r['median_s']):>9} "
+            f"{fmt_bytes(r.get('bytes_per_rank_theory')):>11} {r['rel_err']:9.2e}")
+    lines.append("each phase of the slowest rank, median over the timed calls; call: median "
+                 "call time (the slowest rank's); sent/rank: gradzip.comm.plan(...).bytes_sent")
+    return "\n".join(lines)
+
+
 def markdown(doc: dict) -> str:
     """The results of a run as Markdown tables (for docs/results.md)."""
+    add_derived(doc["results"])
     out = []
     for link in dict.fromkeys(r["link"] for r in doc["results"]):
         for size in sorted({r["size_bytes"] for r in doc["results"] if r["link"] == link}):
@@ -584,21 +524,24 @@ def markdown(doc: dict) -> str:
             share = f", {per / 1e9:g} Gbit/s per rank" if per else ""
             out.append(f"**{doc['world']} ranks, {fmt_bytes(size)} fp32, link `{link}`"
                        f"{share}**\n")
-            out.append("| method | median | speed-up vs fp32 | wire/rank measured | theory "
-                       "| rel. error | compress | decompress | verify | communicate + other |")
-            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            out.append("| method | median | speed-up vs fp32 | wire-bytes limit | of limit "
+                       "| wire/rank measured | plan | rel. error | compress | decompress "
+                       "| verify | communicate + other |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for r in rr:
                 name = r["method"]
                 if r.get("algorithm_used") and r.get("algorithm") == "auto":
                     name += f" (→{r['algorithm_used']})"
                 if "error" in r:
-                    out.append(f"| {name} | fails: `{r['error']}` ||||||||| ")
+                    out.append(f"| {name} | fails: `{r['error']}` ||||||||||| ")
                     continue
                 sp = r.get("split", {})
                 ms = lambda v: f"{v * 1e3:.1f} ms" if v is not None else "–"
+                lim = f"{r['wire_limit']:.2f}×" if r.get("wire_limit") else "–"
+                of = f"{r['of_limit'] * 100:.0f} %" if r.get("of_limit") else "–"
                 out.append(
-                    f"| {name} | {ms(r['median_s'])} | {r['speedup_vs_fp32']:.2f}× | "
-                    f"{fmt_bytes(r.get('bytes_per_rank_measured'))} | "
+                    f"| {name} | {ms(r['median_s'])} | {r['speedup_vs_fp32']:.2f}× | {lim} | "
+                    f"{of} | {fmt_bytes(r.get('bytes_per_rank_measured'))} | "
                     f"{fmt_bytes(r.get('bytes_per_rank_theory'))} | {r['rel_err']:.2e} | "
                     f"{ms(sp.get('compress_s'))} | {ms(sp.get('decompress_s'))} | "
                     f"{ms(sp.get('verify_s'))} | {ms(sp.get('communicate_other_s'))} |")
@@ -686,15 +629,17 @@ def main(argv=None) -> int:
                    help="pass verify=... to gradzip.all_reduce (default: the library's)")
     p.add_argument("--gz-min-numel", type=int, default=None,
                    help="pass min_numel=... to gradzip.all_reduce (default: the library's)")
-    p.add_argument("--baselines", default=",".join(BASELINES),
-                   help=f"subset of {','.join(BASELINES)} (fp32 always runs)")
+    p.add_argument("--baselines", default=None,
+                   help=f"subset of {','.join(BASELINES)} (fp32 always runs; default all, "
+                        "with --split only fp32)")
+    p.add_argument("--split", action="store_true",
+                   help="where the time goes: print each gradzip phase (verify, compress, "
+                        "communicate, decompress) of the slowest rank")
     p.add_argument("--reps", type=int, default=5, help="timed calls per method (minimum)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 2 for PowerSGD)")
     p.add_argument("--min-time", type=float, default=1.0,
                    help="fast calls are repeated until this many seconds (up to --max-reps)")
     p.add_argument("--max-reps", type=int, default=200)
-    p.add_argument("--split-reps", type=int, default=2,
-                   help="profiled calls for the split when gradzip.all_reduce has no timings")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-netns", action="store_true", help="use the host loopback, no namespace")
@@ -717,22 +662,31 @@ def main(argv=None) -> int:
 
     if a.world < 2:
         p.error("--world must be at least 2")
-    if a.warmup < 2 and any(b.startswith("powersgd") for b in a.baselines.split(",")):
-        p.error("PowerSGD starts compressing at its 2nd call: use --warmup >= 2")
-    sizes = [parse_size(s) for s in a.sizes.split(",") if s.strip()]
-    baselines = ["fp32"] + [b for b in (s.strip() for s in a.baselines.split(","))
-                            if b and b != "fp32"]
+    if a.baselines is None:
+        a.baselines = "fp32" if a.split else ",".join(BASELINES)
+    baselines = ["fp32"] + [b for b in harness.split_list(a.baselines) if b != "fp32"]
     for b in baselines:
         if b not in BASELINES:
             p.error(f"unknown baseline {b!r}; choose from {','.join(BASELINES)}")
-    codecs = split_specs(a.codecs)
-    algos = [x.strip() for x in a.algorithms.split(",") if x.strip()]
+    if a.warmup < 2 and any(b.startswith("powersgd") for b in baselines):
+        p.error("PowerSGD starts compressing at its 2nd call: use --warmup >= 2")
+    try:
+        sizes = harness.parse_sizes(a.sizes, multiple_of=4)
+    except ValueError as e:
+        p.error(f"--sizes: {e} (bytes of fp32 elements)")
+    codecs = harness.split_specs(a.codecs)
+    algos = harness.split_list(a.algorithms)
     gz_methods = [f"gz:{c}:{al}" for c in codecs for al in algos]
-    links = [s.strip() for s in a.link.split(",") if s.strip()]
+    if gz_methods:
+        import gradzip
+
+        for c in codecs:
+            gradzip.Codec(c)  # a bad spec fails here, not in every rank
+    links = harness.split_list(a.link)
     for spec in links:
         netlink.parse_link(spec, a.world)
 
-    info = machine_info()
+    info = harness.machine_info()
     all_results: list[dict] = []
     link_info = []
     with tempfile.TemporaryDirectory(prefix="gz-bench-") as tmp:
@@ -741,9 +695,9 @@ def main(argv=None) -> int:
             try:
                 cfg = {"sizes": sizes, "baselines": baselines, "gz_methods": gz_methods,
                        "reps": a.reps, "warmup": a.warmup, "min_time": a.min_time,
-                       "max_reps": a.max_reps, "split_reps": a.split_reps,
-                       "threads": a.threads, "seed": a.seed, "pg_timeout": a.pg_timeout,
-                       "gz_verify": a.gz_verify, "gz_min_numel": a.gz_min_numel,
+                       "max_reps": a.max_reps, "threads": a.threads, "seed": a.seed,
+                       "pg_timeout": a.pg_timeout, "gz_verify": a.gz_verify,
+                       "gz_min_numel": a.gz_min_numel,
                        "result_path": os.path.join(tmp, f"result{i}.json")}
                 cfg_path = os.path.join(tmp, f"cfg{i}.json")
                 Path(cfg_path).write_text(json.dumps(cfg))
@@ -754,6 +708,12 @@ def main(argv=None) -> int:
                                   "namespace": link.name if link is not None else None})
                 netlink.launch([sys.executable, os.path.abspath(__file__), "--worker", cfg_path],
                                a.world, link, threads=a.threads, timeout=a.timeout)
+            except netlink.RankFailed as e:
+                if e.returncode != harness.CHECK_FAILED:
+                    raise
+                print("[bench] stopped: a correctness check failed (above); nothing after it "
+                      "was timed and no results were written", file=sys.stderr)
+                return harness.CHECK_FAILED
             finally:
                 if link is not None:
                     link.remove()
@@ -768,9 +728,13 @@ def main(argv=None) -> int:
                     r["bytes_per_rank_measured"] = None
             all_results.extend(res)
 
-    add_speedups(all_results)
+    add_derived(all_results)
     info["loadavg_end"] = os.getloadavg()
     table = print_table(all_results)
+    phases = phase_table(all_results)
+    if a.split:
+        print()
+        print(phases)
     xo = crossover(all_results, a.world)
     for c in xo:
         ms = c["measured_crossover_bps"]
@@ -784,17 +748,14 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"argv": sys.argv, "machine": info, "links": link_info, "world": a.world,
            "threads_per_rank": a.threads, "results": all_results, "crossover": xo,
-           "table": table}
+           "table": table, "phase_table": phases}
     out.write_text(json.dumps(doc, indent=1))
     print(f"[bench] wrote {out}")
     png = Path(a.plot) if a.plot else out.with_suffix(".png")
-    try:
-        import plots
+    import plots
 
-        plots.allreduce_plot(doc, png)
-        print(f"[bench] wrote {png}")
-    except ImportError as e:
-        print(f"[bench] no plot ({e})")
+    plots.allreduce_plot(doc, png)
+    print(f"[bench] wrote {png}")
     return 0
 
 

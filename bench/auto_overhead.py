@@ -15,6 +15,11 @@ over the rounds (at least ``--rounds``, more for fast calls). The second fp32 co
 measures the noise floor: its ratio to the first would be 1.00 on a quiet machine. On a 2-core machine with 4 ranks the
 scheduler makes single calls noisy: interleaving is what makes the ratio trustworthy.
 
+Correctness before timing: per size and codec, a first "auto" call (fresh error-feedback
+state, before "auto" has measured anything; its choice is then forgotten) must give
+bit-identical, finite results on every rank within gradzip's error bound against the exact
+mean (bench/harness.py); a failed check stops the run with exit status 3.
+
 Writes JSON (``--out``) and prints a table.
 """
 
@@ -22,14 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # bench/harness.py: picks the gradzip build, so it comes before gradzip
+
+# isort: split
 import netlink
 
 DEFAULT_SIZES = "16KiB,256KiB,1MiB,4MiB,16MiB,64MiB"
@@ -40,20 +48,14 @@ def worker(cfg: dict) -> None:
     import gradzip
     import torch
     import torch.distributed as dist
-    from allreduce import _slowest, parse_size
 
     rank, world = netlink.join_group(cfg["threads"], cfg["pg_timeout"])
-
-    def timed(fn) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        return _slowest(time.perf_counter() - t0)
+    timed = harness.time_collective
 
     extra = {"verify": cfg["verify"]} if cfg.get("verify") else {}
     rows = []
     for size in cfg["sizes"]:
-        numel = parse_size(size) // 4
+        numel = harness.parse_size(size, multiple_of=4) // 4
         x = torch.randn(numel, generator=torch.Generator().manual_seed(1000 + rank))
         buf = x.clone()
 
@@ -62,8 +64,20 @@ def worker(cfg: dict) -> None:
             dist.all_reduce(buf)
             buf.div_(world)
 
+        fp32()
+        exact = buf.clone()  # fp32's result is the exact mean
         for spec in cfg["codecs"]:
             codec = gradzip.Codec(spec)
+            check_ef = gradzip.ErrorFeedback()
+            buf.copy_(x)
+            gradzip.all_reduce(buf, codec, state=check_ef, algorithm="auto", **extra)
+            check = harness.check_all_reduce(
+                buf, exact, tolerance=harness.all_reduce_tolerance(codec, x, exact, "auto"))
+            if check.problem:
+                harness.stop_before_timing(f"gradzip.all_reduce({spec}, algorithm='auto') at "
+                                           f"{size} on {world} ranks", check.problem,
+                                           show=rank == 0)
+            gradzip.comm.reset_auto()  # the check call is not one of the timed probes
             ef = gradzip.ErrorFeedback()
 
             def gz(buf=buf, x=x, codec=codec, ef=ef) -> None:
@@ -84,7 +98,7 @@ def worker(cfg: dict) -> None:
                     sink.append(timed(fn))
             choice = gradzip.comm.auto_choice(buf, codec) or {}
             row = {"size_bytes": numel * 4, "codec": spec, "world": world,
-                   "choice": choice.get("algorithm"),
+                   "rel_err": check.rel_err, "choice": choice.get("algorithm"),
                    "probe_compressed_s": choice.get("compressed_s"),
                    "probe_plain_s": choice.get("plain_s"),
                    "settle_calls": len(settle), "settle_s": sum(settle),
@@ -106,8 +120,7 @@ def worker(cfg: dict) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    from allreduce import fmt_bytes
-
+    fmt_bytes = harness.fmt_bytes
     head = (f"{'size':>10} {'codec':<10} {'auto chose':<10} {'fp32':>9} {'auto':>9} "
             f"{'auto/fp32':>9} {'noise':>6} {'rounds':>6} {'probes':>6} {'probe cost':>10}")
     lines = [head, "-" * len(head)]
@@ -146,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
-    from allreduce import machine_info, parse_size, split_specs
-
-    sizes = [s.strip() for s in a.sizes.split(",") if s.strip()]
-    for s in sizes:
-        parse_size(s)  # fails early on a bad size
+    sizes = harness.split_list(a.sizes)
+    try:
+        for s in sizes:
+            harness.parse_size(s, multiple_of=4)  # fails early on a bad size
+    except ValueError as e:
+        p.error(f"--sizes: {e} (bytes of fp32 elements)")
     netlink.parse_link(a.link, a.world)
+    info = harness.machine_info()
     with tempfile.TemporaryDirectory(prefix="gz-auto-") as tmp:
-        cfg = {"sizes": sizes, "codecs": split_specs(a.codecs), "rounds": a.rounds,
+        cfg = {"sizes": sizes, "codecs": harness.split_specs(a.codecs), "rounds": a.rounds,
                "max_rounds": a.max_rounds, "verify": a.verify,
                "threads": a.threads, "pg_timeout": a.pg_timeout,
                "result": str(Path(tmp) / "rows.json")}
@@ -166,13 +181,21 @@ def main(argv: list[str] | None = None) -> int:
             netlink.launch([sys.executable, str(Path(__file__).resolve()), "--worker",
                             str(cfg_path)], a.world, link, threads=a.threads,
                            timeout=a.timeout)
+        except netlink.RankFailed as e:
+            if e.returncode != harness.CHECK_FAILED:
+                raise
+            print("[auto] stopped: a correctness check failed (above); nothing after it was "
+                  "timed and no results were written", file=sys.stderr)
+            return harness.CHECK_FAILED
         finally:
             if link is not None:
                 link.remove()
         rows = json.loads(Path(cfg["result"]).read_text())
     print(table(rows))
-    doc = {"argv": sys.argv, "machine": machine_info(), "link": eff, "qdisc": qdisc,
-           "world": a.world, "rounds": a.rounds, "verify": a.verify or "library default", "results": rows, "table": table(rows)}
+    info["loadavg_end"] = os.getloadavg()
+    doc = {"argv": sys.argv, "machine": info, "link": eff, "qdisc": qdisc, "world": a.world,
+           "rounds": a.rounds, "verify": a.verify or "library default", "results": rows,
+           "table": table(rows)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -1,16 +1,18 @@
 """Microbenchmarks of gradzip's three fused ops: the project's main benchmark.
 
     python bench/kernels.py                       # defaults: 2^24 and 2^26 elements, 1 and 2 threads
-    python bench/kernels.py --sizes 2^20 --ops quantize,topk --threads 1 --repeat 3
+    python bench/kernels.py --sizes 2^20 --ops quantize,topk --threads 1 --min-time 0.2
 
 For every op x configuration x backend it
 
 1. proves correctness before timing anything: byte-exact payloads, bit-exact residuals
-   and outputs against ``gradzip.reference`` at a small size (2^16 + 3 elements), and
-   agreement with the pure-PyTorch baseline at each timed size;
-2. times it (median of ``--repeat`` calls after a warm-up, bench/timing.py) next to
-   (a) the pure-PyTorch code a user would write without gradzip, and (b) a memcpy of the
-   op's input measured in the same run, with the same thread count;
+   and outputs against ``gradzip.reference`` at a small size (2^16 + 3 elements, compared
+   with ``gradzip.testing``), and agreement with the pure-PyTorch baseline at each timed
+   size. A failed check stops the run before the next timing, with exit status 3;
+2. times it (bench/harness.py: the median over at least ``--min-time`` seconds of calls
+   after a warm-up, ``torch.utils.benchmark`` on the CPU, ``triton.testing.do_bench`` on
+   CUDA) next to (a) the pure-PyTorch code a user would write without gradzip, and (b) a
+   memcpy of the op's input measured in the same run, with the same thread count;
 3. prints a table (size, op, backend, threads, median ms, GB/s of logical bytes, % of
    memcpy, speedup vs the PyTorch baseline) and writes JSON (``--json``).
 
@@ -32,11 +34,8 @@ when bitsandbytes is importable; it is optional and not a gradzip dependency.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -46,15 +45,13 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-# A source checkout with an in-place build (setup.py build_ext --inplace) wins; otherwise
-# the installed package (pip install .) is used.
-if glob.glob(os.path.join(HERE, "..", "python", "gradzip", "_C*.so")):
-    sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
+import harness  # bench/harness.py: picks the gradzip build, so it comes before gradzip
+
+# isort: split
 import gradzip
 from gradzip import format as fmt
-from gradzip import reference
-from timing import Timing, measure, memcpy_gbps, threads, timed_call
+from gradzip import reference, testing
 
 # This file is a module named "kernels", and bitsandbytes probes for an unrelated package
 # of that name at import: take bench/ off the path so that it cannot find this file.
@@ -182,9 +179,6 @@ class State:
     torch_baseline: Callable[[], object]
     agree: Callable[[], tuple[bool, str]]       # gradzip (cpu/cuda) vs torch baseline
     peers: dict[str, Callable[[], object]] = field(default_factory=dict)
-    # agree() times its own (cold) call of the baseline here: the slow baseline is then timed
-    # once less, as the sample for the thread count the check ran with.
-    baseline_ms: list[float] = field(default_factory=list)
 
 
 _DATA: dict[tuple[int, str], torch.Tensor] = {}
@@ -223,10 +217,8 @@ def quantize_case(bits: int, ef: bool, stochastic: bool = False) -> Case:
             rt = r.clone() if ef else None
             p = gradzip.quantize_pack(x, bits, BLOCK, rg, rounding, 0,
                                       backend="cuda" if device.type == "cuda" else "cpu")
-            dec = gradzip.dequantize(p)
-            (scale, packed), ms = timed_call(lambda: torch_quantize_pack(x, bits, BLOCK, rt),
-                                             device=device)
-            state.baseline_ms.append(ms)
+            dec = gradzip.dequantize(p, numel=n)
+            scale, packed = torch_quantize_pack(x, bits, BLOCK, rt)
             dec_t = torch_decode_dense(scale, packed, bits, BLOCK, n)
             step = scale.float().repeat_interleave(BLOCK)[:n].clamp_min(1e-30)
             err = ((dec - dec_t).abs() / step).max().item()
@@ -248,8 +240,7 @@ def quantize_case(bits: int, ef: bool, stochastic: bool = False) -> Case:
             bnb = _bitsandbytes()
             if bnb is not None:
                 peers["bitsandbytes"] = lambda: bnb.functional.quantize_blockwise(x, blocksize=BLOCK)
-        state = State(logical, run, base, agree, peers)
-        return state
+        return State(logical, run, base, agree, peers)
 
     ef_s = "ef" if ef else "no-ef"
     cfg = f"bits={bits} block={BLOCK} {ef_s}" + (" stochastic" if stochastic else "")
@@ -279,8 +270,7 @@ def topk_case(exact: bool) -> Case:
             idx = p[off:off + length].view(torch.int32 if h.index_format == 1 else torch.int64)
             mag = (x.float() + r).abs()
             rt = r.clone()
-            (t_idx, _), ms = timed_call(lambda: torch_topk_select(x, k, rt), device=device)
-            state.baseline_ms.append(ms)
+            t_idx, _ = torch_topk_select(x, k, rt)
             kth = mag[t_idx].min()
             recall = torch.isin(idx.long(), t_idx).float().mean().item()
             unique = torch.unique(idx).numel() == k
@@ -290,8 +280,7 @@ def topk_case(exact: bool) -> Case:
                 return ok, f"all {k} picks >= k-th largest |v|; recall vs torch.topk {recall:.4f}"
             return unique and recall >= 0.95, f"recall vs torch.topk {recall:.4f} (limit 0.95)"
 
-        state = State(logical, run, base, agree)
-        return state
+        return State(logical, run, base, agree)
 
     return Case("topk_select", "topk", f"k=1% {'exact' if exact else 'approximate'} ef fp32",
                 build)
@@ -343,19 +332,17 @@ def accumulate_case(bits: int | None) -> Case:
             b = a.clone()
             gradzip.dequantize_accumulate(payloads, a, alpha,
                                           backend="cuda" if device.type == "cuda" else "cpu")
-            _, ms = timed_call(
-                (lambda: torch_accumulate_sparse(sections, b, alpha)) if bits is None
-                else (lambda: torch_accumulate_dense(sections, bits, BLOCK, b, alpha)),
-                device=device)
-            state.baseline_ms.append(ms)
+            if bits is None:
+                torch_accumulate_sparse(sections, b, alpha)
+            else:
+                torch_accumulate_dense(sections, bits, BLOCK, b, alpha)
             # Same decode and summation order, but torch's add_(alpha=) may fuse alpha * acc
             # + out into one FMA: allow a few ulps of the largest |out|.
             err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
             return err <= 1e-6, (f"vs torch decode+sum: max diff {err:.1e} of max |out| "
                                  "(limit 1e-6)")
 
-        state = State(logical, run, base, agree)
-        return state
+        return State(logical, run, base, agree)
 
     what = f"dense bits={bits} block={BLOCK}" if bits else "top-k k=1% fp32"
     return Case("dequantize_accumulate", "accumulate", f"W={WORLD} {what} -> fp32", build)
@@ -379,16 +366,15 @@ GROUPS = ("quantize", "quantize_noef", "topk", "accumulate")
 # ---------------------------------------------------------------------------------------
 
 
-def exact_check(case: Case, backend: str, device: torch.device) -> tuple[bool, str]:
-    """The backend vs gradzip.reference at SMALL_N: payload bytes and residual/out bits."""
+def exact_check(case: Case, backend: str, device: torch.device) -> tuple[str | None, str]:
+    """The backend vs gradzip.reference at SMALL_N: payload bytes and residual/out bits.
+
+    Returns (what differs, or None when identical; what was compared)."""
     n = SMALL_N
     cfg = case.config
     g = torch.Generator().manual_seed(123)
     x = torch.randn(n, generator=g) * 3
     r = torch.randn(n, generator=g) * 0.1
-
-    def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return torch.equal(a.cpu().view(torch.int32), b.cpu().view(torch.int32))
 
     if case.op == "quantize_pack":
         bits = int(cfg.split("bits=")[1].split()[0])
@@ -398,7 +384,10 @@ def exact_check(case: Case, backend: str, device: torch.device) -> tuple[bool, s
         r2 = r.clone().to(device) if ef else None
         want = reference.quantize_pack(x, bits, BLOCK, r1, rounding, 7)
         got = gradzip.quantize_pack(x.to(device), bits, BLOCK, r2, rounding, 7, backend=backend)
-        ok = torch.equal(want, got.cpu()) and (not ef or bits_equal(r1, r2))
+        problem = testing.payload_mismatch(got, want)
+        if problem is None and ef:
+            problem = testing.bits_mismatch(r2, r1)
+            problem = problem and f"residual: {problem}"
         what = "payload bytes" + (" + residual bits" if ef else "")
     elif case.op == "topk_select":
         exact = "exact" in cfg
@@ -406,7 +395,10 @@ def exact_check(case: Case, backend: str, device: torch.device) -> tuple[bool, s
         r1, r2 = r.clone(), r.clone().to(device)
         want = reference.topk_select(x, k, r1, exact, "fp32", 7)
         got = gradzip.topk_select(x.to(device), k, r2, exact, "fp32", 7, backend=backend)
-        ok = torch.equal(want, got.cpu()) and bits_equal(r1, r2)
+        problem = testing.payload_mismatch(got, want)
+        if problem is None:
+            problem = testing.bits_mismatch(r2, r1)
+            problem = problem and f"residual: {problem}"
         what = "payload bytes + residual bits"
     else:
         dense = "dense" in cfg
@@ -421,9 +413,9 @@ def exact_check(case: Case, backend: str, device: torch.device) -> tuple[bool, s
         o1, o2 = out.clone(), out.clone().to(device)
         reference.dequantize_accumulate(payloads, o1, 0.125)
         gradzip.dequantize_accumulate(payloads.to(device), o2, 0.125, backend=backend)
-        ok = bits_equal(o1, o2)
+        problem = testing.bits_mismatch(o2, o1)
         what = "out bits"
-    return ok, f"{what} vs reference at n={n}: {'identical' if ok else 'DIFFER'}"
+    return problem, f"{what} vs reference at n={n}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,7 +434,9 @@ class Row:
     gbps: float
     pct_memcpy: float
     speedup_vs_torch: float | None
-    samples_ms: list[float]
+    samples_ms: list[float]  # each the mean of calls_per_sample back-to-back calls
+    calls_per_sample: int
+    cpu_isa: str  # the vector ISA path of gradzip's CPU kernels on this row; "-" for others
 
 
 def _bitsandbytes():
@@ -473,63 +467,56 @@ def _bnb_status() -> str:
         return f"bitsandbytes {getattr(bnb, '__version__', '?')} CPU path fails: {type(e).__name__}: {e}"
 
 
-def parse_sizes(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        out.append(2 ** int(part[2:]) if part.startswith("2^") else int(part))
-    return out
-
-
-def backends_for(device: torch.device, n: int) -> list[str]:
+def backends_for(device: torch.device, n: int, info: dict) -> list[str]:
     if device.type == "cpu":
         return ["cpu"] + (["reference"] if n <= REFERENCE_MAX_N else [])
-    out = []
-    if gradzip.build_info()["cuda_kernels_registered"]:
-        out.append("cuda")
-    try:
-        importlib.import_module("gradzip.triton")
-        out.append("triton")
-    except ImportError:
-        pass
-    return out
+    return (["cuda"] if info["cuda_kernels_registered"] else []) + \
+        (["triton"] if info["triton"] else [])
 
 
 def _api_backend(backend: str) -> str:
     return "torch" if backend == "reference" else backend
 
 
+def _size_name(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="2^24,2^26",
-                    help="comma-separated element counts, e.g. 2^24,2^26 or 1000000")
+                    help="comma-separated element counts, e.g. 2^24,2^26, 1000000 or 16M")
     ap.add_argument("--ops", default=",".join(GROUPS),
                     help=f"comma-separated subset of {','.join(GROUPS)}")
     ap.add_argument("--threads", default="1,2", help="CPU thread counts, e.g. 1,2")
-    ap.add_argument("--repeat", type=int, default=5, help="timed calls per measurement")
-    ap.add_argument("--torch-repeat", type=int, default=1,
-                    help="timed calls of the PyTorch baseline (10-100x slower than gradzip, "
-                         "so its timing noise barely moves the speedup)")
+    ap.add_argument("--min-time", type=float, default=0.5,
+                    help="seconds of timed calls per measurement (after a warm-up call)")
+    ap.add_argument("--torch-min-time", type=float, default=0.0,
+                    help="the same for the PyTorch baseline and the reference (10-100x "
+                         "slower than gradzip: by default one warm-up call and one timed "
+                         "call, whose noise barely moves the speedup)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "kernels.json"),
                     help="where to write the results")
     ap.add_argument("--no-gpu", action="store_true", help="CPU only even when a GPU is present")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
-    groups = [g.strip() for g in args.ops.split(",") if g.strip()]
+    groups = harness.split_list(args.ops)
     for g in groups:
         if g not in GROUPS:
             ap.error(f"unknown op group {g!r}; choose from {GROUPS}")
-    sizes = parse_sizes(args.sizes)
-    thread_counts = [int(t) for t in args.threads.split(",")]
+    try:
+        sizes = harness.parse_sizes(args.sizes)
+    except ValueError as e:
+        ap.error(str(e))
+    thread_counts = [int(t) for t in harness.split_list(args.threads)]
     cases = [c for c in all_cases() if c.group in groups]
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.no_gpu:
         devices.append(torch.device("cuda"))
-    info = gradzip.build_info()
-    print(f"gradzip {info.get('version')} | torch {torch.__version__} | cpu_isa "
-          f"{info.get('cpu_isa')} | {platform.processor() or platform.machine()} | "
-          f"{os.cpu_count()} cores")
+    machine = harness.machine_info()
+    info = machine["gradzip_build"]
+    print(harness.machine_line(machine))
     bnb_status = _bnb_status()
     print(f"peer: {bnb_status}")
     skipped: list[str] = []
@@ -538,21 +525,27 @@ def main(argv: list[str] | None = None) -> int:
                        "pure PyTorch written for clarity, it takes seconds per call there; it is "
                        f"still the byte-exact check at n={SMALL_N}")
 
-    # ---- 1. correctness first ---------------------------------------------------------
+    # ---- 1. correctness first: every backend byte-exact against the reference ----------
     checks = []
-    failures = 0
+    failed = []
     for device in devices:
         for case in cases:
-            for backend in backends_for(device, SMALL_N):
+            for backend in backends_for(device, SMALL_N, info):
                 if backend == "reference":
                     continue
-                ok, msg = exact_check(case, _api_backend(backend), device)
-                failures += not ok
+                problem, what = exact_check(case, _api_backend(backend), device)
+                msg = f"{what}: {problem or 'identical'}"
                 checks.append({"op": case.op, "config": case.config, "backend": backend,
-                               "kind": "byte-exact", "ok": ok, "detail": msg})
-                print(f"check {'ok  ' if ok else 'FAIL'} {case.op} {case.config} [{backend}]: {msg}")
+                               "kind": "byte-exact", "ok": problem is None, "detail": msg})
+                print(f"check {'FAIL' if problem else 'ok  '} {case.op} {case.config} "
+                      f"[{backend}]: {msg}")
+                if problem:
+                    failed.append(f"{case.op} {case.config} [{backend}]")
+    if failed:
+        harness.stop_before_timing(f"{len(failed)} of {len(checks)} byte-exact checks",
+                                   ", ".join(failed))
 
-    # ---- 2. timing --------------------------------------------------------------------
+    # ---- 2. timing, each case after its agreement with the PyTorch baseline ------------
     rows: list[Row] = []
     memcpy: list[dict] = []
     for device in devices:
@@ -560,38 +553,35 @@ def main(argv: list[str] | None = None) -> int:
             tcounts = thread_counts if device.type == "cpu" else [None]
             mc = {}
             for t in tcounts:
-                with threads(t):
-                    mc[t] = memcpy_gbps(4 * n, device=device, repeat=args.repeat)
+                with harness.threads(t):
+                    mc[t] = harness.memcpy_gbps(4 * n, device=device, min_time_s=args.min_time)
                 memcpy.append({"size": n, "device": device.type, "threads": t, "gbps": mc[t]})
             for case in cases:
                 state = case.build(n, device)
-                check_threads = max(thread_counts) if device.type == "cpu" else None
-                with threads(check_threads):
+                with harness.threads(max(thread_counts) if device.type == "cpu" else None):
                     ok, msg = state.agree()
-                failures += not ok
                 checks.append({"op": case.op, "config": case.config, "size": n,
                                "device": device.type, "kind": "agreement", "ok": ok,
                                "detail": msg})
                 print(f"check {'ok  ' if ok else 'FAIL'} {case.op} {case.config} n={n}: {msg}")
+                if not ok:
+                    harness.stop_before_timing(
+                        f"{case.op} {case.config} at n={n} against the PyTorch baseline", msg)
                 for t in tcounts:
-                    with threads(t):
-                        # The agreement check above ran (and timed) the baseline once, with
-                        # check_threads: that call is one sample, and warmed it up.
-                        reuse = state.baseline_ms if t == check_threads else []
-                        tb = Timing(list(reuse))
-                        if len(reuse) < args.torch_repeat:
-                            tb.samples_ms += measure(state.torch_baseline,
-                                                     repeat=args.torch_repeat - len(reuse),
-                                                     warmup=0, device=device).samples_ms
-                        entries = [("torch", tb)]
-                        for backend in backends_for(device, n):
-                            rep = args.torch_repeat if backend == "reference" else args.repeat
-                            tm = measure(lambda b=backend, run=state.run: run(_api_backend(b)),
-                                         repeat=rep, warmup=1, device=device)
-                            entries.append((backend, tm))
+                    with harness.threads(t):
+                        entries = [("torch", harness.measure(
+                            state.torch_baseline, device=device,
+                            min_time_s=args.torch_min_time))]
+                        for backend in backends_for(device, n, info):
+                            slow = backend == "reference"
+                            entries.append((backend, harness.measure(
+                                lambda b=backend, run=state.run: run(_api_backend(b)),
+                                device=device,
+                                min_time_s=args.torch_min_time if slow else args.min_time)))
                         for peer, fn in state.peers.items():
-                            entries.append((peer, measure(fn, repeat=args.repeat, warmup=1,
-                                                          device=device)))
+                            entries.append((peer, harness.measure(fn, device=device,
+                                                                  min_time_s=args.min_time)))
+                    base_ms = entries[0][1].median_ms
                     for backend, tm in entries:
                         gbps = tm.gbps(state.logical_bytes)
                         rows.append(Row(
@@ -599,34 +589,36 @@ def main(argv: list[str] | None = None) -> int:
                             backend=backend if device.type == "cpu" else f"{backend}:gpu",
                             threads=str(t) if t is not None else "-",
                             median_ms=tm.median_ms, gbps=gbps, pct_memcpy=100 * gbps / mc[t],
-                            speedup_vs_torch=tb.median_ms / tm.median_ms,
-                            samples_ms=tm.samples_ms))
+                            speedup_vs_torch=base_ms / tm.median_ms,
+                            samples_ms=tm.samples_ms, calls_per_sample=tm.calls_per_sample,
+                            cpu_isa=info["cpu_isa"] if backend == "cpu" else "-"))
                 state = None  # free this case's tensors before the next one
 
     # ---- 3. report --------------------------------------------------------------------
     print()
-    hdr = (f"{'size':>6} {'op':<22} {'config':<34} {'backend':<13} {'thr':>3} "
+    hdr = (f"{'size':>6} {'op':<22} {'config':<34} {'backend':<13} {'isa':<7} {'thr':>3} "
            f"{'median ms':>10} {'GB/s':>7} {'%memcpy':>8} {'vs torch':>9}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        size = f"2^{r.size.bit_length() - 1}" if r.size & (r.size - 1) == 0 else str(r.size)
         sp = f"{r.speedup_vs_torch:.1f}x" if r.backend.split(":")[0] != "torch" else "1.0x"
-        print(f"{size:>6} {r.op:<22} {r.config:<34} {r.backend:<13} {r.threads:>3} "
-              f"{r.median_ms:>10.2f} {r.gbps:>7.2f} {r.pct_memcpy:>7.0f}% {sp:>9}")
+        print(f"{_size_name(r.size):>6} {r.op:<22} {r.config:<34} {r.backend:<13} "
+              f"{r.cpu_isa:<7} {r.threads:>3} {r.median_ms:>10.2f} {r.gbps:>7.2f} "
+              f"{r.pct_memcpy:>7.0f}% {sp:>9}")
     for m in memcpy:
         print(f"memcpy {m['device']} n={m['size']} threads={m['threads']}: {m['gbps']:.2f} GB/s "
               "(read + write)")
     for s in skipped:
         print(f"skipped: {s}")
     elapsed = time.perf_counter() - t_start
-    print(f"{len(checks) - failures}/{len(checks)} correctness checks passed; {elapsed:.0f} s")
+    print(f"{len(checks)}/{len(checks)} correctness checks passed; {elapsed:.0f} s")
 
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cores": os.cpu_count()},
+        "machine": machine,
         "torch": torch.__version__,
         "build_info": info,
+        "timer": {"cpu": "torch.utils.benchmark.Timer.blocked_autorange",
+                  "cuda": "triton.testing.do_bench"},
         "peer": bnb_status,
         "args": vars(args),
         "memcpy": memcpy,
@@ -640,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
-    return 1 if failures else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -312,13 +312,22 @@ def join_group(threads: int, pg_timeout: float) -> tuple[int, int]:
     return rank, world
 
 
+class RankFailed(RuntimeError):
+    """A rank started by :func:`launch` exited with a non-zero status."""
+
+    def __init__(self, rank: int, returncode: int, argv: Sequence[str]):
+        super().__init__(f"rank {rank} exited with status {returncode}: {' '.join(argv)}")
+        self.rank, self.returncode = rank, returncode
+
+
 def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
            threads: int = 1, timeout: float | None = None, port: int | None = None,
            on_poll: Callable[[], None] | None = None) -> None:
     """Run ``argv`` as W ranks (env RANK/WORLD_SIZE/MASTER_ADDR=127.0.0.1/MASTER_PORT).
 
     Inside ``link``'s namespace when given, else on the host loopback. Waits for all of
-    them; if one fails the others are stopped and ``RuntimeError`` names the rank.
+    them; if one fails the others are stopped and :class:`RankFailed` (a ``RuntimeError``)
+    names the rank and its exit status.
     ``on_poll`` is called about twice a second while they run (progress reports).
     """
     if port is None:
@@ -342,7 +351,7 @@ def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
                     continue
                 pending.discard(r)
                 if rc != 0:
-                    raise RuntimeError(f"rank {r} exited with status {rc}: {' '.join(argv)}")
+                    raise RankFailed(r, rc, argv)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"ranks {sorted(pending)} still running after {timeout} s")
             time.sleep(0.05)

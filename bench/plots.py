@@ -68,7 +68,15 @@ def allreduce_plot(doc: dict, png: Path) -> None:
         ax.barh(names, vals, color=[_color(m) for m in names])
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
-        _nice_ticks(ax, "x", min(vals), max(vals), "{:g}x")
+        # gradzip's wire-bytes limit (fp32 ring bytes over its own) as a tick on its bar.
+        limits = [(i, r["wire_limit"]) for i, r in enumerate(rr)
+                  if r.get("wire_limit") and r["method"].startswith("gz:")]
+        if limits:
+            ax.plot([v for _, v in limits], [i for i, _ in limits], ls="none", marker="|",
+                    ms=9, mew=1.5, color="tab:red", label="wire-bytes limit")
+            ax.legend(fontsize=7, loc="lower right")
+        span = vals + [v for _, v in limits]
+        _nice_ticks(ax, "x", min(span), max(span), "{:g}x")
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
         per = rr[0].get("per_rank_bps")

@@ -23,6 +23,12 @@ batches in the same order on every rank (seeded per rank), and has the same sche
 compressing methods (PowerSGD and gradzip) run the same number of uncompressed warm-up
 steps (``--compress-warmup``).
 
+Correctness before timing: before its timed run, each method trains a throwaway copy of
+the model (same initial weights, other batches) for the uncompressed warm-up steps and two
+more with its hook; the parameters must then be bit-identical on every rank and the losses
+finite (bench/harness.py). A method that fails stops the run before it is timed, with exit
+status 3.
+
 Measured: training-set loss (a fixed subset of the training data, evaluated on rank 0 with
 the model's current weights) and held-out accuracy every ``--eval-every`` steps, against
 step and against wall time. Wall time is the sum of the training steps' times on rank 0
@@ -47,12 +53,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # bench/harness.py: picks the gradzip build, so it comes before gradzip
+
+# isort: split
 import netlink
 
 TASKS = ("digits", "chargpt")
 TASK_STEPS = {"digits": 150, "chargpt": 300}
 DEFAULT_CODECS = ("int8", "int4", "sign", "topk:0.01")
 BASELINE_METHODS = ("fp32", "fp16_hook", "powersgd_r4")
+PREFLIGHT_COMPRESSED_STEPS = 2  # steps after the uncompressed warm-up in the check
 
 
 def default_methods() -> list[str]:
@@ -297,6 +307,10 @@ def worker(cfg_path: str) -> None:
     task = make_task(cfg["task"], cfg)
     target = cfg.get("target")
     for method, result_path in zip(cfg["methods"], cfg["result_paths"]):
+        problem = preflight(task, method, cfg, rank)
+        if problem:
+            harness.stop_before_timing(f"{cfg['task']} with {method}", problem,
+                                       show=rank == 0)
         out = train_one(task, method, cfg, rank, world, None if method == "fp32" else target)
         if method == "fp32":
             # Every rank needs fp32's final loss (known on rank 0) to know when to stop.
@@ -309,6 +323,43 @@ def worker(cfg_path: str) -> None:
             os.replace(result_path + ".tmp", result_path)
         dist.barrier()
     dist.destroy_process_group()
+
+
+def preflight(task, method: str, cfg: dict, rank: int) -> str | None:
+    """Correctness before timing: train a throwaway copy of the model (same initial
+    weights, other batches) with ``method``'s hook for the uncompressed warm-up steps and
+    :data:`PREFLIGHT_COMPRESSED_STEPS` more. Returns what is wrong (the same on every
+    rank), or None when the parameters are bit-identical on every rank and the losses
+    finite. gradzip's "auto" forgets what these steps measured."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(cfg["seed"])
+    net = task.model()
+    model = DDP(net, bucket_cap_mb=cfg["bucket_mb"])
+    register_method(model, method, cfg)
+    opt = task.optimizer(model.parameters(), cfg)
+    batches = task.batch_iter(torch.Generator().manual_seed(cfg["seed"] * 1000 + 17 * rank + 9))
+    losses = []
+    for _ in range(cfg["compress_warmup"] + PREFLIGHT_COMPRESSED_STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model, next(batches))
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    params = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    check = harness.check_all_reduce(params, None)
+    bad_loss = torch.tensor([float(not bool(torch.isfinite(torch.stack(losses)).all()))])
+    torch.distributed.all_reduce(bad_loss, op=torch.distributed.ReduceOp.MAX)
+    if method.startswith("gz:"):
+        import gradzip
+
+        gradzip.comm.reset_auto()
+    problems = [f"parameters after {len(losses)} steps: {check.problem}"] if check.problem \
+        else []
+    if bad_loss.item():
+        problems.append("a training loss was NaN or infinite")
+    return "; ".join(problems) or None
 
 
 def train_one(task, method: str, cfg: dict, rank: int, world: int,
@@ -384,12 +435,9 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int,
                 break
     if bar is not None:
         bar.close()
-    # Parameters must be identical on every rank after DDP (a check, not a timing).
-    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).double()
-    d = torch.tensor([float(flat.sum()), float((flat * flat).sum())], dtype=torch.float64)
-    lo, hi = d.clone(), d.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    # Parameters must still be identical on every rank after DDP (a check, not a timing).
+    end_check = harness.check_all_reduce(
+        torch.cat([p.detach().reshape(-1) for p in net.parameters()]), None)
     batch_losses = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(batch_losses)
     batch_losses /= world
@@ -399,7 +447,7 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int,
            "params": n_params, "evals": evals, "step_times_s": step_times,
            "batch_loss": batch_losses.tolist(), "wall_s": sum(main_times),
            "wall_total_s": wall, "median_step_s": statistics.median(main_times),
-           "params_identical_across_ranks": bool(torch.equal(lo, hi)),
+           "params_identical_across_ranks": end_check.identical,
            "final_loss": final["loss"] if final else None,
            "final_acc": final["acc"] if final else None}
     if cfg["task"] == "chargpt":
@@ -502,6 +550,10 @@ def run_task(task: str, methods: list[str], base_cfg: dict, a, link, tmp: str) -
             netlink.launch([sys.executable, os.path.abspath(__file__), "--worker", cfg_path],
                            a.world, link, threads=a.threads,
                            timeout=a.timeout * len(ms), on_poll=collect)
+        except netlink.RankFailed as e:
+            if e.returncode == harness.CHECK_FAILED:
+                raise  # a correctness check failed: no retries, nothing more is timed
+            err = str(e)
         except (RuntimeError, TimeoutError) as e:
             err = str(e)
         collect()
@@ -569,16 +621,12 @@ def main(argv=None) -> int:
     for t in tasks:
         if t not in TASKS:
             p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
-    from allreduce import split_specs
-
-    methods = split_specs(a.methods)
+    methods = harness.split_specs(a.methods)
     if "fp32" not in methods:
         methods.insert(0, "fp32")
     netlink.parse_link(a.link, a.world)
 
-    from allreduce import machine_info
-
-    info = machine_info()
+    info = harness.machine_info()
     runs = []
     link, eff = netlink.open_link(a.link, world=a.world, netns=not a.no_netns)
     try:
@@ -592,6 +640,12 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="gz-train-") as tmp:
             for task in tasks:
                 runs += run_task(task, methods, base_cfg, a, link, tmp)
+    except netlink.RankFailed as e:
+        if e.returncode != harness.CHECK_FAILED:
+            raise
+        print("[train] stopped: a correctness check failed (above); nothing after it was "
+              "timed and no results were written", file=sys.stderr)
+        return harness.CHECK_FAILED
     finally:
         if link is not None:
             link.remove()

@@ -229,8 +229,10 @@ def test_launch_failure_names_rank_and_stops_the_others(tmp_path):
         time.sleep(20)
         open({str(marker)!r}, "w").write("still running")
     """))
-    with pytest.raises(RuntimeError, match="rank 1 exited with status 3"):
+    with pytest.raises(RuntimeError, match="rank 1 exited with status 3") as e:
         netlink.launch([sys.executable, str(script)], 2, None, timeout=60)
+    assert isinstance(e.value, netlink.RankFailed)
+    assert (e.value.rank, e.value.returncode) == (1, 3)
     assert not marker.exists()
     assert not netlink._CHILDREN
 
@@ -249,18 +251,41 @@ def test_allreduce_script_smoke(tmp_path):
     out = tmp_path / "ar.json"
     cmd = [sys.executable, str(BENCH / "allreduce.py"), "--link", "none", "--world", "2",
            "--sizes", "256KiB", "--reps", "2", "--warmup", "2", "--min-time", "0",
-           "--split-reps", "1", "--baselines", "fp32,fp16_hook,powersgd_r1",
-           "--codecs", "int8,topk:0.01", "--algorithms", "allgather,auto", "--out", str(out)]
-    subprocess.run(cmd, check=True, env=_env(), timeout=600, cwd=ROOT)
+           "--split", "--baselines", "fp32,fp16_hook,powersgd_r1",
+           "--codecs", "int8,topk:0.01", "--algorithms", "allgather,alltoall,auto",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, check=True, env=_env(), timeout=600, cwd=ROOT,
+                          capture_output=True, text=True)
     doc = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     res = {r["method"]: r for r in doc["results"]}
     assert set(res) == {"fp32", "fp16_hook", "powersgd_r1", "gz:int8:allgather",
-                        "gz:int8:auto", "gz:topk:0.01:allgather", "gz:topk:0.01:auto"}
+                        "gz:int8:alltoall", "gz:int8:auto", "gz:topk:0.01:allgather",
+                        "gz:topk:0.01:alltoall", "gz:topk:0.01:auto"}
     for r in res.values():
         assert "error" not in r, r
         assert r["identical_across_ranks"] and r["finite"], r
         assert r["median_s"] > 0 and r["speedup_vs_fp32"] > 0
+        assert r["rel_err"] <= r["rel_err_limit"]
+    # Wire bytes come from gradzip's own plan; the limit is fp32's ring bytes over them.
+    import torch
+    from gradzip import comm
+
+    numel = 256 * 1024 // 4
+    ring = comm.plan("int8", numel, torch.float32, 2, "plain").bytes_sent
+    assert res["fp32"]["bytes_per_rank_theory"] == ring
+    for m, r in res.items():
+        if m.startswith("gz:"):
+            sent = comm.plan(r["codec"], numel, torch.float32, 2, r["algorithm_used"]).bytes_sent
+            assert r["bytes_per_rank_theory"] == sent
+            assert r["wire_limit"] == pytest.approx(ring / sent)
+            assert r["of_limit"] == pytest.approx(r["speedup_vs_fp32"] / r["wire_limit"])
+            assert set(r["phases_slowest_s"]) == {"verify", "compress", "communicate",
+                                                  "decompress"}
+    assert 3.5 < res["gz:int8:allgather"]["wire_limit"] < 4
+    # --split: where the time goes, per gradzip method; the main table has the limit.
+    assert "communic." in proc.stdout and "of lim" in proc.stdout
+    assert "gz:int8:alltoall" in doc["phase_table"]
     # fp32's result IS the exact mean (same collective); fp16 rounds each element once to
     # 11 significant bits (relative error <= 2^-11 ~ 4.9e-4 per element).
     assert res["fp32"]["rel_err"] == 0
@@ -270,6 +295,10 @@ def test_allreduce_script_smoke(tmp_path):
     assert 0 < res["gz:int8:allgather"]["rel_err"] < 0.02
     assert 0.5 < res["gz:topk:0.01:allgather"]["rel_err"] <= 1.0
     assert "split" in res["gz:int8:allgather"]
+    report = subprocess.run([sys.executable, str(BENCH / "allreduce.py"), "--report", str(out)],
+                            check=True, env=_env(), timeout=120, cwd=ROOT, capture_output=True,
+                            text=True).stdout
+    assert "| wire-bytes limit | of limit |" in report
     if doc["links"][0]["namespace"]:
         # Counted on the private loopback: fp32 ring all-reduce sends 2(W-1)/W of the tensor
         # per rank; TCP/IP headers and acks add a little.
