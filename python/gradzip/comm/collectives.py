@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# torch 2.14 renamed all_gather_into_tensor to all_gather_single; gradzip supports both.
+# torch 2.14 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single; gradzip
+# supports both spellings.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) \
+    or dist.reduce_scatter_tensor
 
 
 def all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
@@ -35,8 +38,8 @@ def reduce_scatter_sum(out: torch.Tensor, inp: torch.Tensor, group, async_op: bo
     all-to-all of the shards."""
     if dist.get_backend(group) != "nccl":
         return None
-    return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group,
-                                      async_op=async_op)
+    return _reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=group,
+                                  async_op=async_op)
 
 
 def completed(value: torch.Tensor) -> torch.futures.Future:

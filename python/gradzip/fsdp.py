@@ -1,0 +1,306 @@
+"""FSDP2 and HSDP: a compressed reduce-scatter and a compressed replica all-reduce.
+
+One call after ``fully_shard``::
+
+    model = fully_shard(model, mesh=shard_mesh)            # and its submodules
+    state = gradzip.fsdp.enable(model, "int8")             # compressed reduce-scatter
+    state = gradzip.fsdp.enable(model, "int4", reduce_scatter=False,
+                                replicate_group=replica_group)  # custom HSDP, see below
+
+For every FSDP module (one with parameters) it installs, through FSDP2's own extension
+points:
+
+* ``reduce_scatter=True``: a :class:`CompressedReduceScatter` comm
+  (``FSDPModule.set_custom_reduce_scatter``). FSDP hands it one flat buffer whose
+  ``view(W, -1)[r]`` is rank r's shard; :func:`gradzip.reduce_scatter` compresses the W
+  shards with worker error feedback, sends each to its owner with one all-to-all and
+  decodes them there. Its residual is the size of the *unsharded* gradient, which is the
+  memory FSDP exists to save, so it is stored compactly (``residual_storage``, default
+  ``"int8"``: about 1 byte per parameter; see :class:`gradzip.ErrorFeedback`).
+* ``replicate_group`` given ("custom HSDP": the model sharded with ``fully_shard`` on a
+  1-D mesh inside a node, replicated across nodes): an all-reduce hook
+  (``FSDPModule.set_all_reduce_hook``) that runs :func:`gradzip.all_reduce` on the rank's
+  sharded gradient across ``replicate_group`` (``"auto"``, error feedback per module:
+  shard-sized, so float32). This is the slow, inter-node hop.
+
+Either can be used alone. The result equals what FSDP computes uncompressed, up to
+compression error:
+
+* FSDP's reduce op is honoured: ``AVG`` averages over the shard group, ``SUM`` sums,
+  ``PREMUL_SUM`` (from ``set_gradient_divide_factor``) multiplies the decoded sum by its
+  factor (after the sum, not before: same value up to rounding).
+* The replica hook averages over the replicas, so that the gradient is the mean over every
+  rank as in native HSDP, unless the module has a ``gradient_divide_factor``: then the
+  factor is taken to cover every rank and the hook sums.
+* Gradient accumulation: ``set_requires_gradient_sync(False)`` skips both (FSDP
+  accumulates unsharded gradients and reduces nothing); ``set_requires_all_reduce(False)``
+  (reduce-scatter, but no replica all-reduce) keeps the shard's partial sum here and adds
+  it to the next synchronised step's, as native HSDP does.
+* The first ``warmup_steps`` reductions of each module are uncompressed.
+
+The comm runs on FSDP's reduce-scatter stream and the hook on its all-reduce stream; every
+kernel and collective gradzip issues goes on the current stream. With the default
+``verify="auto"`` on a GPU the agreement fingerprint is exchanged once per signature (a
+host synchronisation on those first calls only); header checks need the host and are off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _checks, comm
+from .codecs import Codec, as_codec
+
+_STATE_VERSION = 1
+RESIDUAL_STORAGES = comm.feedback.STORAGES
+
+
+def _fsdp_api():
+    """FSDP2's module class and comm interface, with a clear error where torch lacks them."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+    except ImportError as e:  # pragma: no cover (torch < 2.6)
+        raise ImportError(f"gradzip.fsdp needs FSDP2 with custom comms (torch >= 2.6): {e}") \
+            from None
+    return FSDPModule, ReduceScatter
+
+
+def _param_group(module):
+    groups = module._get_fsdp_state()._fsdp_param_groups
+    return groups[0] if groups else None
+
+
+class FSDPCompressionState:
+    """What :func:`enable` installed, with the residuals and counters of every module.
+
+    ``state_dict()`` / ``load_state_dict()`` save and restore one rank's (save one per
+    rank); ``memory_bytes()`` says what the residuals cost.
+    """
+
+    def __init__(self, codec: Codec, reduce_scatter: bool, replicate_group,
+                 residual_storage: str, warmup_steps: int, algorithm: str, min_numel: int,
+                 verify: str, seed: int) -> None:
+        self.codec = codec
+        self.reduce_scatter = reduce_scatter
+        self.replicate_group = replicate_group
+        self.warmup_steps = warmup_steps
+        self.algorithm = algorithm
+        self.min_numel = min_numel
+        self.verify = verify
+        self.scatter_feedback = comm.ErrorFeedback(seed=seed, storage=residual_storage)
+        self.replica_feedback = comm.ErrorFeedback(seed=seed)
+        self.modules: list[str] = []  # FQNs of the modules gradzip serves, in model order
+        self.calls: dict[tuple[str, str], int] = {}  # (hop, module) -> reductions so far
+        self._partial: dict[str, torch.Tensor] = {}  # replica hop: unsynchronised sums
+
+    def __repr__(self) -> str:
+        hops = [h for h, on in (("reduce_scatter", self.reduce_scatter),
+                                ("replicas", self.replicate_group is not None)) if on]
+        return (f"FSDPCompressionState(codec={str(self.codec)!r}, hops={hops}, "
+                f"modules={len(self.modules)}, residual_storage="
+                f"{self.scatter_feedback.storage!r})")
+
+    def _count(self, hop: str, name: str) -> int:
+        n = self.calls.get((hop, name), 0)
+        self.calls[hop, name] = n + 1
+        return n
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes the residuals hold between steps, per hop."""
+        return {"reduce_scatter": self.scatter_feedback.memory_bytes(),
+                "replicas": self.replica_feedback.memory_bytes()
+                + sum(t.numel() * t.element_size() for t in self._partial.values())}
+
+    # ---- the two hops --------------------------------------------------------------------
+    def reduce_scatter_shards(self, name: str, output: torch.Tensor, input: torch.Tensor,
+                              group, op) -> None:
+        if op == dist.ReduceOp.AVG:
+            average, factor = True, None
+        elif op == dist.ReduceOp.SUM:
+            average, factor = False, None
+        elif op == dist.ReduceOp.PREMUL_SUM and hasattr(op, "factor"):
+            average, factor = False, float(op.factor)
+        else:
+            raise ValueError(f"gradzip.fsdp: cannot honour reduce op {op} (supported: SUM, "
+                             "AVG, PREMUL_SUM)")
+        plain = self._count("reduce_scatter", name) < self.warmup_steps
+        comm.reduce_scatter(
+            output, input, self.codec, state=self.scatter_feedback, group=group,
+            algorithm="plain" if plain else self.algorithm, average=average,
+            key=("reduce_scatter", name), min_numel=self.min_numel, verify=self.verify)
+        if factor is not None:
+            output.mul_(factor)
+
+    def all_reduce_replicas(self, name: str, shard_grad: torch.Tensor, sync: bool,
+                            average: bool) -> None:
+        if not sync:  # set_requires_all_reduce(False): keep the partial sum for later
+            part = self._partial.get(name)
+            self._partial[name] = shard_grad.clone() if part is None else part.add_(shard_grad)
+            shard_grad.zero_()
+            return
+        part = self._partial.pop(name, None)
+        if part is not None:
+            shard_grad.add_(part)
+        plain = self._count("replicas", name) < self.warmup_steps
+        comm.all_reduce(
+            shard_grad, self.codec, state=self.replica_feedback, group=self.replicate_group,
+            algorithm="plain" if plain else self.algorithm, average=average,
+            key=("replicas", name), min_numel=self.min_numel, verify=self.verify)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's residuals and counters (tensors copied to the CPU)."""
+        return {
+            "version": _STATE_VERSION,
+            "codec": self.codec.spec,
+            "modules": list(self.modules),
+            "calls": dict(self.calls),
+            "partial": {k: v.detach().cpu().clone() for k, v in self._partial.items()},
+            "scatter_feedback": self.scatter_feedback.state_dict(),
+            "replica_feedback": self.replica_feedback.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` of the same rank, before the first resumed step.
+        Checks everything before changing anything."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError("not a gradzip.fsdp state_dict (version "
+                             f"{_STATE_VERSION})")
+        if state["codec"] != self.codec.spec:
+            raise ValueError(f"the state_dict was saved with codec {state['codec']!r}, this "
+                             f"state uses {self.codec.spec!r}")
+        if state["modules"] != self.modules:
+            raise ValueError("the state_dict was saved from a model whose FSDP modules are "
+                             f"{state['modules']}, this one has {self.modules}")
+        scatter = comm.ErrorFeedback(storage=self.scatter_feedback.storage)
+        scatter.load_state_dict(state["scatter_feedback"])
+        replica = comm.ErrorFeedback()
+        replica.load_state_dict(state["replica_feedback"])
+        self.scatter_feedback, self.replica_feedback = scatter, replica
+        self.calls = {tuple(k): int(v) for k, v in state["calls"].items()}
+        self._partial = {k: v.clone() for k, v in state["partial"].items()}
+
+
+@dataclass
+class _Hook:
+    """The replica all-reduce hook of one FSDP module."""
+
+    state: FSDPCompressionState
+    name: str
+    param_group: object
+
+    def __call__(self, shard_grad: torch.Tensor) -> None:
+        pg = self.param_group
+        self.state.all_reduce_replicas(self.name, shard_grad, sync=pg.all_reduce_grads,
+                                       average=pg.gradient_divide_factor is None)
+
+
+def _make_comm(base):
+    class CompressedReduceScatter(base):
+        """FSDP2 ``ReduceScatter`` comm of one module: :func:`gradzip.reduce_scatter`."""
+
+        def __init__(self, state: FSDPCompressionState, name: str) -> None:
+            self.state, self.name = state, name
+
+        def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+            return torch.empty(size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group,
+                     op, async_op: bool = False):
+            if async_op:
+                raise ValueError("gradzip.fsdp: FSDP asked for an asynchronous "
+                                 "reduce-scatter, which this comm does not offer")
+            # Synchronous: FSDP reads no Work back (None).
+            self.state.reduce_scatter_shards(self.name, output_tensor, input_tensor, group, op)
+
+    return CompressedReduceScatter
+
+
+def enable(
+    model: nn.Module,
+    codec: Codec | str,
+    *,
+    replicate_group: dist.ProcessGroup | None = None,
+    reduce_scatter: bool = True,
+    residual_storage: str = "int8",
+    warmup_steps: int = 0,
+    algorithm: str = "auto",
+    min_numel: int = comm.DEFAULT_MIN_NUMEL,
+    verify: str = "auto",
+    seed: int = 0,
+) -> FSDPCompressionState:
+    """Compress the gradient communication of a ``fully_shard``-ed model (see the module
+    docstring). Call it on every rank, after ``fully_shard`` and before the first backward.
+
+    Args:
+        model: the root module, after ``fully_shard`` (it and/or its submodules).
+        codec: a :class:`gradzip.Codec` or spec ("int8", "int4", "topk:0.01", ...).
+        replicate_group: the process group of this rank's replicas (custom HSDP); None for
+            no replica hop.
+        reduce_scatter: compress FSDP's reduce-scatter.
+        residual_storage: how the reduce-scatter's unsharded-sized residuals are kept:
+            "int8" (about 1 byte per parameter), "bf16" (2) or "fp32" (4).
+        warmup_steps: reductions per module that go uncompressed first.
+        algorithm: "auto" or a named algorithm of :func:`gradzip.reduce_scatter`
+            ("alltoall", "plain") and :func:`gradzip.all_reduce` ("allgather", "alltoall",
+            "plain"); "auto" suits both.
+        min_numel, verify, seed: as in :func:`gradzip.all_reduce`.
+
+    Returns:
+        The :class:`FSDPCompressionState` (save its ``state_dict()`` per rank).
+
+    Raises:
+        ValueError: no FSDP module in ``model``, a module with several parameter groups
+            (torch's custom comms do not support them), nothing to enable, a replicate
+            group this rank is not in, bad arguments. The same on every rank, since every
+            rank sees the same model.
+    """
+    FSDPModule, ReduceScatter = _fsdp_api()
+    codec = as_codec(codec)
+    _checks.check_bool(reduce_scatter, "reduce_scatter")
+    _checks.check_choice(residual_storage, RESIDUAL_STORAGES, "residual_storage")
+    _checks.check_nonnegative_int(warmup_steps, "warmup_steps")
+    _checks.check_nonnegative_int(min_numel, "min_numel")
+    _checks.check_choice(verify, comm.VERIFY_MODES, "verify")
+    _checks.check_seed(seed)
+    allowed = {"auto", "alltoall", "plain"} if reduce_scatter else set(comm.ALGORITHMS)
+    if replicate_group is not None:
+        allowed &= set(comm.ALGORITHMS)
+    _checks.check_choice(algorithm, sorted(allowed), "algorithm")
+    if not reduce_scatter and replicate_group is None:
+        raise ValueError("gradzip.fsdp.enable: nothing to compress: give replicate_group "
+                         "(custom HSDP) and/or reduce_scatter=True")
+    if replicate_group is not None and dist.get_rank(replicate_group) < 0:
+        raise ValueError("gradzip.fsdp.enable: this rank is not in replicate_group")
+    modules = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, FSDPModule) and _param_group(m) is not None]
+    if not modules:
+        raise ValueError("gradzip.fsdp.enable: no FSDP module with parameters in the model; "
+                         "call it after torch.distributed.fsdp.fully_shard")
+    for name, m in modules:
+        n = len(m._get_fsdp_state()._fsdp_param_groups)
+        if n > 1:
+            raise ValueError(f"gradzip.fsdp.enable: FSDP module {name or '<root>'} has {n} "
+                             "parameter groups (per-parameter meshes); torch's custom "
+                             "reduce-scatter and all-reduce hook support one")
+        if replicate_group is not None and _param_group(m)._all_reduce_hook is not None:
+            raise ValueError(f"gradzip.fsdp.enable: FSDP module {name or '<root>'} already "
+                             "has an all-reduce hook")
+    state = FSDPCompressionState(codec, reduce_scatter, replicate_group, residual_storage,
+                                 warmup_steps, algorithm, min_numel, verify, seed)
+    comm_class = _make_comm(ReduceScatter)
+    for name, m in modules:
+        state.modules.append(name)
+        if reduce_scatter:
+            m.set_custom_reduce_scatter(comm_class(state, name))
+        if replicate_group is not None:
+            m.set_all_reduce_hook(_Hook(state, name, _param_group(m)))
+    return state
+
+
+__all__ = ["FSDPCompressionState", "enable"]
