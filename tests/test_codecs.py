@@ -81,6 +81,40 @@ def test_count_one_and_fractions_differ():
         Codec("topk:1.0")
 
 
+@pytest.mark.parametrize("spec,k", [
+    ("topk:k=2", 2), ("topk:2", 2), ("topk:K = 2", 2), ("topk,k=2", 2),
+    ("topk:0.02", 0.02), ("topk:2%", 0.02), ("topk: 2 %", 0.02), ("topk:0.1%", 0.001),
+    ("topk:12.5%", 0.125), ("topk:1e-3", 0.001), ("topk:99.5%", 0.995)])
+def test_topk_amounts_are_read_by_how_they_are_written(spec, k):
+    """A whole number is a count; a decimal or exponent in (0, 1), or a percentage, is a
+    fraction. Percentages are converted in decimal, so '0.1%' is the float nearest to
+    0.001, exactly as if it had been written '0.001'."""
+    c = Codec(spec)
+    assert c.k == k and type(c.k) is type(k)
+    assert Codec(str(c)) == c
+
+
+def test_a_count_is_written_k_equals():
+    assert str(Codec("topk:2")) == "topk:k=2" == str(Codec("topk", k=2))
+    assert str(Codec("topk:2%")) == "topk:0.02" == str(Codec("topk:0.02"))
+    assert Codec("topk:2") != Codec("topk:2%")
+    assert Codec("topk:2").k_for(1000) == 2 and Codec("topk:2%").k_for(1000) == 20
+
+
+@pytest.mark.parametrize("spec", ["topk:2.0", "topk:1.0", "topk:1e2", "topk:k=0.02",
+                                  "topk,k=0.5", "topk:150%", "topk:100%", "topk:0%",
+                                  "topk:abc%", "topk:k=", "topk:k=two"])
+def test_a_mistaken_amount_says_how_to_write_either(spec):
+    with pytest.raises(ValueError) as e:
+        Codec(spec)
+    assert "'topk:2%'" in str(e.value) and "'topk:k=2'" in str(e.value), str(e.value)
+
+
+def test_a_float_count_argument_is_refused_with_the_spellings():
+    with pytest.raises(ValueError, match="topk:k=2"):
+        Codec("topk", k=2.0)
+
+
 @pytest.mark.parametrize("spec,kwargs,err,match", [
     ("int3", {}, ValueError, "unknown codec"),
     ("", {}, ValueError, "unknown codec"),

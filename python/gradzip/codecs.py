@@ -8,10 +8,16 @@ hook in :mod:`gradzip.ddp` take one.
 Spec strings::
 
     "int8" | "int4" | "int2" | "sign"                   dense codecs (8, 4, 2, 1 bits)
-    "topk:0.01"                                         top-k, a fraction of the elements
-    "topk:1000"                                         top-k, a count of elements
+    "topk:0.01" | "topk:1%"                             top-k, a fraction of the elements
+    "topk:k=1000" | "topk:1000"                         top-k, a count of elements
     "int4,block=256,rounding=stochastic"                options after commas
     "topk:0.01,values=bf16,exact=false"
+
+A top-k amount is read by how it is written, never by its size: a fraction has a decimal
+point or exponent and lies in (0, 1) (``0.02``, ``1e-3``), or is a percentage in (0, 100)
+(``2%``); a count is a whole number (``k=2``, or plainly ``2``). So ``topk:2`` is two
+entries and ``topk:2%`` is two percent; ``topk:2.0``, ``topk:150%`` and ``topk:k=0.5`` are
+errors that say how to write either. ``str(codec)`` writes a count as ``topk:k=N``.
 
 ``str(codec)`` gives the canonical spec back (options that differ from the defaults only),
 and ``Codec(str(codec)) == codec``.
@@ -19,6 +25,7 @@ and ``Codec(str(codec)) == codec``.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 from dataclasses import dataclass
@@ -48,16 +55,43 @@ def _parse_bool(text: str, name: str) -> bool:
     raise ValueError(f"codec option {name}={text!r} is not a boolean (true/false)")
 
 
-def _parse_k(text: str) -> int | float:
-    """'1000' -> count 1000; '0.01' / '1e-3' / '1.0' -> fraction."""
+_AMOUNT_HINT = ("write a fraction as 'topk:0.02' or 'topk:2%', a count of entries as "
+                "'topk:k=2'")
+
+
+def _parse_count(text: str) -> int:
+    """The value of ``k=``: a count of entries (a whole number)."""
     t = text.strip()
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"top-k count k={t!r} is not a whole number: k= takes a count of "
+                     f"entries; {_AMOUNT_HINT}")
+
+
+def _parse_k(text: str) -> int | float:
+    """The amount after ``topk:``. '1000' / 'k=1000' -> count 1000; '0.01' / '1e-3' -> a
+    fraction; '1%' -> the fraction 0.01 (decimal arithmetic, rounded once)."""
+    t = text.strip()
+    name, eq, count = t.partition("=")
+    if eq and name.strip().lower() == "k":
+        return _parse_count(count)
+    if t.isdigit():
+        return int(t)
+    if t.endswith("%"):
+        try:
+            pct = decimal.Decimal(t[:-1].strip())
+        except decimal.InvalidOperation:
+            raise ValueError(f"top-k amount {text!r} is not a percentage; "
+                             f"{_AMOUNT_HINT}") from None
+        if not (pct.is_finite() and 0 < pct < 100):
+            raise ValueError(f"top-k percentage must be in (0%, 100%), got {t!r}; "
+                             f"{_AMOUNT_HINT}")
+        return float(pct / 100)
     try:
-        if t.isdigit():
-            return int(t)
         return float(t)
     except ValueError:
-        raise ValueError(f"top-k amount {text!r} is neither a count (e.g. 1000) nor a "
-                         "fraction (e.g. 0.01)") from None
+        raise ValueError(f"top-k amount {text!r} is neither a count nor a fraction; "
+                         f"{_AMOUNT_HINT}") from None
 
 
 def _parse_option(opt: str) -> tuple[str, object]:
@@ -74,7 +108,7 @@ def _parse_option(opt: str) -> tuple[str, object]:
     if key == "exact":
         return key, _parse_bool(val, key)
     if key == "k":
-        return key, _parse_k(val)
+        return key, _parse_count(val)
     if key in ("rounding", "values", "backend"):
         return key, val.strip().lower()
     raise ValueError(f"unknown codec option {key!r} (known: {', '.join(_OPTIONS)})")
@@ -123,8 +157,8 @@ def _dense_fields(kind: str, m: dict) -> dict[str, object]:
 def _topk_fields(m: dict) -> dict[str, object]:
     k = m["k"]
     if k is None:
-        raise ValueError("the 'topk' codec needs an amount: 'topk:0.01' (fraction) or "
-                         "'topk:1000' (count), or k=...")
+        raise ValueError("the 'topk' codec needs an amount: 'topk:0.01' or 'topk:1%' "
+                         "(a fraction), 'topk:k=1000' (a count)")
     if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise TypeError(f"k must be an int count or a float fraction, got {k!r}")
     if isinstance(k, int):
@@ -133,8 +167,7 @@ def _topk_fields(m: dict) -> dict[str, object]:
     elif not (math.isfinite(k) and 0.0 < k < 1.0):
         # 1.0 would send everything; excluding it also keeps 'topk:1' (a count of one)
         # and a fraction from ever comparing equal.
-        raise ValueError(f"top-k fraction must be in (0, 1), got {k} (use a count for "
-                         "an exact number of entries)")
+        raise ValueError(f"top-k fraction must be in (0, 1), got {k}; {_AMOUNT_HINT}")
     values = m["values"] if m["values"] is not None else _DEFAULTS["values"]
     _checks.check_choice(values, VALUES, "values")
     exact = m["exact"] if m["exact"] is not None else _DEFAULTS["exact"]
@@ -168,10 +201,12 @@ class Codec:
     does not apply to the kind).
 
     Args:
-        name: "int8", "int4", "int2", "sign" or "topk", optionally with ``:k`` and
-            ``,option=value`` parts (see the module docstring).
+        name: "int8", "int4", "int2", "sign" or "topk", optionally with a ``:amount`` (top-k)
+            and ``,option=value`` parts (see the module docstring).
         k: top-k only: a count (int >= 1) or a fraction of the elements (float in (0, 1)).
-            A count larger than a tensor is clamped to its numel.
+            A count larger than a tensor is clamped to its numel. In a spec string a
+            fraction is written ``topk:0.02`` or ``topk:2%`` and a count ``topk:k=2`` (or
+            ``topk:2``); ``topk:2.0`` is an error, not a guess.
         block: dense only: elements per scale, a power of two in [32, 4096] (default 128).
         rounding: dense only: "nearest" (half to even, default) or "stochastic" (unbiased;
             not defined for "sign").
@@ -207,7 +242,7 @@ class Codec:
     def spec(self) -> str:
         """Canonical spec of what goes on the wire (everything but ``backend``)."""
         if self.is_sparse:
-            head = f"topk:{self.k!r}"
+            head = f"topk:k={self.k}" if isinstance(self.k, int) else f"topk:{self.k!r}"
             opts = [f"values={self.values}"] if self.values != "fp32" else []
             if not self.exact:
                 opts.append("exact=false")
