@@ -89,6 +89,19 @@ def test_nothing_below_ddp_imports_it(name):
     assert not _touches(top | lazy, "gradzip.ddp"), name
 
 
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "gradzip.optim"))
+def test_nothing_imports_the_optimizer(name):
+    top, lazy = imports_of(name)
+    assert not _touches(top | lazy, "gradzip.optim"), name
+
+
+def test_the_optimizer_goes_through_comm():
+    top, lazy = imports_of("gradzip.optim")
+    gz = {m for m in top | lazy if m.startswith("gradzip")}
+    allowed = ("gradzip.comm", "gradzip.codecs", "gradzip._checks")
+    assert all(m == "gradzip" or m.startswith(allowed) for m in gz), gz
+
+
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith("gradzip.comm")))
 def test_comm_goes_through_codecs(name):
     top, lazy = imports_of(name)
@@ -102,8 +115,8 @@ def test_the_plan_is_pure():
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if not n.startswith(
-    ("gradzip.comm", "gradzip.ddp")) and n not in ("gradzip", "gradzip.selftest",
-                                                   "gradzip.testing")))
+    ("gradzip.comm", "gradzip.ddp", "gradzip.fsdp", "gradzip.optim")) and n not in (
+        "gradzip", "gradzip.selftest", "gradzip.testing")))
 def test_the_ops_layer_knows_nothing_of_communication(name):
     top, lazy = imports_of(name)
     assert not _touches(top | lazy, "gradzip.comm"), name

@@ -4,8 +4,8 @@ Ops (``gradzip.ops``): :func:`quantize_pack`, :func:`topk_select`,
 :func:`dequantize_accumulate`, :func:`dequantize`; the specification they all follow is
 :mod:`gradzip.reference`, the wire format :mod:`gradzip.format` (docs/format.md).
 Communication: :class:`Codec`, :func:`all_reduce`, :func:`reduce_scatter`,
-:class:`ErrorFeedback`, and the DDP
-hook in :mod:`gradzip.ddp`.
+:class:`ErrorFeedback`, the DDP
+hook in :mod:`gradzip.ddp`, and the compressed-momentum AdamW in :mod:`gradzip.optim`.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
@@ -57,6 +57,7 @@ __all__ = [
     "dequantize",
     "dequantize_accumulate",
     "format",
+    "optim",
     "quantize_pack",
     "reduce_scatter",
     "reference",
