@@ -11,27 +11,39 @@ into their second moment and divided by it, and nothing gives it back. Measured 
 project's character transformer, 1-bit sign through the hook ends +3.4 % and top-k 1 %
 +7.9 % above fp32 AdamW (docs/results.md, section 3).
 
-What this optimizer does instead (1-bit Adam, Tang et al. 2021)
-----------------------------------------------------------------
+What this optimizer does instead (1-bit Adam, Tang et al. 2021, with one change)
+---------------------------------------------------------------------------------
 1. **Warm-up** (``warmup_steps`` optimizer steps): exactly ``torch.optim.AdamW`` on fully
    averaged gradients (with :meth:`attach`, the DDP hook does a plain all-reduce).
 2. **Then** the second moment ``v`` is frozen (with its bias correction), so the update
-   ``p -= lr / bc1 * m / (sqrt(v / bc2) + eps)`` is *linear* in the momentum ``m``. Each
-   rank folds its local gradient into the shared momentum, ``m_r = lerp(m, g_r, 1 - beta1)``,
-   and the ranks all-reduce the ``m_r`` through :func:`gradzip.all_reduce` (two-phase
-   "alltoall" by default: a worker residual per rank and a server residual per chunk
-   owner). The average is the new ``m`` on every rank, bit-identical. Error feedback keeps
-   the sum of the all-reduced momenta equal to the sum of the exact ones up to the
-   residuals, and because the update is linear in ``m`` with a fixed denominator, that is
-   also true of the parameter updates: nothing the codec drops is lost, only delayed.
-   DDP's own all-reduce is skipped (the hook returns the local gradient unchanged).
+   ``p -= lr / bc1 * m / d`` with ``d = sqrt(v / bc2) + eps`` is *linear* in the momentum
+   ``m``, with a denominator ``d`` that is the same on every rank. Each rank folds its
+   local gradient into the shared momentum, ``m_r = lerp(m, g_r, 1 - beta1)``, and the ranks
+   all-reduce ``u_r = m_r / d`` through :func:`gradzip.all_reduce` (two-phase "alltoall" by
+   default: a worker residual per rank and a server residual per chunk owner). The average
+   ``u`` is the step direction on every rank, bit-identical: ``p -= lr / bc1 * u``, and
+   ``m = u * d`` is kept for the next step. Because ``d`` is fixed, averaging the ``u_r`` is
+   averaging the ``m_r``; error feedback keeps the sum of the all-reduced ``u`` equal to the
+   sum of the exact ones up to the residuals, and ``u`` *is* the parameter update, so
+   nothing the codec drops is lost, only delayed. DDP's own all-reduce is skipped (the hook
+   returns the local gradient unchanged).
+
+   The change from 1-bit Adam: it compresses ``m`` itself (``precondition=False`` here).
+   A 1-bit code gives every element of a block the block's mean magnitude, and a block of
+   ``m`` mixes coordinates whose ``d`` differ by orders of magnitude; the small-``d`` ones
+   then take steps of ``lr * scale / d``, far larger than Adam would ever take: on the
+   test MLP (tests/test_optim.py, lr 2e-2) the raw-momentum variant's momentum grew from
+   0.008 to 2, 3e6 and NaN in the four steps after warm-up, while the preconditioned one
+   trained. Dividing by ``d`` first makes the block share a scale
+   in units of the step itself (Adam's steps are O(lr) per coordinate).
 3. Coordinates whose frozen second moment is exactly zero (no gradient ever reached them,
    e.g. embedding rows of tokens that never occurred) keep a zero momentum and no update:
-   1-bit codes cannot represent zero, and ``m / eps`` would throw such a coordinate away
-   (DeepSpeed's 1-bit Adam asks the user for this mask; here it is derived from ``v``).
+   1-bit codes cannot represent zero (DeepSpeed's 1-bit Adam asks the user for this mask;
+   here it is derived from ``v``).
 4. Optionally (``variance_refresh=N``, after 0/1 Adam, Lu et al. 2022) the second moment is
    refreshed at post-warm-up steps N, 3N, 7N, 15N, ... (intervals doubling): those steps
-   all-reduce the uncompressed gradient and take an exact AdamW step.
+   all-reduce the uncompressed gradient and take an exact AdamW step; the residuals, owed
+   in units of the old ``1/d``, are re-expressed in the new ones.
 
 Usage with DDP::
 
@@ -122,6 +134,12 @@ class CompressedAdamW(torch.optim.Optimizer):
             7N, 15N, ...
         algorithm: "alltoall" (two-phase, worker + server residuals; the fewest bytes) or
             "allgather" (one compression per rank, (W-1) payloads per rank).
+        precondition: True (default): what travels is the momentum divided by the frozen
+            denominator, ``m / (sqrt(v / bc2) + eps)``, i.e. the update itself, so that the
+            codec's per-block scale is shared by coordinates of comparable step size and
+            error feedback acts on the parameter update directly. False: the raw momentum
+            travels, as in DeepSpeed's 1-bit Adam. Identical without compression (the
+            denominator is the same on every rank); see docs/results.md for what each does.
         process_group: the group to reduce over (default: the world, or the DDP model's
             group when :meth:`attach` is given one).
         seed: base of the stochastic-rounding seeds (stochastic codecs only).
@@ -155,6 +173,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         warmup_steps: int = 100,
         variance_refresh: int = 0,
         algorithm: str = "alltoall",
+        precondition: bool = True,
         process_group: dist.ProcessGroup | None = None,
         seed: int = 0,
         verify: str = "auto",
@@ -176,6 +195,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         _checks.check_nonnegative_int(warmup_steps, "warmup_steps")
         _checks.check_nonnegative_int(variance_refresh, "variance_refresh")
         _checks.check_choice(algorithm, ALGORITHMS, "algorithm")
+        _checks.check_bool(precondition, "precondition")
         _checks.check_seed(seed)
         _checks.check_choice(verify, comm.VERIFY_MODES, "verify")
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
@@ -184,6 +204,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         self.warmup_steps = warmup_steps
         self.variance_refresh = variance_refresh
         self.algorithm = algorithm
+        self.precondition = precondition
         self.process_group = process_group
         self.verify = verify
         #: optimizer steps taken (skipped steps do not count); warm-up while below
@@ -205,6 +226,7 @@ class CompressedAdamW(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"CompressedAdamW(codec={str(self.codec)!r}, warmup_steps={self.warmup_steps}, "
                 f"variance_refresh={self.variance_refresh}, algorithm={self.algorithm!r}, "
+                f"precondition={self.precondition}, "
                 f"steps_taken={self.steps_taken}, groups={len(self.param_groups)})")
 
     def add_param_group(self, param_group: dict) -> None:
@@ -330,11 +352,14 @@ class CompressedAdamW(torch.optim.Optimizer):
             return loss
         self._unscale(grad_scale)
         if self._refresh_due():
+            old = self._denominators() if self.precondition else None
             self._average_gradients()
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
                         _adamw_update(p, _signed(p.grad, group), self._state_of(p), group)
+            if old is not None:
+                self._rescale_residuals(old)
         else:
             self._compressed_step(present)
         self.steps_taken += 1
@@ -343,20 +368,49 @@ class CompressedAdamW(torch.optim.Optimizer):
     def _compressed_step(self, present: dict[int, bool]) -> None:
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
         for flat in self._flat_buffers():
-            # Each rank's momentum: the shared one with its own gradient folded in.
+            # Each rank's momentum: the shared one with its own gradient folded in, divided
+            # by the frozen denominator when the preconditioned momentum travels.
             for p in flat.params:
-                group, m = groups[id(p)], self.state[p]["exp_avg"]
+                state, group = self.state[p], groups[id(p)]
+                m = state["exp_avg"]
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 m.lerp_(_signed(g, group), 1 - group["betas"][0])
+                if self.precondition:
+                    m.div_(_frozen_denominator(state, group))
             comm.all_reduce(flat.buffer, self.codec, state=self.feedback,
                             group=self.process_group, algorithm=self.algorithm, average=True,
                             key=flat.key, verify=self.verify, seed=self.feedback.seed)
             for p in flat.params:
                 state, group = self.state[p], groups[id(p)]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.masked_fill_(v == 0, 0.0)
+                reduced, v = state["exp_avg"], state["exp_avg_sq"]
+                reduced.masked_fill_(v == 0, 0.0)
+                denom = _frozen_denominator(state, group)
                 if present[id(p)]:
-                    _frozen_update(p, m, v, state, group)
+                    _frozen_update(p, reduced, None if self.precondition else denom, state,
+                                   group)
+                if self.precondition:
+                    reduced.mul_(denom)  # the momentum, in AdamW's units, is the state
+
+    def _denominators(self) -> dict[int, torch.Tensor]:
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        return {id(p): _frozen_denominator(self.state[p], groups[id(p)])
+                for p in self._params() if "exp_avg_sq" in self.state[p]}
+
+    def _rescale_residuals(self, old: dict[int, torch.Tensor]) -> None:
+        """A refresh changed the denominators: what the residuals owe, in units of the old
+        preconditioned momentum, is re-expressed in the new ones (the server residual is
+        folded into the worker residual on the way)."""
+        if self._flats is None:
+            return
+        new = self._denominators()
+        for flat in self._flats:
+            pending = self.feedback.pending(flat.key)
+            if pending is None:
+                continue
+            for p, off in zip(flat.params, flat.offsets):
+                part = pending[off : off + p.numel()].view(p.shape)
+                part.mul_(old[id(p)].float()).div_(new[id(p)].float())
+            self.feedback.set_residual(flat.key, pending, step=self.feedback.step(flat.key))
 
     # ---- helpers of the step ---------------------------------------------------------------
     def _state_of(self, p: torch.Tensor) -> dict:
@@ -458,7 +512,7 @@ class CompressedAdamW(torch.optim.Optimizer):
                    len(g["params"])) for g in self.param_groups]
         return (f"CompressedAdamW v{_STATE_VERSION} codec={self.codec.spec} "
                 f"warmup_steps={self.warmup_steps} variance_refresh={self.variance_refresh} "
-                f"algorithm={self.algorithm} params={len(params)} "
+                f"algorithm={self.algorithm} precondition={self.precondition} params={len(params)} "
                 f"numel={sum(p.numel() for p in params)} shapes={shapes:08x} groups={groups}")
 
     def _device(self) -> torch.device:
@@ -629,22 +683,30 @@ def _adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
     p.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
 
-def _frozen_update(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, state: dict,
-                   group: dict) -> None:
-    """The post-warm-up update: AdamW's, with the second moment and its bias correction
-    frozen at ``variance_step`` (a zero second moment has no bias to correct)."""
-    beta1, beta2 = group["betas"]
-    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+def _frozen_denominator(state: dict, group: dict) -> torch.Tensor:
+    """AdamW's denominator ``sqrt(v / bc2) + eps``, with the second moment and its bias
+    correction frozen at ``variance_step`` (a zero second moment has no bias to correct)."""
+    beta2, vstep = group["betas"][1], state["variance_step"]
+    bias_correction2_sqrt = (1 - beta2**vstep) ** 0.5 if vstep > 0 else 1.0
+    return (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
+
+
+def _frozen_update(p: torch.Tensor, reduced: torch.Tensor, denom: torch.Tensor | None,
+                   state: dict, group: dict) -> None:
+    """The post-warm-up update: AdamW's with the frozen denominator. ``reduced`` is the
+    all-reduced momentum (divided by ``denom`` when None: the preconditioned momentum)."""
+    beta1 = group["betas"][0]
+    lr, wd = group["lr"], group["weight_decay"]
     step_t = state["step"]
     step_t += 1
     step = step_t.item()
     if wd != 0:
         p.mul_(1 - lr * wd)
     step_size = lr / (1 - beta1**step)
-    vstep = state["variance_step"]
-    bias_correction2_sqrt = (1 - beta2**vstep) ** 0.5 if vstep > 0 else 1.0
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.addcdiv_(m, denom, value=-step_size)
+    if denom is None:
+        p.add_(reduced, alpha=-step_size)
+    else:
+        p.addcdiv_(reduced, denom, value=-step_size)
 
 
 def _check_hyper(lr, betas, eps, weight_decay) -> None:
