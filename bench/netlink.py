@@ -95,7 +95,7 @@ def stale_namespaces(names: Sequence[str]) -> list[str]:
     """Our namespaces (``gz-<pid>[-n]``) whose creating process no longer exists."""
     stale = []
     for name in names:
-        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)(?:-\d+)?", name)
+        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)(?:-\d+)?(?:-n\d+)?", name)
         if m and not _pid_alive(int(m.group(1))):
             stale.append(name)
     return stale
@@ -189,9 +189,160 @@ class EmulatedLink:
         return self.run(self.exec_prefix() + ["tc", "qdisc", "show", "dev", "lo"]).stdout.strip()
 
 
+@dataclass
+class EmulatedNodes:
+    """Two emulated hosts ("nodes") on one machine, joined by a rate-limited link.
+
+    Each node is a private network namespace; a veth pair joins them, its ends carrying
+    ``127.1.0.1/16`` (node 0) and ``127.1.0.2/16`` (node 1), with ``route_localnet`` on
+    so that loopback-range addresses may live on a veth, and a token bucket (``tc ...
+    tbf``) on each end. Ranks of a node bind Gloo to their node's veth address
+    (``GLOO_SOCKET_IFNAME``): traffic between two ranks of one node goes to a local
+    address and stays on the node's loopback path, unshaped (like NVLink or shared memory
+    inside a host); traffic between nodes crosses the veth and is limited to ``rate_bps``
+    in each direction (a full-duplex link). Only 127.0.0.0/8 addresses, only inside
+    namespaces this object creates and removes.
+    """
+
+    rate_bps: float | None
+    burst_bytes: int | None = None
+    limit_bytes: int = 64 << 20
+    base: str = field(default_factory=lambda: f"{PREFIX}{os.getpid()}-{_next_id()}")
+    run: Runner = _default_run
+    active: bool = False
+    count: int = 2
+
+    def __post_init__(self) -> None:
+        if self.count != 2:
+            raise ValueError("EmulatedNodes joins exactly two nodes (one veth pair)")
+        if self.rate_bps is not None and self.burst_bytes is None:
+            self.burst_bytes = max(int(self.rate_bps / 8 / 1000), 128 << 10)
+
+    @property
+    def name(self) -> str:  # for the cleanup registry
+        return self.base
+
+    def namespace(self, node: int) -> str:
+        return f"{self.base}-n{node}"
+
+    @staticmethod
+    def device(node: int) -> str:
+        return f"gzv{node}"
+
+    @staticmethod
+    def address(node: int) -> str:
+        return f"127.1.0.{node + 1}"
+
+    def setup_commands(self) -> list[list[str]]:
+        a, b = self.namespace(0), self.namespace(1)
+        cmds = [["ip", "netns", "add", a], ["ip", "netns", "add", b],
+                ["ip", "-n", a, "link", "set", "lo", "up"],
+                ["ip", "-n", b, "link", "set", "lo", "up"],
+                ["ip", "link", "add", self.device(0), "netns", a, "type", "veth", "peer",
+                 "name", self.device(1), "netns", b]]
+        for node, ns in enumerate((a, b)):
+            dev = self.device(node)
+            cmds += [["ip", "netns", "exec", ns, "sysctl", "-qw",
+                      "net.ipv4.conf.all.route_localnet=1",
+                      f"net.ipv4.conf.{dev}.route_localnet=1"],
+                     ["ip", "-n", ns, "addr", "add", f"{self.address(node)}/16", "dev", dev],
+                     ["ip", "-n", ns, "link", "set", dev, "up"]]
+            if self.rate_bps is not None:
+                cmds.append(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev,
+                             "root", "tbf", "rate", f"{int(self.rate_bps)}bit", "burst",
+                             str(self.burst_bytes), "limit", str(self.limit_bytes)])
+        return cmds
+
+    def teardown_commands(self) -> list[list[str]]:
+        # Deleting a namespace deletes the veth end in it, and with it the pair.
+        return [["ip", "netns", "del", self.namespace(n)] for n in range(self.count)]
+
+    def exec_prefix(self, node: int) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace(node)]
+
+    def create(self) -> None:
+        _install_cleanup_handlers()
+        _LIVE[self.name] = self
+        self.active = True
+        try:
+            for cmd in self.setup_commands():
+                self.run(cmd)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove both namespaces; safe to call twice and from a signal handler."""
+        if not self.active:
+            return
+        self.active = False
+        _LIVE.pop(self.name, None)
+        for cmd in self.teardown_commands():
+            try:
+                self.run(cmd)
+            except (subprocess.CalledProcessError, OSError) as e:
+                err = getattr(e, "stderr", "") or str(e)
+                if "No such file" not in err:
+                    print(f"[netlink] warning: could not remove netns {cmd[-1]}: {err}",
+                          file=sys.stderr)
+
+    def __enter__(self) -> Self:
+        self.create()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def launch_nodes(argv: Sequence[str], nodes: EmulatedNodes, nproc_per_node: int, *,
+                 threads: int = 1, timeout: float | None = None, port: int = 29400) -> None:
+    """Run ``argv`` under ``torchrun --nnodes 2 --nproc-per-node N``, one launch inside each
+    node's namespace, with c10d rendezvous on node 0's address: the real multi-node
+    start-up. Ranks of one node get consecutive global ranks (torchrun: RANK = node rank *
+    N + LOCAL_RANK). Raises :class:`RankFailed` (rank = the node) if a launch fails."""
+    _install_cleanup_handlers()
+    procs: list[subprocess.Popen] = []
+    try:
+        for node in range(nodes.count):
+            env = dict(os.environ)
+            env.update(GLOO_SOCKET_IFNAME=nodes.device(node), OMP_NUM_THREADS=str(threads),
+                       PYTHONUNBUFFERED="1")
+            for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+                env.pop(var, None)
+            cmd = nodes.exec_prefix(node) + [
+                sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", str(nodes.count), "--nproc-per-node", str(nproc_per_node),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{nodes.address(0)}:{port}",
+                "--rdzv-id", nodes.base,
+                # node 0 hosts the rendezvous store; every 127.x address looks local to
+                # torchrun, so say which node is the host instead of letting it guess
+                "--rdzv-conf", f"is_host={1 if node == 0 else 0}",
+                "--max-restarts", "0", "--local-addr", nodes.address(node), *argv]
+            p = subprocess.Popen(cmd, env=env)
+            _CHILDREN[p.pid] = p
+            procs.append(p)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = set(range(nodes.count))
+        while pending:
+            for n in sorted(pending):
+                rc = procs[n].poll()
+                if rc is None:
+                    continue
+                pending.discard(n)
+                if rc != 0:
+                    raise RankFailed(n, rc, argv)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"nodes {sorted(pending)} still running after {timeout} s")
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            _stop(p)
+            _CHILDREN.pop(p.pid, None)
+
+
 # -- cleanup on every way out ---------------------------------------------------------------
 
-_LIVE: dict[str, EmulatedLink] = {}
+_LIVE: dict[str, EmulatedLink | EmulatedNodes] = {}
 _CHILDREN: dict[int, subprocess.Popen] = {}
 _HANDLERS_INSTALLED = False
 
