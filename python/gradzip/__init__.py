@@ -31,7 +31,7 @@ del _register_fakes
 __version__ = "0.1.0"
 
 _LAZY = {"Codec": "codecs", "all_reduce": "comm", "reduce_scatter": "comm",
-         "ErrorFeedback": "comm", "ddp": None, "fsdp": None}
+         "ErrorFeedback": "comm", "comm": None, "ddp": None, "fsdp": None}
 
 
 def __getattr__(name):
