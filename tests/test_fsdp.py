@@ -107,6 +107,7 @@ def fsdp_battery(rank: int, world: int, spec: str, storage: str) -> dict:
     out["log"] = log
     out["memory"] = state.memory_bytes()
     out["modules"] = list(state.modules)
+    out["stats"] = state.stats()
     return out
 
 
@@ -130,6 +131,18 @@ def test_reduce_scatter_inside_fsdp(world, spec, storage):
         for r in range(world):
             assert logs[r][i][1] == key
             assert torch.equal(logs[r][i][5], want[r]), (key, i, r)
+    # stats: what each module's reduce-scatter sent, from the plans of what really ran
+    from gradzip import format as fmt
+    for row, (_, key, _, _, x, _) in zip(sorted(res[0]["stats"], key=lambda r: r["module"]),
+                                          sorted(logs[0][:3], key=lambda e: e[1])):
+        assert row["hop"] == "reduce_scatter" and ("reduce_scatter", row["module"]) == key
+        assert row["algorithm"] == "alltoall" and row["calls"] == STEPS
+        shard = x.numel() // world
+        c = Codec(spec)
+        payload = (fmt.topk_payload_bytes(shard, round(c.k * shard)) if c.is_sparse
+                   else fmt.dense_payload_bytes(shard, c.bits, c.block))
+        assert row["bytes_sent"] == (world - 1) * payload
+        assert row["bytes_uncompressed"] == (world - 1) * shard * 4
     # the residuals cost what the storage format says (about 1 byte per parameter for int8)
     n_params = sum(p.numel() for p in Net().parameters())
     per_param = {"int8": 1.2, "bf16": 2.2, "fp32": 4.2}[storage]

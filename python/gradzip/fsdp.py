@@ -96,6 +96,8 @@ class FSDPCompressionState:
         self.replica_feedback = comm.ErrorFeedback(seed=seed)
         self.modules: list[str] = []  # FQNs of the modules gradzip serves, in model order
         self.calls: dict[tuple[str, str], int] = {}  # (hop, module) -> reductions so far
+        # (hop, module) -> (numel, dtype, group, average, algorithm) of its last reduction
+        self._last: dict[tuple[str, str], tuple] = {}
         self._partial: dict[str, torch.Tensor] = {}  # replica hop: unsynchronised sums
 
     def __repr__(self) -> str:
@@ -129,6 +131,8 @@ class FSDPCompressionState:
             raise ValueError(f"gradzip.fsdp: cannot honour reduce op {op} (supported: SUM, "
                              "AVG, PREMUL_SUM)")
         plain = self._count("reduce_scatter", name) < self.warmup_steps
+        self._last["reduce_scatter", name] = (input.numel(), input.dtype, group, average,
+                                              "plain" if plain else self.algorithm)
         comm.reduce_scatter(
             output, input, self.codec, state=self.scatter_feedback, group=group,
             algorithm="plain" if plain else self.algorithm, average=average,
@@ -147,10 +151,37 @@ class FSDPCompressionState:
         if part is not None:
             shard_grad.add_(part)
         plain = self._count("replicas", name) < self.warmup_steps
+        self._last["replicas", name] = (shard_grad.numel(), shard_grad.dtype,
+                                        self.replicate_group, average,
+                                        "plain" if plain else self.algorithm)
         comm.all_reduce(
             shard_grad, self.codec, state=self.replica_feedback, group=self.replicate_group,
             algorithm="plain" if plain else self.algorithm, average=average,
             key=("replicas", name), min_numel=self.min_numel, verify=self.verify)
+
+    def stats(self) -> list[dict]:
+        """Per hop and module, what its last reduction did: the algorithm (for "auto" what
+        it settled on, or "measuring"), the bytes this rank sent and what the uncompressed
+        collective would have sent (from the plans), and how many reductions ran."""
+        rows = []
+        for (hop, name), (numel, dtype, group, average, algorithm) in self._last.items():
+            op = "reduce_scatter" if hop == "reduce_scatter" else "all_reduce"
+            world = dist.get_world_size(group)
+            plan = comm.reduce_scatter_plan if op == "reduce_scatter" else comm.plan
+            plain = plan(self.codec, numel, dtype, world, "plain")
+            compressed = plan(self.codec, numel, dtype, world, algorithm, self.min_numel)
+            used = algorithm
+            if algorithm == "auto" and compressed.algorithm != "plain":
+                choice = comm.auto_choice(numel, self.codec, dtype=dtype, group=group,
+                                          average=average, op=op)
+                used = "measuring" if choice is None else choice["algorithm"]
+            else:
+                used = compressed.algorithm
+            sent = plain.bytes_sent if used in ("plain", "measuring") else compressed.bytes_sent
+            rows.append({"hop": hop, "module": name, "calls": self.calls[hop, name],
+                         "algorithm": used, "bytes_sent": sent,
+                         "bytes_uncompressed": plain.bytes_sent})
+        return rows
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -338,10 +338,11 @@ def _hand_over(state: ErrorFeedback | None, key: Hashable, flat: torch.Tensor,
 
 
 def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | None = None,
-                group: dist.ProcessGroup | None = None, average: bool = True
-                ) -> dict | None:
-    """What ``algorithm="auto"`` settled on for this signature, or None while it is still
-    measuring (or never saw it). Returns ``{"algorithm": ..., "compressed_algorithm": ...,
+                group: dist.ProcessGroup | None = None, average: bool = True,
+                op: str = "all_reduce") -> dict | None:
+    """What ``algorithm="auto"`` settled on for this signature (``op``: "all_reduce" or
+    "reduce_scatter", whose numel is the input's), or None while it is still measuring (or
+    never saw it). Returns ``{"algorithm": ..., "compressed_algorithm": ...,
     "compressed_s": ..., "plain_s": ...}`` with the rank-averaged median times it compared
     (seconds)."""
     codec = as_codec(codec)
@@ -349,8 +350,7 @@ def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | Non
         numel, dtype = tensor_or_numel.numel(), tensor_or_numel.dtype
     else:
         numel, dtype = int(tensor_or_numel), dtype or torch.float32
-    key = tuner_key("all_reduce", codec.spec, numel, dtype, average,
-                    dist.get_world_size(group))
+    key = tuner_key(op, codec.spec, numel, dtype, average, dist.get_world_size(group))
     tuner = group_state(group).tuners.get(key)
     return None if tuner is None else tuner.report()
 
