@@ -24,7 +24,9 @@ Methods (``--methods``):
 * ``rep:<codec>`` custom HSDP with ``gradzip.fsdp.enable(model, codec,
   replicate_group=..., reduce_scatter=False)``.
 * ``fsdp``        FSDP over all ranks (1-D mesh: the reduce-scatter crosses the nodes), fp32.
-* ``rs:<codec>``  the same with gradzip's compressed reduce-scatter (``gradzip.fsdp.enable``).
+* ``rs:<codec>``  the same with gradzip's compressed reduce-scatter (``gradzip.fsdp.enable``);
+  ``rs:<codec>/<storage>`` with another residual storage (``fp32``, ``bf16``; default
+  ``int8``).
 
 Measured per step on rank 0: the step time (forward, backward with FSDP's communication,
 optimizer step) and the time spent in the replica all-reduce (``rep-*``, ``hsdp*``) and in
@@ -119,7 +121,9 @@ def build(method: str, task, mesh, clock: CommClock, cfg: dict):
         state = gradzip.fsdp.enable(model, spec, replicate_group=group, reduce_scatter=False,
                                     warmup_steps=cfg["compress_warmup"])
     elif kind == "rs":
-        state = gradzip.fsdp.enable(model, spec, warmup_steps=cfg["compress_warmup"])
+        spec, _, storage = spec.partition("/")
+        state = gradzip.fsdp.enable(model, spec, warmup_steps=cfg["compress_warmup"],
+                                    residual_storage=storage or "int8")
     return model, state
 
 
