@@ -363,3 +363,89 @@ def test_auto_overhead_script_smoke(tmp_path):
         assert 3 <= r["rounds"] <= 4 and len(r["auto_times_s"]) == r["rounds"]
         assert r["auto_vs_fp32"] == pytest.approx(r["auto_s"] / r["fp32_s"])
         assert r["fp32_s"] > 0 and r["fp32_again_s"] > 0
+
+
+# -- two emulated nodes -------------------------------------------------------------------
+
+
+def test_two_node_commands_only_loopback_range():
+    run = Recorder()
+    nodes = netlink.EmulatedNodes(1e9, base="gz-7-1", run=run)
+    with nodes:
+        pass
+    cmds = [" ".join(c) for c in run.calls]
+    assert cmds[0] == "ip netns add gz-7-1-n0" and cmds[1] == "ip netns add gz-7-1-n1"
+    assert any("type veth peer name gzv1 netns gz-7-1-n1" in c for c in cmds)
+    addrs = [c.split()[c.split().index("add") + 1] for c in cmds if " addr add " in c]
+    assert addrs == ["127.1.0.1/16", "127.1.0.2/16"]  # 127.0.0.0/8 only
+    assert sum("tbf rate 1000000000bit" in c for c in cmds) == 2  # both veth ends
+    assert cmds[-2:] == ["ip netns del gz-7-1-n0", "ip netns del gz-7-1-n1"]
+    assert netlink.stale_namespaces(["gz-999999999-1-n0"]) == ["gz-999999999-1-n0"]
+
+
+@needs_root
+def test_two_nodes_shape_only_the_inter_node_link(tmp_path):
+    """4 ranks under torchrun on two emulated nodes: the launch is the real multi-node one
+    (c10d rendezvous, ranks of a node consecutive), an all-reduce inside a node is fast and
+    one across the 100 Mbit/s link takes about as long as its bytes need."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, time, torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        nproc = int(os.environ["LOCAL_WORLD_SIZE"])
+        shards = [dist.new_group([n * nproc + i for i in range(nproc)]) for n in range(2)]
+        reps = [dist.new_group([n * nproc + i for n in range(2)]) for i in range(nproc)]
+        x = torch.ones(1 << 20)  # 4 MiB
+        out = {{"rank": rank, "group_rank": os.environ["GROUP_RANK"],
+               "addr": os.environ.get("GLOO_SOCKET_IFNAME")}}
+        for name, g in (("intra", shards[rank // nproc]), ("cross", reps[rank % nproc])):
+            dist.all_reduce(x, group=g)
+            dist.barrier()
+            t = time.perf_counter()
+            dist.all_reduce(x, group=g)
+            out[name] = time.perf_counter() - t
+        y = torch.tensor([float(rank)])
+        dist.all_reduce(y)
+        out["sum"] = y.item()
+        json.dump(out, open({str(tmp_path)!r} + f"/r{{rank}}.json", "w"))
+        dist.destroy_process_group()
+    """))
+    with netlink.EmulatedNodes(100e6) as nodes:
+        names = {nodes.namespace(0), nodes.namespace(1)}
+        assert names <= set(_netns_names())
+        netlink.launch_nodes([str(script)], nodes, 2, timeout=240)
+    assert not names & set(_netns_names())
+    got = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(4)]
+    assert [g["sum"] for g in got] == [6.0] * 4
+    assert [g["group_rank"] for g in got] == ["0", "0", "1", "1"]
+    assert [g["addr"] for g in got] == ["gzv0", "gzv0", "gzv1", "gzv1"]
+    # cross-node: a ring all-reduce of 4 MiB between 2 ranks sends 4 MiB each way, 0.34 s
+    # at 100 Mbit/s even for a replica group that had the link to itself (the two groups
+    # share it: together they need 0.67 s)
+    for g in got:
+        assert g["cross"] >= 0.3, g
+        assert g["intra"] < g["cross"] / 4, g
+
+
+@needs_root
+def test_fsdp_script_smoke(tmp_path):
+    out = tmp_path / "fsdp.json"
+    cmd = [sys.executable, str(BENCH / "fsdp.py"), "--quick", "--steps", "4", "--eval-every",
+           "2", "--compress-warmup", "1", "--methods", "hsdp,rep-plain,rep:int8,rs:int4/bf16",
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, env=_env(), timeout=900, cwd=ROOT)
+    doc = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    runs = doc["links"]["1gbit"]["runs"]
+    assert [r["method"] for r in runs] == ["hsdp", "rep-plain", "rep:int8", "rs:int4/bf16"]
+    for r in runs:
+        assert len(r["steps"]) == 4 and [e["step"] for e in r["evals"]] == [2, 4]
+        assert all(e["loss"] == e["loss"] for e in r["evals"])
+    # every method starts from the same weights and sees the same batches: after 2 steps the
+    # losses agree to within what compression changes
+    first = [r["evals"][0]["loss"] for r in runs]
+    assert max(first) - min(first) < 0.05 * min(first)
+    assert runs[1]["steps"][-1]["replicas_s"] > 0  # the replica hop was timed
+    assert runs[3]["memory_bytes"]["reduce_scatter"] > 0
+    assert not [n for n in _netns_names() if n.startswith(f"gz-{os.getpid()}")]
