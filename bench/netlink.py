@@ -107,8 +107,57 @@ def list_namespaces(run: Runner = _default_run) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
+class _Namespaces:
+    """Lifecycle shared by the emulations: run ``setup_commands()`` (removing everything
+    again if one fails), ``teardown_commands()`` on every way out, register for cleanup."""
+
+    name: str
+    run: Runner
+    active: bool
+
+    def setup_commands(self) -> list[list[str]]:
+        raise NotImplementedError
+
+    def teardown_commands(self) -> list[list[str]]:
+        raise NotImplementedError
+
+    def create(self) -> None:
+        _install_cleanup_handlers()
+        _LIVE[self.name] = self
+        self.active = True
+        try:
+            for cmd in self.setup_commands():
+                self.run(cmd)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove the namespace(s); safe to call twice and from a signal handler."""
+        if not self.active:
+            return
+        self.active = False
+        _LIVE.pop(self.name, None)
+        for cmd in self.teardown_commands():
+            try:
+                self.run(cmd)
+            except (subprocess.CalledProcessError, OSError) as e:
+                err = getattr(e, "stderr", "") or str(e)
+                # Deleting a namespace that was never made is not an error worth a message.
+                if "No such file" not in err:
+                    print(f"[netlink] warning: could not remove netns {cmd[-1]}: {err}",
+                          file=sys.stderr)
+
+    def __enter__(self) -> Self:
+        self.create()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 @dataclass
-class EmulatedLink:
+class EmulatedLink(_Namespaces):
     """A private network namespace whose loopback is rate-limited (or not, ``rate=None``).
 
     Use as a context manager; the namespace exists between ``__enter__`` and ``__exit__``
@@ -149,48 +198,12 @@ class EmulatedLink:
         """Argv prefix that runs a command inside the namespace."""
         return ["ip", "netns", "exec", self.name]
 
-    # -- lifecycle ---------------------------------------------------------------------
-
-    def create(self) -> None:
-        _install_cleanup_handlers()
-        _LIVE[self.name] = self
-        self.active = True
-        try:
-            for cmd in self.setup_commands():
-                self.run(cmd)
-        except BaseException:
-            self.remove()
-            raise
-
-    def remove(self) -> None:
-        """Remove the namespace; safe to call twice and from a signal handler."""
-        if not self.active:
-            return
-        self.active = False
-        _LIVE.pop(self.name, None)
-        for cmd in self.teardown_commands():
-            try:
-                self.run(cmd)
-            except (subprocess.CalledProcessError, OSError) as e:
-                err = getattr(e, "stderr", "") or str(e)
-                # Deleting a namespace that was never made is not an error worth a message.
-                if "No such file" not in err:
-                    print(f"[netlink] warning: could not remove netns {self.name}: {err}",
-                          file=sys.stderr)
-
-    def __enter__(self) -> Self:
-        self.create()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def qdisc(self) -> str:
         return self.run(self.exec_prefix() + ["tc", "qdisc", "show", "dev", "lo"]).stdout.strip()
 
 
 @dataclass
-class EmulatedNodes:
+class EmulatedNodes(_Namespaces):
     """Two emulated hosts ("nodes") on one machine, joined by a rate-limited link.
 
     Each node is a private network namespace; a veth pair joins them, its ends carrying
@@ -260,39 +273,6 @@ class EmulatedNodes:
     def exec_prefix(self, node: int) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(node)]
 
-    def create(self) -> None:
-        _install_cleanup_handlers()
-        _LIVE[self.name] = self
-        self.active = True
-        try:
-            for cmd in self.setup_commands():
-                self.run(cmd)
-        except BaseException:
-            self.remove()
-            raise
-
-    def remove(self) -> None:
-        """Remove both namespaces; safe to call twice and from a signal handler."""
-        if not self.active:
-            return
-        self.active = False
-        _LIVE.pop(self.name, None)
-        for cmd in self.teardown_commands():
-            try:
-                self.run(cmd)
-            except (subprocess.CalledProcessError, OSError) as e:
-                err = getattr(e, "stderr", "") or str(e)
-                if "No such file" not in err:
-                    print(f"[netlink] warning: could not remove netns {cmd[-1]}: {err}",
-                          file=sys.stderr)
-
-    def __enter__(self) -> Self:
-        self.create()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
 
 def launch_nodes(argv: Sequence[str], nodes: EmulatedNodes, nproc_per_node: int, *,
                  threads: int = 1, timeout: float | None = None, port: int = 29400) -> None:
@@ -342,7 +322,7 @@ def launch_nodes(argv: Sequence[str], nodes: EmulatedNodes, nproc_per_node: int,
 
 # -- cleanup on every way out ---------------------------------------------------------------
 
-_LIVE: dict[str, EmulatedLink | EmulatedNodes] = {}
+_LIVE: dict[str, _Namespaces] = {}
 _CHILDREN: dict[int, subprocess.Popen] = {}
 _HANDLERS_INSTALLED = False
 
