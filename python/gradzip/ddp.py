@@ -231,6 +231,13 @@ class _CallRecord:
         self.open = []
 
 
+@torch.compiler.disable
+def _refuse_in_graph(message: str) -> None:
+    """Raise ``ValueError(message)`` from a traced hook. Run eagerly (a graph break), so that
+    the error reaches the caller as it is instead of through dynamo's tracing."""
+    raise ValueError(message)
+
+
 def _plain_bytes(numel: int, dtype: torch.dtype, world: int) -> int:
     return comm.Plan("plain", numel, world, dtype.itemsize).bytes_sent
 
@@ -446,7 +453,7 @@ class CompressionState:
         c = self.codec
         if self.algorithm == "alltoall" or c.rounding == "stochastic" or c.exact is False \
                 or self.feedback.storage != "fp32":
-            raise ValueError(
+            _refuse_in_graph(
                 f"gradzip under compiled DDP runs codec {c.spec!r} with "
                 f"algorithm={self.algorithm!r}, which a compiled graph cannot: its payloads "
                 "depend on a per-step seed (stochastic rounding, approximate top-k) or it "
@@ -454,7 +461,7 @@ class CompressionState:
                 "top-k, algorithm 'auto' or 'allgather' (or turn compiled autograd off: the "
                 "hook then runs eagerly with everything)")
         if self._warm:
-            raise ValueError(
+            _refuse_in_graph(
                 f"gradzip under compiled DDP: this CompressionState still has warm-up "
                 f"iterations to run (warmup_steps={self.warmup_steps}), and a compiled graph "
                 "cannot count them without recompiling every step. Run the first "
