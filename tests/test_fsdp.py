@@ -82,6 +82,20 @@ def record(mp: pytest.MonkeyPatch, log: list) -> None:
     mp.setattr(comm, "all_reduce", all_reduce)
 
 
+def train_recorded(net, rank: int) -> tuple[list, list[torch.Tensor]]:
+    """STEPS backward passes with every gradzip collective recorded; (the record, the
+    full gradients after the first step)."""
+    log: list = []
+    with pytest.MonkeyPatch.context() as mp:
+        record(mp, log)
+        for step in range(STEPS):
+            net.zero_grad()
+            backward(net, rank, step)
+            if step == 0:
+                first = full_grads(net)
+    return log, first
+
+
 # ---------------------------------------------------------------------------------------
 # FSDP: the compressed reduce-scatter
 # ---------------------------------------------------------------------------------------
@@ -91,20 +105,10 @@ def fsdp_battery(rank: int, world: int, spec: str, storage: str) -> dict:
 
     mesh = init_device_mesh("cpu", (world,))
     out: dict = {}
-    plain = build(mesh)
-    backward(plain, rank, 0)
-    out["plain_grads"] = full_grads(plain)
     net = build(mesh)
     state = gradzip.fsdp.enable(net, spec, residual_storage=storage, min_numel=0,
                                 algorithm="alltoall")
-    log: list = []
-    with pytest.MonkeyPatch.context() as mp:
-        record(mp, log)
-        for step in range(STEPS):
-            net.zero_grad()
-            backward(net, rank, step)
-        out["grads"] = full_grads(net)
-    out["log"] = log
+    out["log"], _ = train_recorded(net, rank)
     out["memory"] = state.memory_bytes()
     out["modules"] = list(state.modules)
     out["stats"] = state.stats()
@@ -148,8 +152,6 @@ def test_reduce_scatter_inside_fsdp(world, spec, storage):
     per_param = {"int8": 1.2, "bf16": 2.2, "fp32": 4.2}[storage]
     # padding of each module's buffer to a multiple of the world size adds a little
     assert res[0]["memory"]["reduce_scatter"] <= per_param * n_params + 64 * 3 * world
-    # approximate: FSDP's gradients after step 0 are close to the uncompressed ones (on the
-    # last step they also carry residuals; only the first is compared)
 
 
 def fsdp_grads_battery(rank: int, world: int, spec: str) -> dict:
@@ -200,15 +202,7 @@ def hsdp_battery(rank: int, world: int, spec: str, both: bool) -> dict:
     gradzip.fsdp.enable(net, spec, reduce_scatter=both,
                         replicate_group=mesh["replicate"].get_group(), min_numel=0,
                         algorithm="alltoall" if both else "allgather")
-    log: list = []
-    with pytest.MonkeyPatch.context() as mp:
-        record(mp, log)
-        for step in range(STEPS):
-            net.zero_grad()
-            backward(net, rank, step)
-            if step == 0:
-                out["gz0"] = full_grads(net)
-    out["log"] = log
+    out["log"], out["gz0"] = train_recorded(net, rank)
     out["replica_ranks"] = dist.get_process_group_ranks(mesh["replicate"].get_group())
     return out
 
