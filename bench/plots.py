@@ -181,7 +181,12 @@ _TRAIN_COLORS = {"fp32": "k", "fp16_hook": "0.55", "powersgd": "tab:orange", "in
 
 
 def _train_style(method: str) -> dict:
-    """Colour by codec (or baseline), solid with error feedback, dotted without."""
+    """Colour by codec (or baseline), solid with error feedback, dotted without; the
+    compressed-momentum optimizer (``gz-opt:``) dash-dotted."""
+    if method.startswith("gz-opt:"):
+        key = method[len("gz-opt:"):].split(":")[0].split(",")[0].split("+")[0]
+        return {"color": _TRAIN_COLORS.get(key, "tab:cyan"), "lw": 1.6, "marker": "x",
+                "ms": 3, "ls": "-."}
     key = method[3:].split(":")[0].split(",")[0] if method.startswith("gz:") else method
     if key.startswith("powersgd"):
         key = "powersgd"

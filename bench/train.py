@@ -13,12 +13,22 @@ Tasks (real data that ships with an installed package; nothing is downloaded):
   own reference documentation as shipped with CPython in ``pydoc_data/topics.py`` (the
   text behind ``help('if')`` etc.; 465 k characters, 103 distinct; 90/10 split by
   position), AdamW.
+* ``autoenc``  a regression task of another kind: an MLP autoencoder (64 -> 512 -> 512 ->
+  16 -> 512 -> 512 -> 64, GELU; 0.6 M parameters) that reconstructs scikit-learn's digits
+  images (mean squared error) through a 16-number bottleneck, Adam (AdamW with
+  ``weight_decay=0``). Little compute per parameter, so its steps are link-bound. Its
+  "accuracy" column is the held-out R² of the reconstruction.
 
 Methods (``--methods``): ``fp32`` (DDP's default all-reduce), ``fp16_hook``
 (``default_hooks.fp16_compress_hook``), ``powersgd_r4`` (``powerSGD_hook`` rank 4, error
 feedback on as by default), ``gz:<codec>`` (``gradzip.ddp.compress_hook`` with error
 feedback) and ``gz:<codec>:noef`` (the same without error feedback: the control that shows
-what the residuals do). Every method starts from the same initial weights, sees the same
+what the residuals do), and for the Adam tasks ``gz-opt:<codec>`` (the task's AdamW
+replaced by ``gradzip.optim.CompressedAdamW`` with the same hyperparameters, attached to
+the DDP model: exact AdamW for its warm-up, then the frozen-variance compressed momentum;
+options after ``+``: ``raw`` (the raw momentum travels, as in DeepSpeed's 1-bit Adam),
+``allgather``, ``warmup<N>`` (default ``--opt-warmup``), ``refresh<N>``
+(``variance_refresh``), e.g. ``gz-opt:topk:0.01+refresh50``). Every method starts from the same initial weights, sees the same
 batches in the same order on every rank (seeded per rank), and has the same schedule; the
 compressing methods (PowerSGD and gradzip) run the same number of uncompressed warm-up
 steps (``--compress-warmup``).
@@ -35,6 +45,12 @@ step and against wall time. Wall time is the sum of the training steps' times on
 (forward, backward with the hooks' communication, optimizer step); evaluation is excluded
 and the ranks meet at a barrier after each evaluation so none runs ahead while rank 0
 evaluates.
+
+Bytes per step: what one rank sends per step after the warm-up (and during it), computed
+from the model's parameters: ``gradzip.comm.plan(...).bytes_sent`` for gradzip (for the
+hook's "auto", the algorithm it settled on), ``CompressedAdamW.bytes_per_step`` for the
+optimizer, the ring all-reduce volume for fp32/fp16 and for PowerSGD's P and Q factors and
+uncompressed tensors (the rules of ``powerSGD_hook``).
 
 Writes JSON (``--out``), prints a summary table and draws a PNG next to the JSON.
 """
@@ -58,9 +74,10 @@ import harness  # bench/harness.py: picks the gradzip build, so it comes before 
 # isort: split
 import netlink
 
-TASKS = ("digits", "chargpt")
-TASK_STEPS = {"digits": 150, "chargpt": 300}
+TASKS = ("digits", "chargpt", "autoenc")
+TASK_STEPS = {"digits": 150, "chargpt": 300, "autoenc": 300}
 DEFAULT_CODECS = ("int8", "int4", "sign", "topk:0.01")
+ADAM_TASKS = ("chargpt", "autoenc")  # the tasks gz-opt:<codec> applies to
 BASELINE_METHODS = ("fp32", "fp16_hook", "powersgd_r4")
 PREFLIGHT_COMPRESSED_STEPS = 2  # steps after the uncompressed warm-up in the check
 
@@ -178,10 +195,13 @@ class CharGPTTask:
     def model(self):
         return _make_gpt(self.vocab, self.ctx, self.d, self.layers, self.heads)
 
+    def adam_args(self, cfg) -> dict:
+        return {"lr": cfg["lr"] or 2e-3, "weight_decay": 0.01}
+
     def optimizer(self, params, cfg):
         import torch
 
-        return torch.optim.AdamW(params, lr=cfg["lr"] or 2e-3, weight_decay=0.01)
+        return torch.optim.AdamW(params, **self.adam_args(cfg))
 
     def batch_iter(self, gen):
         while True:
@@ -202,6 +222,63 @@ class CharGPTTask:
             x, y = self.eval_val
             acc = float((model(x).argmax(-1) == y).float().mean())
         return loss, acc
+
+
+class AutoencTask:
+    """MLP autoencoder of scikit-learn's digits (mean squared error), Adam."""
+
+    name = "autoenc"
+
+    def __init__(self, cfg: dict):
+        import torch
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
+        n_train = int(0.8 * len(x))
+        self.xtr, self.xte = x[perm[:n_train]], x[perm[n_train:]]
+        self.batch = cfg["batch"] or 32
+        self.width = 32 if cfg["quick"] else 512
+
+    def model(self):
+        from torch import nn
+
+        w = self.width
+        return nn.Sequential(
+            nn.Linear(64, w), nn.GELU(), nn.Linear(w, w), nn.GELU(), nn.Linear(w, 16),
+            nn.Linear(16, w), nn.GELU(), nn.Linear(w, w), nn.GELU(), nn.Linear(w, 64))
+
+    def adam_args(self, cfg) -> dict:
+        return {"lr": cfg["lr"] or 1e-3, "weight_decay": 0.0}
+
+    def optimizer(self, params, cfg):
+        import torch
+
+        return torch.optim.AdamW(params, **self.adam_args(cfg))
+
+    def batch_iter(self, gen):
+        import torch
+
+        while True:
+            idx = torch.randint(0, len(self.xtr), (self.batch,), generator=gen)
+            yield self.xtr[idx]
+
+    def loss(self, model, batch):
+        import torch.nn.functional as F
+
+        return F.mse_loss(model(batch), batch)
+
+    def evaluate(self, model) -> tuple[float, float]:
+        """(training-set MSE, held-out R² of the reconstruction)."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            loss = float(F.mse_loss(model(self.xtr), self.xtr))
+            err = float(F.mse_loss(model(self.xte), self.xte, reduction="sum"))
+            var = float(((self.xte - self.xte.mean(0)) ** 2).sum())
+        return loss, 1.0 - err / var
 
 
 def _make_gpt(vocab: int, ctx: int, d: int, layers: int, heads: int):
@@ -248,6 +325,8 @@ def make_task(name: str, cfg: dict):
         return DigitsTask(cfg)
     if name == "chargpt":
         return CharGPTTask(cfg)
+    if name == "autoenc":
+        return AutoencTask(cfg)
     raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
 
 
@@ -279,6 +358,8 @@ def register_method(model, method: str, cfg: dict):
             start_powerSGD_iter=max(2, cfg["compress_warmup"]), random_seed=cfg["seed"])
         model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         return state
+    if method.startswith("gz-opt:"):
+        return None  # build_optimizer attaches the optimizer, which installs its own hook
     if method.startswith("gz:"):
         import gradzip
         import gradzip.ddp
@@ -294,6 +375,96 @@ def register_method(model, method: str, cfg: dict):
         model.register_comm_hook(state, gradzip.ddp.compress_hook)
         return state
     raise ValueError(f"unknown method {method!r}")
+
+
+def opt_method(method: str, cfg: dict) -> tuple[str, dict]:
+    """``gz-opt:<codec>[+option...]`` -> (codec spec, CompressedAdamW keyword arguments)."""
+    spec, *options = method[len("gz-opt:"):].split("+")
+    kw: dict = {"warmup_steps": cfg["opt_warmup"]}
+    for o in options:
+        if o == "raw":
+            kw["precondition"] = False
+        elif o == "allgather":
+            kw["algorithm"] = "allgather"
+        elif o.startswith("warmup") and o[len("warmup"):].isdigit():
+            kw["warmup_steps"] = int(o[len("warmup"):])
+        elif o.startswith("refresh") and o[len("refresh"):].isdigit():
+            kw["variance_refresh"] = int(o[len("refresh"):])
+        else:
+            raise ValueError(f"unknown gz-opt option {o!r} in {method!r} (raw, allgather, "
+                             "warmup<N>, refresh<N>)")
+    return spec, kw
+
+
+def build_optimizer(task, method: str, model, cfg: dict, warmup: int | None = None):
+    """The task's optimizer, or for ``gz-opt:`` a CompressedAdamW with the task's AdamW
+    hyperparameters, attached to the DDP ``model`` (``warmup`` overrides its warm-up)."""
+    if not method.startswith("gz-opt:"):
+        return task.optimizer(model.parameters(), cfg)
+    import gradzip
+    import gradzip.optim
+
+    spec, kw = opt_method(method, cfg)
+    if warmup is not None:
+        kw["warmup_steps"] = warmup
+    opt = gradzip.optim.CompressedAdamW(model.parameters(), **task.adam_args(cfg),
+                                        codec=gradzip.Codec(spec), **kw)
+    opt.attach(model)
+    return opt
+
+
+def method_warmup(method: str, cfg: dict) -> int:
+    """Uncompressed steps at the start of ``method``'s run."""
+    if method == "fp32" or method == "fp16_hook":
+        return 0
+    if method.startswith("gz-opt:"):
+        return opt_method(method, cfg)[1]["warmup_steps"]
+    if method.startswith("powersgd_r"):
+        return max(2, cfg["compress_warmup"])
+    return cfg["compress_warmup"]
+
+
+def bytes_per_step(method: str, net, world: int, cfg: dict, opt) -> dict:
+    """Bytes one rank sends per step during the warm-up and after it (see the module
+    docstring), computed from the parameters (DDP's one bucket holds them all)."""
+    import gradzip
+    import torch
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+
+    def ring(numel: int, dtype=torch.float32) -> int:
+        return gradzip.comm.plan("int8", numel, dtype, world, "plain").bytes_sent
+
+    fp32 = ring(n)
+    if method == "fp32":
+        return {"warmup": fp32, "after": fp32}
+    if method == "fp16_hook":
+        return {"warmup": ring(n, torch.float16), "after": ring(n, torch.float16)}
+    if method.startswith("powersgd_r"):
+        rank = int(method[len("powersgd_r"):])
+        plain = ps = qs = 0
+        for p in params:
+            rows = p.shape[0] if p.dim() else 1
+            cols = p.numel() // rows
+            r = min(rows, cols, rank)
+            if (rows + cols) * r * 2 < rows * cols:  # powerSGD_hook's _should_compress
+                ps, qs = ps + rows * r, qs + cols * r
+            else:
+                plain += p.numel()
+        return {"warmup": fp32, "after": sum(ring(x) for x in (plain, ps, qs) if x)}
+    if method.startswith("gz-opt:"):
+        b = opt.bytes_per_step(world)
+        return {"warmup": b["warmup"], "after": b["compressed"], "refresh": b["refresh"]}
+    spec = method[3:].removesuffix(":noef")
+    algorithm = cfg["algorithm"]
+    if n < cfg["min_numel"]:
+        algorithm = "plain"
+    elif algorithm == "auto":
+        choice = gradzip.comm.auto_choice(n, spec)
+        algorithm = choice["algorithm"] if choice else "auto"
+    after = gradzip.comm.plan(spec, n, torch.float32, world, algorithm).bytes_sent
+    return {"warmup": fp32, "after": after, "algorithm": algorithm}
 
 
 def worker(cfg_path: str) -> None:
@@ -338,7 +509,8 @@ def preflight(task, method: str, cfg: dict, rank: int) -> str | None:
     net = task.model()
     model = DDP(net, bucket_cap_mb=cfg["bucket_mb"])
     register_method(model, method, cfg)
-    opt = task.optimizer(model.parameters(), cfg)
+    # gz-opt: checked with the hooks' warm-up length, so that the check stays short
+    opt = build_optimizer(task, method, model, cfg, warmup=cfg["compress_warmup"])
     batches = task.batch_iter(torch.Generator().manual_seed(cfg["seed"] * 1000 + 17 * rank + 9))
     losses = []
     for _ in range(cfg["compress_warmup"] + PREFLIGHT_COMPRESSED_STEPS):
@@ -351,7 +523,7 @@ def preflight(task, method: str, cfg: dict, rank: int) -> str | None:
     check = harness.check_all_reduce(params, None)
     bad_loss = torch.tensor([float(not bool(torch.isfinite(torch.stack(losses)).all()))])
     torch.distributed.all_reduce(bad_loss, op=torch.distributed.ReduceOp.MAX)
-    if method.startswith("gz:"):
+    if method.startswith("gz"):
         import gradzip
 
         gradzip.comm.reset_auto()
@@ -378,7 +550,7 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int,
     # the size of DDP's first bucket.
     model = DDP(net, bucket_cap_mb=cfg["bucket_mb"])
     register_method(model, method, cfg)
-    opt = task.optimizer(model.parameters(), cfg)
+    opt = build_optimizer(task, method, model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + 17 * rank + 1)
     batches = task.batch_iter(gen)
@@ -449,7 +621,9 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int,
            "wall_total_s": wall, "median_step_s": statistics.median(main_times),
            "params_identical_across_ranks": end_check.identical,
            "final_loss": final["loss"] if final else None,
-           "final_acc": final["acc"] if final else None}
+           "final_acc": final["acc"] if final else None,
+           "warmup_steps": method_warmup(method, cfg),
+           "bytes_per_step": bytes_per_step(method, net, world, cfg, opt)}
     if cfg["task"] == "chargpt":
         out["corpus"] = task.source
     return out
@@ -488,6 +662,13 @@ def summarize(runs: list[dict]) -> tuple[str, list[dict]]:
                    "final_acc": r["final_acc"], "wall_s": r["wall_s"],
                    "median_step_s": r["median_step_s"],
                    "identical": r["params_identical_across_ranks"]}
+            b = r.get("bytes_per_step")
+            if b:
+                row["bytes_per_step"] = b["after"]
+                row["bytes_per_step_warmup"] = b["warmup"]
+                row["warmup_steps"] = r.get("warmup_steps")
+                row["fewer_bytes_than_fp32"] = b["warmup"] / b["after"] \
+                    if r["method"] != "fp16_hook" else 2.0
             if ref is not None:
                 row["loss_vs_fp32"] = r["final_loss"] / ref["final_loss"] - 1
                 hit = time_to_reach(r["evals"], ref["final_loss"])
@@ -495,22 +676,28 @@ def summarize(runs: list[dict]) -> tuple[str, list[dict]]:
                 row["steps_to_fp32_loss"] = hit[1] if hit else None
                 row["steps_run"] = r.get("steps_run")
                 row["step_speedup_vs_fp32"] = ref["median_step_s"] / r["median_step_s"]
+                if hit:
+                    row["time_speedup_to_fp32_loss"] = ref["wall_s"] / hit[0]
             rows.append(row)
-    head = (f"{'task':<8} {'method':<20} {'final loss':>10} {'vs fp32':>8} {'acc':>6} "
-            f"{'step':>8} {'speedup':>7} {'wall':>8} {'to fp32 loss':>21} {'same':>4}")
+    head = (f"{'task':<8} {'method':<24} {'final loss':>10} {'vs fp32':>8} {'acc':>6} "
+            f"{'step':>8} {'speedup':>7} {'wall':>8} {'to fp32 loss':>21} "
+            f"{'bytes/step':>10} {'fewer':>6} {'same':>4}")
     lines = [head, "-" * len(head)]
     for row in rows:
         if "error" in row:
-            lines.append(f"{row['task']:<8} {row['method']:<20} {row['error']}")
+            lines.append(f"{row['task']:<8} {row['method']:<24} {row['error']}")
             continue
         ttr, sto = row.get("time_to_fp32_loss_s"), row.get("steps_to_fp32_loss")
         reach = (f"{ttr:.1f}s @{sto:.0f} steps" if ttr is not None
                  else f"not in {row.get('steps_run')} steps")
+        bps = row.get("bytes_per_step")
         lines.append(
-            f"{row['task']:<8} {row['method']:<20} {row['final_loss']:10.4f} "
+            f"{row['task']:<8} {row['method']:<24} {row['final_loss']:10.4f} "
             f"{row.get('loss_vs_fp32', float('nan')) * 100:+7.2f}% {row['final_acc']:6.3f} "
             f"{row['median_step_s'] * 1e3:6.1f}ms {row.get('step_speedup_vs_fp32', 0):6.2f}x "
             f"{row['wall_s']:7.1f}s {reach:>21} "
+            f"{harness.fmt_bytes(bps) if bps else '-':>10} "
+            f"{row.get('fewer_bytes_than_fp32', 0):5.1f}x "
             f"{'yes' if row['identical'] else 'NO':>4}")
     return "\n".join(lines), rows
 
@@ -521,10 +708,18 @@ def run_task(task: str, methods: list[str], base_cfg: dict, a, link, tmp: str) -
     If that launch fails, the methods that did not finish are retried one launch each, so
     one broken method does not take the others' results with it.
     """
-    steps = a.steps or (12 if a.quick else TASK_STEPS[task])
+    steps = a.steps.get(task) or (12 if a.quick else TASK_STEPS[task])
     task_cfg = dict(base_cfg, task=task, steps=steps,
                     eval_every=a.eval_every or max(1, steps // 30),
-                    lr_warmup=a.lr_warmup or max(1, steps // 20))
+                    lr_warmup=a.lr_warmup or max(1, steps // 20),
+                    opt_warmup=a.opt_warmup if a.opt_warmup is not None
+                    else max(base_cfg["compress_warmup"], steps // 10))
+    if task not in ADAM_TASKS:
+        skipped = [m for m in methods if m.startswith("gz-opt:")]
+        if skipped:
+            print(f"[train] {task}: trains with SGD, so {', '.join(skipped)} (CompressedAdamW) "
+                  "skipped", flush=True)
+        methods = [m for m in methods if not m.startswith("gz-opt:")]
 
     def launch(ms: list[str], tag: str, target: float | None = None
                ) -> tuple[dict, str | None]:
@@ -543,7 +738,7 @@ def run_task(task: str, methods: list[str], base_cfg: dict, a, link, tmp: str) -
                     except json.JSONDecodeError:  # still being written
                         continue
                     r = done[m]
-                    print(f"[train] {task:<8} {m:<20} final loss {r['final_loss']:.4f}  "
+                    print(f"[train] {task:<8} {m:<24} final loss {r['final_loss']:.4f}  "
                           f"wall {r['wall_s']:.1f}s  ({r['steps_run']} steps run)", flush=True)
 
         try:
@@ -569,8 +764,24 @@ def run_task(task: str, methods: list[str], base_cfg: dict, a, link, tmp: str) -
                 done[m] = one[m]
             else:
                 done[m] = {"task": task, "method": m, "error": e1 or "no result"}
-                print(f"[train] {task:<8} {m:<20} FAILED: {done[m]['error']}", flush=True)
+                print(f"[train] {task:<8} {m:<24} FAILED: {done[m]['error']}", flush=True)
     return [done[m] for m in methods]
+
+
+def parse_steps(text: str, p: argparse.ArgumentParser) -> dict[str, int]:
+    """``"1000"`` -> every task 1000 steps; ``"chargpt=1000,autoenc=600"`` -> per task."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.isdigit():
+        return dict.fromkeys(TASKS, int(text))
+    out = {}
+    for part in text.split(","):
+        task, _, n = part.partition("=")
+        if task.strip() not in TASKS or not n.strip().isdigit():
+            p.error(f"--steps: {part!r} is not N or <task>=N with a task of {', '.join(TASKS)}")
+        out[task.strip()] = int(n)
+    return out
 
 
 def main(argv=None) -> int:
@@ -578,13 +789,16 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=",".join(default_methods()),
-                   help="fp32, fp16_hook, powersgd_r<r>, gz:<codec>, gz:<codec>:noef")
+                   help="fp32, fp16_hook, powersgd_r<r>, gz:<codec>, gz:<codec>:noef, "
+                        "gz-opt:<codec>[+raw][+allgather][+warmup<N>][+refresh<N>]")
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--link", default="1gbit",
                    help="none, 1gbit, 10gbit, ... (one bucket shared by all ranks) or "
                         "1gbit/rank (W times the rate: each rank's share)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default digits 150, chargpt 300; --quick 12)")
+    p.add_argument("--steps", default="",
+                   help="training steps: N for every task, or per task, e.g. "
+                        "chargpt=1000,autoenc=600 (default digits 150, chargpt 300, "
+                        "autoenc 300; --quick 12)")
     p.add_argument("--extend", type=float, default=0.5,
                    help="a run still above fp32's final loss after --steps goes on at the "
                         "final learning rate for up to this fraction of --steps more")
@@ -594,6 +808,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr-warmup", type=int, default=None, help="default steps/20")
     p.add_argument("--compress-warmup", type=int, default=10,
                    help="uncompressed steps before PowerSGD/gradzip compress (>= 2)")
+    p.add_argument("--opt-warmup", type=int, default=None,
+                   help="gz-opt: CompressedAdamW's warm-up steps (default: a tenth of the "
+                        "steps, at least --compress-warmup)")
     p.add_argument("--min-numel", type=int, default=1024,
                    help="gradzip: buckets below this go through a plain all-reduce")
     p.add_argument("--algorithm", default="auto", help="gradzip all-reduce algorithm")
@@ -621,6 +838,7 @@ def main(argv=None) -> int:
     for t in tasks:
         if t not in TASKS:
             p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+    a.steps = parse_steps(a.steps, p)
     methods = harness.split_specs(a.methods)
     if "fp32" not in methods:
         methods.insert(0, "fp32")
