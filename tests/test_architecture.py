@@ -83,10 +83,27 @@ def test_ops_uses_the_reference_only_as_a_lazy_backend():
     assert not _touches(top, "gradzip.reference")
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "gradzip.ddp"))
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "gradzip.ddp" and
+                                         not n.startswith("gradzip.integrations")))
 def test_nothing_below_ddp_imports_it(name):
     top, lazy = imports_of(name)
     assert not _touches(top | lazy, "gradzip.ddp"), name
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith(
+    "gradzip.integrations.")))
+def test_integrations_go_through_ddp(name):
+    top, lazy = imports_of(name)
+    gz = {m for m in top | lazy if m.startswith("gradzip")}
+    assert all(m == "gradzip" or m.startswith(("gradzip.ddp", "gradzip.integrations"))
+               for m in gz), gz
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if not n.startswith(
+    "gradzip.integrations")))
+def test_nothing_imports_the_integrations(name):
+    top, lazy = imports_of(name)
+    assert not _touches(top | lazy, "gradzip.integrations"), name
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "gradzip.optim"))
@@ -115,7 +132,8 @@ def test_the_plan_is_pure():
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if not n.startswith(
-    ("gradzip.comm", "gradzip.ddp", "gradzip.fsdp", "gradzip.optim")) and n not in (
+    ("gradzip.comm", "gradzip.ddp", "gradzip.fsdp", "gradzip.optim",
+     "gradzip.integrations")) and n not in (
         "gradzip", "gradzip.selftest", "gradzip.testing")))
 def test_the_ops_layer_knows_nothing_of_communication(name):
     top, lazy = imports_of(name)

@@ -57,6 +57,7 @@ from . import _checks, comm
 from .codecs import Codec, as_codec
 
 _STATE_VERSION = 2  # 1: the per-rank dict of gradzip 0.1 (still loaded)
+DEFAULT_MIN_NUMEL = comm.DEFAULT_MIN_NUMEL
 
 # A bucket's layout: (parameter ordinal, offset in the bucket, numel) per parameter.
 Layout = tuple[tuple[int, int, int], ...]
@@ -264,7 +265,7 @@ class CompressionState:
         codec: Codec | str = "int4",
         process_group: dist.ProcessGroup | None = None,
         warmup_steps: int = 10,
-        min_numel: int = comm.DEFAULT_MIN_NUMEL,
+        min_numel: int = DEFAULT_MIN_NUMEL,
         algorithm: str = "auto",
         error_feedback: bool = True,
         seed: int = 0,
@@ -667,6 +668,23 @@ class CompressionState:
                 "layouts": list(self.buckets.layouts.values()),
                 self.rank_key(rank, world): buf.getvalue()}
 
+    def gathered_state_dict(self) -> dict:
+        """Every rank's :meth:`state_dict` in one dict, on every rank: the shared fields once
+        and one ``"rank{r}_of_{W}"`` entry per rank. For frameworks that write one
+        checkpoint file from one process (Lightning, Accelerate's custom objects): each
+        rank's :meth:`load_state_dict` takes its own entry from it. A collective
+        (``all_gather_object`` over the state's process group): call it on every rank.
+        Every rank holds all ranks' residuals while it runs."""
+        mine = self.state_dict()
+        if not (dist.is_available() and dist.is_initialized()):
+            return mine
+        everyone: list = [None] * dist.get_world_size(self.process_group)
+        dist.all_gather_object(everyone, mine, group=self.process_group)
+        merged = dict(mine)
+        for sd in everyone:
+            merged.update((k, v) for k, v in sd.items() if k.startswith("rank"))
+        return merged
+
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` of the same rank (and world size and codec), before
         the first resumed iteration. Everything is checked before anything changes: on an
@@ -728,4 +746,4 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket
     return state.hook(bucket)
 
 
-__all__ = ["BucketLayouts", "CompressionState", "compress_hook"]
+__all__ = ["DEFAULT_MIN_NUMEL", "BucketLayouts", "Codec", "CompressionState", "compress_hook"]
