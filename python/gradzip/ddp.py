@@ -517,6 +517,8 @@ class CompressionState:
         ratio), ``compress_s``, ``decompress_s``, ``communicate_s``, ``verify_s`` and
         ``buckets``, a list (in order of first appearance) of dicts with ``bucket`` (DDP's
         index at the last call; under compiled DDP ``param``, the parameter's ordinal),
+        ``current`` (False for a bucket layout DDP has since rebuilt, e.g. its first
+        iteration's),
         ``params``, ``numel``, ``calls``, ``compressed_calls``, ``warmup_calls``,
         ``small_calls`` (plain because of ``warmup_steps`` / ``min_numel``), ``algorithm``
         (of the last call: "plain", "allgather" or "alltoall"), ``auto`` (with
@@ -536,6 +538,7 @@ class CompressionState:
         phases = ("compress", "decompress", "communicate", "verify")
         seconds = dict.fromkeys(phases, 0.0)
         records = dict(self._records)
+        current = {BucketLayouts.key(lay) for lay in self.buckets.order}
         for o, dtype in self._traced_dtypes.items():
             if ("param", o) not in records:
                 records["param", o] = _CallRecord(self.buckets.numels[o], 1, dtype)
@@ -562,6 +565,7 @@ class CompressionState:
                                         group=self.process_group)
             row = {"bucket" if key[0] == "bucket" else "param":
                    rec.index if key[0] == "bucket" else key[1],
+                   "current": key[0] != "bucket" or key in current,
                    "params": rec.params, "numel": rec.numel, "calls": calls,
                    "compressed_calls": compressed, "warmup_calls": rec.warmup,
                    "small_calls": small, "algorithm": rec.algorithm, "auto": auto,
@@ -603,6 +607,8 @@ class CompressionState:
                  f"{st['decompress_s']:.3f} s"]
         for b in st["buckets"]:
             where = (f"bucket {b['bucket']}" if "bucket" in b else f"param {b['param']}")
+            if not b["current"]:
+                where += " (a layout DDP has since rebuilt)"
             why = []
             if b["warmup_calls"]:
                 why.append(f"{b['warmup_calls']} warm-up")

@@ -21,6 +21,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..ddp import Codec, CompressionState, compress_hook
@@ -30,6 +31,10 @@ try:
 except ImportError as e:
     raise ImportError("gradzip.integrations.accelerate needs Hugging Face Accelerate: "
                       "pip install 'gradzip[accelerate]'") from e
+
+
+def _default_group():
+    return dist.distributed_c10d._get_default_group() if dist.is_initialized() else None
 
 
 class CheckpointedState:
@@ -95,7 +100,8 @@ def register(accelerator: Any, model: torch.nn.Module, codec: Codec | str = "int
         raise ValueError("the DDP model already has a communication hook (for example from "
                          "DistributedDataParallelKwargs(comm_hook=...)); gradzip's hook "
                          "replaces DDP's all-reduce and cannot be combined with another")
-    state.process_group = ddp.process_group
+    if ddp.process_group is not _default_group():
+        state.process_group = ddp.process_group
     ddp.register_comm_hook(state, compress_hook)
     if checkpoint:
         accelerator.register_for_checkpointing(CheckpointedState(state))
