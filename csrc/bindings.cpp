@@ -32,10 +32,18 @@ TORCH_LIBRARY(gradzip, m) {
   // v = x + residual; quantize v to `bits` per element in blocks; residual = v - decode.
   m.def("quantize_pack(Tensor x, int bits, int block, Tensor(a!)? residual, bool stochastic, "
         "int seed) -> Tensor");
+  // The same, written into `out`: a caller-owned 1-D uint8 buffer of exactly the payload's
+  // size on x's device, contiguous, sharing no memory with x or residual (reused across
+  // calls, so its pages are not faulted in again). Returns nothing: the caller has `out`.
+  m.def("quantize_pack.out(Tensor x, int bits, int block, Tensor(a!)? residual, "
+        "bool stochastic, int seed, *, Tensor(b!) out) -> ()");
   // The k entries of largest |v|; residual = v - decode (selected entries zeroed for fp32).
   // value_format: 1 fp32, 2 bf16, 3 int8 (format.h).
   m.def("topk_select(Tensor x, int k, Tensor(a!)? residual, bool exact, int value_format, "
         "int seed) -> Tensor");
+  // The same, written into `out` (as quantize_pack.out).
+  m.def("topk_select.out(Tensor x, int k, Tensor(a!)? residual, bool exact, int value_format, "
+        "int seed, *, Tensor(b!) out) -> ()");
   // out += alpha * sum_w decode(payloads[w]); payloads is [W, P] uint8.
   m.def("dequantize_accumulate(Tensor payloads, Tensor(a!) out, float alpha) -> ()");
   // JSON: what this binary was compiled with.

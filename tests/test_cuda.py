@@ -440,6 +440,60 @@ def test_topk_select_cuda_graph_capture_and_replay(exact):
     assert_bits_equal(r, r_eager, "replayed residual vs eager")
 
 
+@pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset3"])
+def test_out_forms_match_allocating_forms(offset):
+    """out= on the GPU: the same bytes and residual bits as the allocating form, into a
+    16-byte aligned buffer (written in place) or one at an odd offset (staged)."""
+    n = 100_003
+    x = make_input(n, seed=8).to(DEV)
+    for bits, rounding in ((8, "nearest"), (4, "stochastic"), (2, "nearest"), (1, "nearest")):
+        r1, r2 = residual_for(n).to(DEV), residual_for(n).to(DEV)
+        want = gradzip.quantize_pack(x, bits, 128, r1, rounding, 5, backend="cuda")
+        raw = torch.full((want.numel() + offset,), 0xA5, dtype=torch.uint8, device=DEV)
+        buf = raw[offset:]
+        got = gradzip.quantize_pack(x, bits, 128, r2, rounding, 5, backend="cuda", out=buf)
+        assert got is buf
+        assert_payload_equal(buf, want, f"bits={bits} out= payload")
+        assert_bits_equal(r2, r1, f"bits={bits} out= residual")
+    for exact, values in ((True, "fp32"), (False, "bf16"), (True, "int8")):
+        r1, r2 = residual_for(n).to(DEV), residual_for(n).to(DEV)
+        want = gradzip.topk_select(x, 1000, r1, exact, values, 2, backend="cuda")
+        raw = torch.full((want.numel() + offset,), 0xA5, dtype=torch.uint8, device=DEV)
+        buf = raw[offset:]
+        got = gradzip.topk_select(x, 1000, r2, exact, values, 2, backend="cuda", out=buf)
+        assert got is buf
+        assert_payload_equal(buf, want, f"topk {exact} {values} out= payload")
+        assert_bits_equal(r2, r1, f"topk {exact} {values} out= residual")
+
+
+def test_out_forms_cuda_graph_capture_and_replay():
+    """A captured step that writes into fixed payload buffers (what comm's reused send
+    buffers give a graph): replays match eager."""
+    n, k = 200_000, 2000
+    x = torch.empty(n, device=DEV)
+    r = torch.empty(n, device=DEV)
+    qbuf = torch.empty(fmt.dense_payload_bytes(n, 4, 128), dtype=torch.uint8, device=DEV)
+    tbuf = torch.empty(fmt.topk_payload_bytes(n, k, "bf16"), dtype=torch.uint8, device=DEV)
+
+    def step():
+        gradzip.quantize_pack(x, 4, 128, r, "stochastic", 3, backend="cuda", out=qbuf)
+        gradzip.topk_select(x, k, None, False, "bf16", 1, backend="cuda", out=tbuf)
+
+    g, _ = _capture(step)
+    for seed in (1, 2):
+        x_new, r_new = make_input(n, seed=seed).to(DEV), residual_for(n, seed).to(DEV)
+        x.copy_(x_new)
+        r.copy_(r_new)
+        g.replay()
+        r_eager = r_new.clone()
+        q_eager = gradzip.quantize_pack(x_new, 4, 128, r_eager, "stochastic", 3, backend="cuda")
+        t_eager = gradzip.topk_select(x_new, k, None, False, "bf16", 1, backend="cuda")
+        torch.cuda.synchronize()
+        assert_payload_equal(qbuf, q_eager, "replayed quantize_pack out= vs eager")
+        assert_payload_equal(tbuf, t_eager, "replayed topk_select out= vs eager")
+        assert_bits_equal(r, r_eager, "replayed residual vs eager")
+
+
 def test_torch_compile_fullgraph_on_gpu():
     ops = torch.ops.gradzip
 
@@ -467,6 +521,12 @@ def test_opcheck_on_gpu():
     r = residual_for(3000).to(DEV)
     torch.library.opcheck(torch.ops.gradzip.quantize_pack.default, (x, 4, 128, r, True, 7))
     torch.library.opcheck(torch.ops.gradzip.topk_select.default, (x, 30, r, False, 3, 7))
+    qbuf = torch.empty(fmt.dense_payload_bytes(3000, 4, 128), dtype=torch.uint8, device=DEV)
+    torch.library.opcheck(torch.ops.gradzip.quantize_pack.out, (x, 4, 128, r, True, 7),
+                          {"out": qbuf})
+    tbuf = torch.empty(fmt.topk_payload_bytes(3000, 30, "int8"), dtype=torch.uint8, device=DEV)
+    torch.library.opcheck(torch.ops.gradzip.topk_select.out, (x, 30, r, False, 3, 7),
+                          {"out": tbuf})
     rows = make_payloads("dense8", 3000, 2).to(DEV)
     torch.library.opcheck(torch.ops.gradzip.dequantize_accumulate.default,
                           (rows, torch.zeros(3000, device=DEV), 0.5))

@@ -540,6 +540,36 @@ def test_emulated_quantize_pack_scalar_paths_and_special_values(emu, bits):
         _emulated_quantize(emu, x, bits, 32, torch.zeros(3000), "nearest")
 
 
+@pytest.mark.parametrize("offset", [0, 5], ids=["aligned", "offset5"])
+def test_emulated_out_forms_match_reference(emu, offset):
+    """The CUDA ops' out= host code (checks, in-place launch or the staged copy for a
+    buffer off a 16-byte boundary) run by the emulation: the reference's bytes in the
+    caller's buffer, whatever it held, and the reference's residual."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5000, generator=g) * 3
+    r0 = torch.randn(5000, generator=g) * 0.1
+    for bits, rounding in ((8, "nearest"), (4, "stochastic"), (1, "nearest")):
+        r_ref = r0.clone()
+        want = reference.quantize_pack(x, bits, 64, r_ref, rounding, 3)
+        r = r0.clone()
+        buf = torch.full((want.numel() + offset,), 0xA5, dtype=torch.uint8)[offset:]
+        emu.quantize_pack_out(x, bits, 64, r, rounding == "stochastic", 3, buf)
+        assert_payload_equal(buf, want, f"bits={bits} out= payload vs the reference")
+        assert_bits_equal(r, r_ref, f"bits={bits} out= residual vs the reference")
+    for exact, values in ((True, "fp32"), (False, "int8")):
+        r_ref = r0.clone()
+        want = reference.topk_select(x, 50, r_ref, exact, values, 5)
+        r = r0.clone()
+        buf = torch.full((want.numel() + offset,), 0xA5, dtype=torch.uint8)[offset:]
+        emu.topk_select_out(x, 50, r, exact, fmt.VALUE_FORMATS[values], 5, buf)
+        assert_payload_equal(buf, want, f"topk {values} out= payload vs the reference")
+        assert_bits_equal(r, r_ref, f"topk {values} out= residual vs the reference")
+    with pytest.raises(ValueError, match="out has 10 bytes but the payload is"):
+        emu.quantize_pack_out(x, 8, 64, None, False, 0, torch.empty(10, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="out must not share memory with residual"):
+        emu.topk_select_out(x, 50, r0, True, 3, 0, r0.view(torch.uint8)[:want.numel()])
+
+
 def _emulated_topk(emu, x, k, exact, values, seed=5, keep_ties=False):
     g = torch.Generator().manual_seed(x.numel())
     # A zero residual keeps the ties of x in v = x + residual (and still gets updated).

@@ -10,6 +10,7 @@ import gradzip
 import inputs
 import pytest
 import torch
+from gradzip import format as fmt
 from gradzip import reference
 from gradzip.testing import assert_bits_equal, assert_payload_equal
 from torch._inductor.exc import InductorError
@@ -53,6 +54,26 @@ SAMPLES = {"quantize_pack": _quantize_samples, "topk_select": _topk_samples,
            "dequantize_accumulate": _accumulate_samples}
 
 
+def _with_out(samples, size_of):
+    """The same samples for the ``.out`` overload: (name, args, {"out": buffer})."""
+    return [(name, args, {"out": torch.full((size_of(args),), 0xA5, dtype=torch.uint8,
+                                            device=args[0].device)})
+            for name, args in samples]
+
+
+def _quantize_out_samples(dev):
+    return _with_out(_quantize_samples(dev),
+                     lambda a: fmt.dense_payload_bytes(a[0].numel(), a[1], a[2]))
+
+
+def _topk_out_samples(dev):
+    return _with_out(_topk_samples(dev),
+                     lambda a: fmt.topk_header(a[0].numel(), a[1], a[4]).total_bytes)
+
+
+OUT_SAMPLES = {"quantize_pack": _quantize_out_samples, "topk_select": _topk_out_samples}
+
+
 def _native(op):
     """Targets with C++ kernels registered for a dispatch key (opcheck needs a real op)."""
     return [p for p in backends.targets(op) if p.values[0].backend in ("cpu", "cuda")]
@@ -67,6 +88,62 @@ def test_opcheck(target, op):
             torch.library.opcheck(fn, args)
         except Exception as e:
             raise AssertionError(f"opcheck {op} [{name}] on {target}: {e}") from e
+
+
+@pytest.mark.parametrize("op", list(OUT_SAMPLES))
+@pytest.mark.parametrize("target", _native(list(OUT_SAMPLES)))
+def test_opcheck_out(target, op):
+    """The out= overloads: schema (out and residual marked mutable, nothing returned),
+    fake kernels, autograd registration and AOT dispatch."""
+    fn = getattr(torch.ops.gradzip, op).out
+    for name, args, kwargs in OUT_SAMPLES[op](target.device):
+        try:
+            torch.library.opcheck(fn, args, kwargs)
+        except Exception as e:
+            raise AssertionError(f"opcheck {op}.out [{name}] on {target}: {e}") from e
+
+
+def _step_out(x, residual, qbuf, tbuf, rt, backend):
+    """Compress into caller-owned buffers (the out= forms), with error feedback."""
+    gradzip.quantize_pack(x, 4, 64, residual=residual, rounding="stochastic", seed=3,
+                          backend=backend, out=qbuf)
+    gradzip.topk_select(x, 50, residual=rt, exact=False, values="int8", seed=1,
+                        backend=backend, out=tbuf)
+    return qbuf.sum(dtype=torch.int64) + tbuf.sum(dtype=torch.int64)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("target", backends.targets(list(OUT_SAMPLES), light=False))
+def test_compile_fullgraph_out_matches_eager(target, backend):
+    """The out= forms under torch.compile(fullgraph=True): buffers and residuals bit
+    for bit as in eager, and a later call writes the buffers again."""
+    torch._dynamo.reset()
+    dev = target.device
+    x = _x(3001).to(dev)
+    r0 = inputs.residual_like(3001).to(dev)
+    qsize = fmt.dense_payload_bytes(3001, 4, 64)
+    tsize = fmt.topk_payload_bytes(3001, 50, "int8")
+
+    def buffers():
+        return (r0.clone(), torch.zeros(qsize, dtype=torch.uint8, device=dev),
+                torch.zeros(tsize, dtype=torch.uint8, device=dev), torch.zeros_like(r0))
+
+    r_e, q_e, t_e, rt_e = buffers()
+    s_e = _step_out(x, r_e, q_e, t_e, rt_e, target.backend)
+    r_c, q_c, t_c, rt_c = buffers()
+    fn = torch.compile(_step_out, fullgraph=True, backend=backend)
+    s_c = fn(x, r_c, q_c, t_c, rt_c, target.backend)
+    assert int(s_c) == int(s_e)
+    assert_payload_equal(q_c, q_e, f"{backend} quantize_pack out=")
+    assert_payload_equal(t_c, t_e, f"{backend} topk_select out=")
+    assert_bits_equal(r_c, r_e, f"{backend} quantize residual")
+    assert_bits_equal(rt_c, rt_e, f"{backend} topk residual")
+    x2 = _x(3001, seed=5).to(dev)
+    _step_out(x2, r_e, q_e, t_e, rt_e, target.backend)
+    fn(x2, r_c, q_c, t_c, rt_c, target.backend)
+    assert_payload_equal(q_c, q_e, f"{backend} quantize_pack out=, call 2")
+    assert_payload_equal(t_c, t_e, f"{backend} topk_select out=, call 2")
+    assert_bits_equal(r_c, r_e, f"{backend} quantize residual, call 2")
 
 
 def _step(x, residual, out, stochastic_seed, backend):

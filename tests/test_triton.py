@@ -751,6 +751,10 @@ with FakeTensorMode():
     r = torch.empty(5000, device="cuda")
     rows = torch.empty(3, 1040, dtype=torch.uint8, device="cuda")
     out = torch.empty(5000, device="cuda", dtype=torch.float16)
+    qbuf = torch.empty(gradzip.format.dense_payload_bytes(5000, 4, 64), dtype=torch.uint8,
+                       device="cuda")
+    tbuf = torch.empty(gradzip.format.topk_payload_bytes(5000, 50, "int8"),
+                       dtype=torch.uint8, device="cuda")
 fns = {
     "quantize": (lambda x, r: torch.ops.gradzip.triton_quantize_pack(x, 4, 64, r, True, 3),
                  (x, r)),
@@ -758,6 +762,10 @@ fns = {
                    (x, r)),
     "topk_approx": (lambda x, r: torch.ops.gradzip.triton_topk_select(x, 50, r, False, 2, 3),
                     (x, r)),
+    "quantize_out": (lambda x, r, p: torch.ops.gradzip.triton_quantize_pack_out(
+        x, 4, 64, r, True, 3, p), (x, r, qbuf)),
+    "topk_out": (lambda x, r, p: torch.ops.gradzip.triton_topk_select_out(
+        x, 50, r, False, 3, 3, p), (x, r, tbuf)),
     "accumulate_dense": (lambda rows, out: torch.ops.gradzip.triton_dequantize_accumulate(
         rows, out, 0.5, 1, 8, 32, 0, 0), (rows, out)),
     "accumulate_sparse": (lambda rows, out: torch.ops.gradzip.triton_dequantize_accumulate(
@@ -783,7 +791,7 @@ def test_ops_trace_into_triton_kernels():
                           check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for name in ("quantize", "topk_exact", "topk_approx", "accumulate_dense",
-                 "accumulate_sparse"):
+                 "accumulate_sparse", "quantize_out", "topk_out"):
         assert name in proc.stdout
 
 
@@ -817,6 +825,14 @@ def test_opcheck_gpu():
     r = torch.zeros(3000, device="cuda")
     torch.library.opcheck(torch.ops.gradzip.triton_quantize_pack, (x, 4, 64, r, True, 3))
     torch.library.opcheck(torch.ops.gradzip.triton_topk_select, (x, 30, r, False, 3, 3))
+    qbuf = torch.empty(gradzip.format.dense_payload_bytes(3000, 4, 64), dtype=torch.uint8,
+                       device="cuda")
+    torch.library.opcheck(torch.ops.gradzip.triton_quantize_pack_out,
+                          (x, 4, 64, r, True, 3, qbuf))
+    tbuf = torch.empty(gradzip.format.topk_payload_bytes(3000, 30, "int8"), dtype=torch.uint8,
+                       device="cuda")
+    torch.library.opcheck(torch.ops.gradzip.triton_topk_select_out,
+                          (x, 30, r, False, 3, 3, tbuf))
     rows = _dense_rows(3000, 8, 64, 2).cuda()
     torch.library.opcheck(torch.ops.gradzip.triton_dequantize_accumulate,
                           (rows, torch.zeros(3000, device="cuda"), 0.5, 1, 8, 64, 0, 0))

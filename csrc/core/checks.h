@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <cstring>
 #include <optional>
 
@@ -62,6 +63,42 @@ inline void check_topk_args(const at::Tensor& x, int64_t k,
                     "value_format must be 1 (fp32), 2 (bf16) or 3 (int8), got ", value_format);
   check_seed(seed);
   check_residual(residual, x);
+}
+
+// Byte range [first, last) that a tensor's elements occupy (empty tensors occupy none).
+inline void byte_span(const at::Tensor& t, uintptr_t* first, uintptr_t* last) {
+  *first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t extent = t.element_size();
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d) * t.element_size();
+  *last = *first + static_cast<uintptr_t>(extent);
+}
+
+// Whether two tensors' elements may share memory: their byte ranges intersect (whatever
+// storages they belong to, so two views of one buffer made outside torch count too).
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  uintptr_t a0, a1, b0, b1;
+  byte_span(a, &a0, &a1);
+  byte_span(b, &b0, &b1);
+  return a0 < b1 && b0 < a1;
+}
+
+// A caller-owned payload buffer (the `out=` form of quantize_pack / topk_select): a 1-D,
+// contiguous uint8 tensor of exactly `bytes` bytes on x's device that shares no memory
+// with x or the residual. Mirrors python/gradzip/_checks.py check_payload_out.
+inline void check_payload_out(const at::Tensor& out, int64_t bytes, const at::Tensor& x,
+                              const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kByte, "out must be uint8 (a payload buffer), got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.dim() == 1, "out must be 1-D, got ", out.dim(), " dimensions");
+  TORCH_CHECK_VALUE(out.numel() == bytes, "out has ", out.numel(), " bytes but the payload is ",
+                    bytes, " bytes");
+  TORCH_CHECK_VALUE(out.device() == x.device(), "out is on ", out.device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous (the payload is written in place)");
+  TORCH_CHECK_VALUE(!may_overlap(out, x), "out must not share memory with x");
+  TORCH_CHECK_VALUE(!(residual.has_value() && may_overlap(out, *residual)),
+                    "out must not share memory with residual");
 }
 
 inline void check_accumulate_args(const at::Tensor& payloads, const at::Tensor& out) {

@@ -32,7 +32,7 @@ struct QuantizeArgs {
   int64_t block;
   bool stochastic;
   uint32_t k1;        // core::seed_key(seed)
-  float* scales;      // nblocks floats
+  uint8_t* scales;    // nblocks floats, little-endian (any alignment: out= buffers)
   uint8_t* codes;     // code section
 };
 

@@ -59,7 +59,7 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
       for (int h = 16; h >= 1; h >>= 1)
         for (int j = 0; j < h; ++j) lane[j] = core::fadd(lane[j], lane[j + h]);
       const float scale = core::fdiv(lane[0], static_cast<float>(len));
-      a.scales[b] = core::canonical_nan(scale);  // payload NaNs are canonical
+      store_unaligned<float>(a.scales + 4 * b, core::canonical_nan(scale));  // canonical NaN
       const F fs = V::set1(scale), fns = V::set1(core::sign_decode(1u, scale));
       for (int64_t i = 0; i < n32; i += 32) {
         uint32_t word = 0;
@@ -101,7 +101,7 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
         mk = kk > mk ? kk : mk;
       }
       const core::BlockParams p = core::absmax_params(core::amax_from_key(mk), BITS);
-      a.scales[b] = p.scale;
+      store_unaligned<float>(a.scales + 4 * b, p.scale);
       constexpr int qmax = (1 << (BITS - 1)) - 1;
       if (p.inv == 0.0f) {
         // Every q is 0 (code qmax). The decode 0 * scale is 0 for a zero scale (residual

@@ -112,17 +112,14 @@ struct ChunkScan {
   uint32_t max_key = 0;
 };
 
-}  // namespace
-
-at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& residual,
-                           bool exact, int64_t value_format, int64_t seed) {
-  checks::check_topk_args(x, k, residual, value_format, seed);
+// Writes the payload of x into p (format::topk_layout(...).total_bytes bytes, any
+// alignment: every store into it is unaligned-safe). Arguments already checked.
+void topk_select_into(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& residual,
+                      bool exact, int64_t value_format, int64_t seed, uint8_t* p) {
   const at::Tensor xc = x.contiguous();
   const int64_t n = xc.numel();
   const uint8_t vf = static_cast<uint8_t>(value_format);
   const format::TopkLayout layout = format::topk_layout(n, k, vf);
-  at::Tensor payload = at::empty({layout.total_bytes}, xc.options().dtype(at::kByte));
-  uint8_t* p = payload.data_ptr<uint8_t>();
   const format::Header h = format::make_topk_header(n, k, vf, !exact);
   std::memcpy(p, &h, sizeof(h));
   const bool index64 = h.index_format == format::kIndexInt64;
@@ -274,7 +271,28 @@ at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, const std::optional<a
       GZ_ISA_CALL(isa, topk_write_chunk, a, c, rule, ties[static_cast<size_t>(c)],
                   start[static_cast<size_t>(c)], o);
   });
+}
+
+}  // namespace
+
+at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& residual,
+                           bool exact, int64_t value_format, int64_t seed) {
+  checks::check_topk_args(x, k, residual, value_format, seed);
+  const int64_t bytes =
+      format::topk_layout(x.numel(), k, static_cast<uint8_t>(value_format)).total_bytes;
+  at::Tensor payload = at::empty({bytes}, x.options().dtype(at::kByte));
+  topk_select_into(x, k, residual, exact, value_format, seed, payload.data_ptr<uint8_t>());
   return payload;
+}
+
+// The out= form: the same bytes, written into a caller-owned buffer.
+void topk_select_out_cpu(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& residual,
+                         bool exact, int64_t value_format, int64_t seed, const at::Tensor& out) {
+  checks::check_topk_args(x, k, residual, value_format, seed);
+  const int64_t bytes =
+      format::topk_layout(x.numel(), k, static_cast<uint8_t>(value_format)).total_bytes;
+  checks::check_payload_out(out, bytes, x, residual);
+  topk_select_into(x, k, residual, exact, value_format, seed, out.data_ptr<uint8_t>());
 }
 
 }  // namespace cpu
@@ -282,4 +300,5 @@ at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, const std::optional<a
 
 TORCH_LIBRARY_IMPL(gradzip, CPU, m) {
   m.impl("topk_select", &gradzip::cpu::topk_select_cpu);
+  m.impl("topk_select.out", &gradzip::cpu::topk_select_out_cpu);
 }

@@ -33,6 +33,10 @@
   } while (0)
 #define GZ_REGISTER_CUDA_OP(name, fn) \
   TORCH_LIBRARY_FRAGMENT(gradzip_cuda_emu, m) { m.def(name, fn); }
+// The emulation infers schemas from the functions: the out= overload is the op "<name>_out"
+// there, taking out as its last positional argument.
+#define GZ_REGISTER_CUDA_OUT_OP(name, fn) \
+  TORCH_LIBRARY_FRAGMENT(gradzip_cuda_emu, m) { m.def(name "_out", fn); }
 #else
 // Launches KERNEL<<<grid, block, smem, stream>>>; the kernel comes last so that template
 // arguments with commas need no parentheses.
@@ -41,6 +45,9 @@
 #define GZ_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard gz_device_guard((tensor).device())
 #define GZ_REGISTER_CUDA_OP(name, fn) \
   TORCH_LIBRARY_IMPL(gradzip, CUDA, m) { m.impl(name, fn); }
+// The out= overload of op `name` (schema "<name>.out" in csrc/bindings.cpp).
+#define GZ_REGISTER_CUDA_OUT_OP(name, fn) \
+  TORCH_LIBRARY_IMPL(gradzip, CUDA, m) { m.impl(name ".out", fn); }
 #endif
 
 namespace gradzip {

@@ -182,17 +182,14 @@ void launch_bits(DType dt, const QuantizeArgs& a, int64_t tiles, int threads, cu
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor quantize_pack_cuda(const at::Tensor& x_in, int64_t bits, int64_t block,
-                              const std::optional<at::Tensor>& residual, bool stochastic,
-                              int64_t seed) {
-  checks::check_quantize_args(x_in, bits, block, residual, stochastic, seed);
-  TORCH_CHECK_VALUE(on_device(x_in), "x must be a CUDA tensor for the CUDA kernel, got ",
-                    x_in.device());
-  GZ_DEVICE_GUARD(x_in);
+// Launches the kernel writing x's payload into `payload` (16-byte aligned, the layout's
+// size). Arguments already checked.
+void quantize_pack_launch(const at::Tensor& x_in, int64_t bits, int64_t block,
+                          const std::optional<at::Tensor>& residual, bool stochastic,
+                          int64_t seed, const at::Tensor& payload) {
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
   const auto layout = format::dense_layout(n, static_cast<int>(bits), block);
-  at::Tensor payload = at::empty({layout.total_bytes}, x.options().dtype(at::kByte));
 
   QuantizeArgs a;
   a.x = x.data_ptr();
@@ -210,7 +207,7 @@ at::Tensor quantize_pack_cuda(const at::Tensor& x_in, int64_t bits, int64_t bloc
   a.r_vec = a.residual != nullptr && aligned16(a.residual);
   a.header = header_words(format::make_dense_header(n, static_cast<int>(bits),
                                                     static_cast<int>(block), stochastic));
-  TORCH_CHECK(aligned16(a.payload), "payload allocation is not 16-byte aligned");
+  TORCH_CHECK(aligned16(a.payload), "payload buffer is not 16-byte aligned");
 
   const int threads = block / kVec > 256 ? static_cast<int>(block / kVec) : 256;
   const int64_t tile = int64_t(threads) * kVec;
@@ -224,7 +221,39 @@ at::Tensor quantize_pack_cuda(const at::Tensor& x_in, int64_t bits, int64_t bloc
     case 2: launch_bits<2>(dt, a, tiles, threads, s); break;
     default: launch_bits<1>(dt, a, tiles, threads, s); break;
   }
+}
+
+at::Tensor quantize_pack_cuda(const at::Tensor& x, int64_t bits, int64_t block,
+                              const std::optional<at::Tensor>& residual, bool stochastic,
+                              int64_t seed) {
+  checks::check_quantize_args(x, bits, block, residual, stochastic, seed);
+  TORCH_CHECK_VALUE(on_device(x), "x must be a CUDA tensor for the CUDA kernel, got ",
+                    x.device());
+  GZ_DEVICE_GUARD(x);
+  const int64_t bytes = format::dense_layout(x.numel(), static_cast<int>(bits), block).total_bytes;
+  at::Tensor payload = at::empty({bytes}, x.options().dtype(at::kByte));
+  quantize_pack_launch(x, bits, block, residual, stochastic, seed, payload);
   return payload;
+}
+
+// The out= form. The kernel's vector stores need a 16-byte aligned payload; a buffer at
+// another offset gets the payload through an aligned temporary and one device copy.
+void quantize_pack_out_cuda(const at::Tensor& x, int64_t bits, int64_t block,
+                            const std::optional<at::Tensor>& residual, bool stochastic,
+                            int64_t seed, const at::Tensor& out) {
+  checks::check_quantize_args(x, bits, block, residual, stochastic, seed);
+  TORCH_CHECK_VALUE(on_device(x), "x must be a CUDA tensor for the CUDA kernel, got ",
+                    x.device());
+  const int64_t bytes = format::dense_layout(x.numel(), static_cast<int>(bits), block).total_bytes;
+  checks::check_payload_out(out, bytes, x, residual);
+  GZ_DEVICE_GUARD(x);
+  if (aligned16(out.data_ptr())) {
+    quantize_pack_launch(x, bits, block, residual, stochastic, seed, out);
+  } else {
+    const at::Tensor tmp = at::empty({bytes}, out.options());
+    quantize_pack_launch(x, bits, block, residual, stochastic, seed, tmp);
+    out.copy_(tmp);
+  }
 }
 
 }  // namespace
@@ -232,3 +261,4 @@ at::Tensor quantize_pack_cuda(const at::Tensor& x_in, int64_t bits, int64_t bloc
 }  // namespace gradzip
 
 GZ_REGISTER_CUDA_OP("quantize_pack", &gradzip::cuda::quantize_pack_cuda)
+GZ_REGISTER_CUDA_OUT_OP("quantize_pack", &gradzip::cuda::quantize_pack_out_cuda)

@@ -472,19 +472,15 @@ void allow_sample_smem() {
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                     \
   } while (0)
 
-at::Tensor topk_select_cuda(const at::Tensor& x_in, int64_t k,
-                            const std::optional<at::Tensor>& residual, bool exact,
-                            int64_t value_format, int64_t seed) {
-  checks::check_topk_args(x_in, k, residual, value_format, seed);
-  TORCH_CHECK_VALUE(on_device(x_in), "x must be a CUDA tensor for the CUDA kernel, got ",
-                    x_in.device());
-  GZ_DEVICE_GUARD(x_in);
+// Launches the kernels writing x's payload into `payload` (16-byte aligned, zero-filled,
+// the layout's size). Arguments already checked.
+void topk_select_launch(const at::Tensor& x_in, int64_t k,
+                        const std::optional<at::Tensor>& residual, bool exact,
+                        int64_t value_format, int64_t seed, const at::Tensor& payload) {
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();  // >= k >= 1
   const uint8_t vf = static_cast<uint8_t>(value_format);
   const auto layout = format::topk_layout(n, k, vf);
-  // Zero-filled: the section padding is part of the payload bytes.
-  at::Tensor payload = at::zeros({layout.total_bytes}, x.options().dtype(at::kByte));
 
   TopkArgs a;
   a.x = x.data_ptr();
@@ -564,7 +560,44 @@ at::Tensor topk_select_cuda(const at::Tensor& x_in, int64_t k,
     GZ_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, s, topk_int8_kernel)(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+at::Tensor topk_select_cuda(const at::Tensor& x, int64_t k,
+                            const std::optional<at::Tensor>& residual, bool exact,
+                            int64_t value_format, int64_t seed) {
+  checks::check_topk_args(x, k, residual, value_format, seed);
+  TORCH_CHECK_VALUE(on_device(x), "x must be a CUDA tensor for the CUDA kernel, got ",
+                    x.device());
+  GZ_DEVICE_GUARD(x);
+  const int64_t bytes =
+      format::topk_layout(x.numel(), k, static_cast<uint8_t>(value_format)).total_bytes;
+  // Zero-filled: the section padding is part of the payload bytes.
+  at::Tensor payload = at::zeros({bytes}, x.options().dtype(at::kByte));
+  topk_select_launch(x, k, residual, exact, value_format, seed, payload);
   return payload;
+}
+
+// The out= form: `out` is zero-filled (the padding) and written in place, or, when it is
+// not 16-byte aligned (the kernels' index and value stores need that), filled from an
+// aligned temporary with one device copy.
+void topk_select_out_cuda(const at::Tensor& x, int64_t k,
+                          const std::optional<at::Tensor>& residual, bool exact,
+                          int64_t value_format, int64_t seed, const at::Tensor& out) {
+  checks::check_topk_args(x, k, residual, value_format, seed);
+  TORCH_CHECK_VALUE(on_device(x), "x must be a CUDA tensor for the CUDA kernel, got ",
+                    x.device());
+  const int64_t bytes =
+      format::topk_layout(x.numel(), k, static_cast<uint8_t>(value_format)).total_bytes;
+  checks::check_payload_out(out, bytes, x, residual);
+  GZ_DEVICE_GUARD(x);
+  if (aligned16(out.data_ptr())) {
+    out.zero_();
+    topk_select_launch(x, k, residual, exact, value_format, seed, out);
+  } else {
+    const at::Tensor tmp = at::zeros({bytes}, out.options());
+    topk_select_launch(x, k, residual, exact, value_format, seed, tmp);
+    out.copy_(tmp);
+  }
 }
 
 }  // namespace
@@ -572,3 +605,4 @@ at::Tensor topk_select_cuda(const at::Tensor& x_in, int64_t k,
 }  // namespace gradzip
 
 GZ_REGISTER_CUDA_OP("topk_select", &gradzip::cuda::topk_select_cuda)
+GZ_REGISTER_CUDA_OUT_OP("topk_select", &gradzip::cuda::topk_select_out_cuda)

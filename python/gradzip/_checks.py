@@ -80,11 +80,11 @@ def check_residual(residual, x: torch.Tensor) -> None:
             "error feedback needs one residual entry per element")
     if not residual.is_contiguous():
         raise ValueError("residual must be contiguous (it is updated in place)")
-    if x.numel() > 0 and _has_memory(x) and residual.data_ptr() == x.data_ptr():
+    if x.numel() > 0 and has_memory(x) and residual.data_ptr() == x.data_ptr():
         raise ValueError("residual must not share memory with x")
 
 
-def _has_memory(t: torch.Tensor) -> bool:
+def has_memory(t: torch.Tensor) -> bool:
     # Fake tensors (torch.compile, opcheck, the fake kernels) and meta tensors have no
     # memory to compare: their data_ptr() is 0 for every tensor.
     return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
@@ -118,21 +118,64 @@ def check_topk(x, k, residual, exact, values, seed) -> None:
     check_residual(residual, x)
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) bytes that ``t``'s elements occupy."""
+    extent = t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+    return t.data_ptr(), t.data_ptr() + extent
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the elements of ``a`` and ``b`` may share memory: their byte ranges intersect
+    (whatever storages they belong to). False for tensors without memory (fake, meta)."""
+    if a.numel() == 0 or b.numel() == 0 or not (has_memory(a) and has_memory(b)):
+        return False
+    a0, a1 = _byte_span(a)
+    b0, b1 = _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_payload_out(out, nbytes: int, x: torch.Tensor, residual) -> None:
+    """The ``out=`` payload buffer of quantize_pack / topk_select: a 1-D, contiguous uint8
+    tensor of exactly ``nbytes`` bytes on x's device that shares no memory with ``x`` or
+    ``residual`` (mirrored by csrc/core/checks.h check_payload_out)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.dtype != torch.uint8:
+        raise TypeError(f"out must be uint8 (a payload buffer), got {out.dtype}")
+    if out.dim() != 1:
+        raise ValueError(f"out must be 1-D, got shape {tuple(out.shape)}")
+    if out.numel() != nbytes:
+        raise ValueError(f"out has {out.numel()} bytes but the payload is {nbytes} bytes")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device} but x is on {x.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (the payload is written in place)")
+    if may_overlap(out, x):
+        raise ValueError("out must not share memory with x")
+    if residual is not None and may_overlap(out, residual):
+        raise ValueError("out must not share memory with residual")
+
+
 # The C++ operators take the rounding as a bool and the value format as its id. Their fake
 # kernels check through these, so tracing refuses what the kernels would refuse.
 
 
-def check_quantize_op(x, bits, block, residual, stochastic, seed) -> None:
-    """Arguments of ``torch.ops.gradzip.quantize_pack``."""
+def check_quantize_op(x, bits, block, residual, stochastic, seed, out=None) -> None:
+    """Arguments of ``torch.ops.gradzip.quantize_pack`` (and of its ``.out`` overload)."""
     check_quantize(x, bits, block, residual, "stochastic" if stochastic else "nearest", seed)
+    if out is not None:
+        check_payload_out(out, fmt.dense_payload_bytes(x.numel(), bits, block), x, residual)
 
 
-def check_topk_op(x, k, residual, exact, value_format, seed) -> None:
-    """Arguments of ``torch.ops.gradzip.topk_select``."""
+def check_topk_op(x, k, residual, exact, value_format, seed, out=None) -> None:
+    """Arguments of ``torch.ops.gradzip.topk_select`` (and of its ``.out`` overload)."""
     if value_format not in fmt.VALUE_FORMAT_NAMES:
         raise ValueError(f"value_format must be one of {tuple(fmt.VALUE_FORMAT_NAMES)} "
                          f"(fp32, bf16, int8), got {value_format!r}")
     check_topk(x, k, residual, exact, fmt.VALUE_FORMAT_NAMES[value_format], seed)
+    if out is not None:
+        check_payload_out(out, fmt.topk_header(x.numel(), k, value_format).total_bytes, x,
+                          residual)
 
 
 def check_accumulate_op(payloads, out, alpha) -> None:

@@ -309,19 +309,22 @@ class Codec:
 
     # ---- the ops, configured ---------------------------------------------------------------
     def compress(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                 seed: int = 0, k: int | None = None) -> torch.Tensor:
+                 seed: int = 0, k: int | None = None, *,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Compress ``x`` (at least one element) into a payload; ``residual`` (float32,
         ``x.numel()`` elements) is updated in place for error feedback. ``seed`` drives
         stochastic rounding and the approximate top-k sample. ``k`` overrides the top-k
-        count for this call (the alltoall algorithm splits k over chunks)."""
+        count for this call (the alltoall algorithm splits k over chunks). ``out``: a
+        caller-owned uint8 buffer of exactly the payload's size to write into and return
+        (see :func:`gradzip.quantize_pack`)."""
         from . import ops
 
         if self.is_sparse:
             return ops.topk_select(x, k if k is not None else self.k_for(x.numel()), residual,
                                    exact=self.exact, values=self.values, seed=seed,
-                                   backend=self.backend)
+                                   backend=self.backend, out=out)
         return ops.quantize_pack(x, self.bits, self.block, residual, rounding=self.rounding,
-                                 seed=seed, backend=self.backend)
+                                 seed=seed, backend=self.backend, out=out)
 
     def decompress_accumulate(self, payloads: torch.Tensor, out: torch.Tensor,
                               alpha: float = 1.0) -> torch.Tensor:

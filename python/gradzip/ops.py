@@ -97,13 +97,17 @@ def _reference():
 
 
 def _run_reference(op: str, x: torch.Tensor, residual: torch.Tensor | None,
-                   **options) -> torch.Tensor:
-    """backend="torch": the reference op runs on CPU copies; the residual is copied back."""
+                   out: torch.Tensor | None, **options) -> torch.Tensor:
+    """backend="torch": the reference op runs on CPU copies; the residual is copied back,
+    and the payload into ``out`` when given (the reference itself always allocates)."""
     r = None if residual is None else residual.detach().cpu()
-    out = getattr(_reference(), op)(x.detach().cpu(), residual=r, **options)
+    payload = getattr(_reference(), op)(x.detach().cpu(), residual=r, **options)
     if residual is not None:
         residual.copy_(r)
-    return out.to(x.device)
+    if out is not None:
+        out.copy_(payload)
+        return out
+    return payload.to(x.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,6 +123,8 @@ def quantize_pack(
     rounding: str = "nearest",
     seed: int = 0,
     backend: str = "auto",
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize ``x`` to ``bits`` per element in blocks of ``block`` and bit-pack it.
 
@@ -134,19 +140,31 @@ def quantize_pack(
             hash of ``seed`` and the element index, identical on every backend).
         seed: int in [0, 2**32), used by stochastic rounding.
         backend: "auto", "cpu", "cuda", "triton" or "torch" (the reference).
+        out: optional caller-owned payload buffer, written **in place** and returned: a
+            1-D contiguous uint8 tensor of exactly ``dense_payload_bytes(numel, bits,
+            block)`` bytes on x's device, sharing no memory with ``x`` or ``residual``.
+            Reusing one buffer across calls spares the allocation and the page faults of
+            a fresh payload; the bytes are the same as the allocating form's.
 
     Returns:
         1-D uint8 payload on x's device, ``gradzip.format.dense_payload_bytes(numel, bits,
-        block)`` bytes (see docs/format.md).
+        block)`` bytes (see docs/format.md); ``out`` itself when given.
     """
     _checks.check_quantize(x, bits, block, residual, rounding, seed)
+    if out is not None:
+        _checks.check_payload_out(out, fmt.dense_payload_bytes(x.numel(), bits, block), x,
+                                  residual)
     be = _resolve(backend, x.device)
     stochastic = rounding == "stochastic"
     if be in ("cpu", "cuda"):
-        return torch.ops.gradzip.quantize_pack(x, bits, block, residual, stochastic, seed)
+        if out is None:
+            return torch.ops.gradzip.quantize_pack(x, bits, block, residual, stochastic, seed)
+        torch.ops.gradzip.quantize_pack.out(x, bits, block, residual, stochastic, seed,
+                                            out=out)
+        return out
     if be == "triton":
-        return _triton().quantize_pack(x, bits, block, residual, stochastic, seed)
-    return _run_reference("quantize_pack", x, residual, bits=bits, block=block,
+        return _triton().quantize_pack(x, bits, block, residual, stochastic, seed, out)
+    return _run_reference("quantize_pack", x, residual, out, bits=bits, block=block,
                           rounding=rounding, seed=seed)
 
 
@@ -158,6 +176,8 @@ def topk_select(
     values: str = "fp32",
     seed: int = 0,
     backend: str = "auto",
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Select the ``k`` entries of largest magnitude of ``v = x + residual``.
 
@@ -173,18 +193,28 @@ def topk_select(
         values: "fp32", "bf16" or "int8" (int8 codes with one float32 scale).
         seed: int in [0, 2**32), picks the sample positions of approximate mode.
         backend: "auto", "cpu", "cuda", "triton" or "torch".
+        out: optional caller-owned payload buffer, written **in place** and returned: a
+            1-D contiguous uint8 tensor of exactly ``topk_payload_bytes(numel, k, values)``
+            bytes on x's device, sharing no memory with ``x`` or ``residual``.
 
     Returns:
-        1-D uint8 payload: ascending indices (int32; int64 when numel >= 2**31) and values.
+        1-D uint8 payload: ascending indices (int32; int64 when numel >= 2**31) and values;
+        ``out`` itself when given.
     """
     _checks.check_topk(x, k, residual, exact, values, seed)
+    if out is not None:
+        _checks.check_payload_out(out, fmt.topk_payload_bytes(x.numel(), k, values), x,
+                                  residual)
     be = _resolve(backend, x.device)
     vf = fmt.VALUE_FORMATS[values]
     if be in ("cpu", "cuda"):
-        return torch.ops.gradzip.topk_select(x, k, residual, exact, vf, seed)
+        if out is None:
+            return torch.ops.gradzip.topk_select(x, k, residual, exact, vf, seed)
+        torch.ops.gradzip.topk_select.out(x, k, residual, exact, vf, seed, out=out)
+        return out
     if be == "triton":
-        return _triton().topk_select(x, k, residual, exact, vf, seed)
-    return _run_reference("topk_select", x, residual, k=k, exact=exact, values=values,
+        return _triton().topk_select(x, k, residual, exact, vf, seed, out)
+    return _run_reference("topk_select", x, residual, out, k=k, exact=exact, values=values,
                           seed=seed)
 
 
@@ -289,11 +319,19 @@ def _register_fakes() -> None:
         _checks.check_quantize_op(x, bits, block, residual, stochastic, seed)
         return x.new_empty(fmt.dense_payload_bytes(x.numel(), bits, block), dtype=torch.uint8)
 
+    @torch.library.register_fake("gradzip::quantize_pack.out")
+    def _quantize_pack_out_fake(x, bits, block, residual, stochastic, seed, *, out):
+        _checks.check_quantize_op(x, bits, block, residual, stochastic, seed, out)
+
     @torch.library.register_fake("gradzip::topk_select")
     def _topk_select_fake(x, k, residual, exact, value_format, seed):
         _checks.check_topk_op(x, k, residual, exact, value_format, seed)
         size = fmt.topk_header(x.numel(), k, value_format).total_bytes
         return x.new_empty(size, dtype=torch.uint8)
+
+    @torch.library.register_fake("gradzip::topk_select.out")
+    def _topk_select_out_fake(x, k, residual, exact, value_format, seed, *, out):
+        _checks.check_topk_op(x, k, residual, exact, value_format, seed, out)
 
     @torch.library.register_fake("gradzip::dequantize_accumulate")
     def _dequantize_accumulate_fake(payloads, out, alpha):

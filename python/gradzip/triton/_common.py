@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .. import _checks
 from .. import format as fmt
 from ..spec import seed_key  # noqa: F401  (k1 of hash32, computed on the host for the kernels)
 
@@ -302,6 +303,14 @@ def write_header(payload: torch.Tensor, header: fmt.Header, wrap) -> None:
     pads += [(0, 0)] * (3 - len(pads))
     flat = [v for p in pads for v in p]
     wrap(_header_kernel)[(1,)](payload, *header_words(header), *flat, **LAUNCH_OPTIONS)
+
+
+def misaligned(buf: torch.Tensor) -> bool:
+    """Whether a caller's payload buffer starts off a 16-byte boundary. The kernels store
+    float32 / int32 / int64 sections through typed pointers, which the hardware requires to
+    be aligned; payloads they allocate always are. Fake tensors (torch.compile tracing) have
+    no address and count as aligned."""
+    return _checks.has_memory(buf) and buf.data_ptr() % 16 != 0
 
 
 def dummy_like(t: torch.Tensor) -> torch.Tensor:

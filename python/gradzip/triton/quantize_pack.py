@@ -9,8 +9,9 @@ The 1-bit scale is the sum of |v| in reference.block_abs_sum's fixed order: 32 l
 (lane j adds elements j, j+32, ... in increasing order) folded by a shuffle-down tree, so
 the kernel walks each block in steps of 32 elements before it packs the sign bits.
 
-Outside the kernels the launcher allocates the payload and, for a non-contiguous ``x``,
-makes one contiguous copy (``reshape(-1).contiguous()``).
+Outside the kernels the launcher allocates the payload (or takes the caller's ``out``
+buffer) and, for a non-contiguous ``x``, makes one contiguous copy
+(``reshape(-1).contiguous()``).
 """
 
 import torch
@@ -29,6 +30,7 @@ from ._common import (
     fsub_rn,
     launch_rows,
     load_v,
+    misaligned,
     round_half_even,
     rows_configs,
     seed_key,
@@ -137,6 +139,26 @@ _kernel = autotune_rows(_quantize_pack_kernel,
                         restore_value=["res_ptr"])
 
 
+def _quantize_pack_into(x: torch.Tensor, bits: int, block: int,
+                        residual: torch.Tensor | None, stochastic: bool, seed: int,
+                        payload: torch.Tensor) -> None:
+    """Launch the header and quantize kernels writing x's payload into ``payload``."""
+    xf = x.reshape(-1)
+    if not xf.is_contiguous():
+        xf = xf.contiguous()
+    n = xf.numel()
+    header = fmt.dense_header(n, bits, block, stochastic=stochastic)
+    write_header(payload, header, wrap_triton)
+    nb = header.nblocks
+    if nb == 0:
+        return
+    res = residual if residual is not None else dummy_like(x)
+    codes_off = header.sections()["codes"][0]
+    args = (xf, res, payload, n, nb, codes_off, seed_key(seed))
+    launch_rows(_kernel, nb, block, *args, BITS=bits, HAS_RES=residual is not None,
+                STOCHASTIC=bool(stochastic))
+
+
 @triton_op("gradzip::triton_quantize_pack", mutates_args={"residual"})
 def triton_quantize_pack(x: torch.Tensor, bits: int, block: int,
                          residual: torch.Tensor | None, stochastic: bool,
@@ -145,26 +167,34 @@ def triton_quantize_pack(x: torch.Tensor, bits: int, block: int,
 
     Arguments as :func:`gradzip.quantize_pack` (already validated); ``residual`` (fp32,
     ``x.numel()`` elements, contiguous) is updated in place. Returns the uint8 payload."""
-    xf = x.reshape(-1)
-    if not xf.is_contiguous():
-        xf = xf.contiguous()
-    n = xf.numel()
-    header = fmt.dense_header(n, bits, block, stochastic=stochastic)
-    payload = torch.empty(header.total_bytes, dtype=torch.uint8, device=x.device)
-    write_header(payload, header, wrap_triton)
-    nb = header.nblocks
-    if nb == 0:
-        return payload
-    res = residual if residual is not None else dummy_like(x)
-    codes_off = header.sections()["codes"][0]
-    args = (xf, res, payload, n, nb, codes_off, seed_key(seed))
-    launch_rows(_kernel, nb, block, *args, BITS=bits, HAS_RES=residual is not None,
-                STOCHASTIC=bool(stochastic))
+    nbytes = fmt.dense_payload_bytes(x.numel(), bits, block)
+    payload = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    _quantize_pack_into(x, bits, block, residual, stochastic, seed, payload)
     return payload
 
 
+@triton_op("gradzip::triton_quantize_pack_out", mutates_args={"residual", "out"})
+def triton_quantize_pack_out(x: torch.Tensor, bits: int, block: int,
+                             residual: torch.Tensor | None, stochastic: bool, seed: int,
+                             out: torch.Tensor) -> None:
+    """The ``out=`` form: the payload written into ``out`` (already validated: 1-D uint8,
+    contiguous, the payload's size, x's device). The scale stores need a 4-byte aligned
+    section, so an ``out`` that is not 16-byte aligned is filled from an aligned temporary."""
+    if misaligned(out):
+        tmp = torch.empty_like(out)
+        _quantize_pack_into(x, bits, block, residual, stochastic, seed, tmp)
+        out.copy_(tmp)
+    else:
+        _quantize_pack_into(x, bits, block, residual, stochastic, seed, out)
+
+
 def quantize_pack(x: torch.Tensor, bits: int, block: int, residual: torch.Tensor | None,
-                  stochastic: bool, seed: int) -> torch.Tensor:
-    """Entry point used by :func:`gradzip.ops.quantize_pack` for ``backend="triton"``."""
+                  stochastic: bool, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Entry point used by :func:`gradzip.ops.quantize_pack` for ``backend="triton"``;
+    returns the payload (``out`` when given)."""
+    if out is not None:
+        torch.ops.gradzip.triton_quantize_pack_out(x, bits, block, residual, bool(stochastic),
+                                                   int(seed), out)
+        return out
     return torch.ops.gradzip.triton_quantize_pack(x, bits, block, residual, bool(stochastic),
                                                   int(seed))

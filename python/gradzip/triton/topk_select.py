@@ -31,8 +31,9 @@ see a zero "on" flag and return without touching memory.
 int8 values: the emit pass keeps the selected fp32 values in a scratch list; a reduction
 gives the one scale, and a last kernel writes the codes and the selected residuals.
 
-Besides the kernels, the launcher only allocates scratch tensors (``torch.empty``) and, for
-a non-contiguous ``x``, makes one contiguous copy (``reshape(-1).contiguous()``).
+Besides the kernels, the launcher only allocates the payload (unless the caller gives an
+``out`` buffer) and scratch tensors (``torch.empty``) and, for a non-contiguous ``x``, makes
+one contiguous copy (``reshape(-1).contiguous()``).
 """
 
 import torch
@@ -53,6 +54,7 @@ from ._common import (
     fsub_rn,
     hash32,
     load_v,
+    misaligned,
     round_half_even,
     seed_key,
     write_header,
@@ -442,20 +444,15 @@ def _select_and_emit(vals, idx, st, b, cap, res, payload, selv, idx_off, val_off
             HAS_RES=has_res, VF=value_format, IDX64=idx64, TILE=TILE)
 
 
-@triton_op("gradzip::triton_topk_select", mutates_args={"residual"})
-def triton_topk_select(x: torch.Tensor, k: int, residual: torch.Tensor | None,
-                       exact: bool, value_format: int, seed: int) -> torch.Tensor:
-    """Triton kernels behind ``gradzip.topk_select(..., backend="triton")``.
-
-    Arguments as :func:`gradzip.topk_select` (already validated; ``value_format`` 1 fp32,
-    2 bf16, 3 int8); ``residual`` is updated in place. Returns the uint8 payload."""
+def _topk_select_into(x: torch.Tensor, k: int, residual: torch.Tensor | None, exact: bool,
+                      value_format: int, seed: int, payload: torch.Tensor) -> None:
+    """Launch the kernels writing x's payload into ``payload``."""
     xf = x.reshape(-1)
     if not xf.is_contiguous():
         xf = xf.contiguous()
     n = xf.numel()
     dev = x.device
     header = fmt.topk_header(n, k, value_format, approximate=not exact)
-    payload = torch.empty(header.total_bytes, dtype=torch.uint8, device=dev)
     write_header(payload, header, wrap_triton)
     secs = header.sections()
     idx_off, val_off = secs["indices"][0], secs["values"][0]
@@ -511,11 +508,44 @@ def triton_topk_select(x: torch.Tensor, k: int, residual: torch.Tensor | None,
         _launch(_int8_scale_kernel, (1,), part, parts, payload, vs_off, fs, CH=1024)
         _launch(_int8_quant_kernel, (parts,), selv, payload, idx_off, val_off, res, fs, k,
                 IDX64=idx64, HAS_RES=has_res, TILE=tile)
+
+
+@triton_op("gradzip::triton_topk_select", mutates_args={"residual"})
+def triton_topk_select(x: torch.Tensor, k: int, residual: torch.Tensor | None,
+                       exact: bool, value_format: int, seed: int) -> torch.Tensor:
+    """Triton kernels behind ``gradzip.topk_select(..., backend="triton")``.
+
+    Arguments as :func:`gradzip.topk_select` (already validated; ``value_format`` 1 fp32,
+    2 bf16, 3 int8); ``residual`` is updated in place. Returns the uint8 payload."""
+    nbytes = fmt.topk_header(x.numel(), k, value_format).total_bytes
+    payload = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    _topk_select_into(x, k, residual, exact, value_format, seed, payload)
     return payload
 
 
+@triton_op("gradzip::triton_topk_select_out", mutates_args={"residual", "out"})
+def triton_topk_select_out(x: torch.Tensor, k: int, residual: torch.Tensor | None,
+                           exact: bool, value_format: int, seed: int,
+                           out: torch.Tensor) -> None:
+    """The ``out=`` form: the payload written into ``out`` (already validated: 1-D uint8,
+    contiguous, the payload's size, x's device). The index, value and scale stores need
+    aligned sections, so an ``out`` that is not 16-byte aligned is filled from an aligned
+    temporary."""
+    if misaligned(out):
+        tmp = torch.empty_like(out)
+        _topk_select_into(x, k, residual, exact, value_format, seed, tmp)
+        out.copy_(tmp)
+    else:
+        _topk_select_into(x, k, residual, exact, value_format, seed, out)
+
+
 def topk_select(x: torch.Tensor, k: int, residual: torch.Tensor | None, exact: bool,
-                value_format: int, seed: int) -> torch.Tensor:
-    """Entry point used by :func:`gradzip.ops.topk_select` for ``backend="triton"``."""
+                value_format: int, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Entry point used by :func:`gradzip.ops.topk_select` for ``backend="triton"``;
+    returns the payload (``out`` when given)."""
+    if out is not None:
+        torch.ops.gradzip.triton_topk_select_out(x, int(k), residual, bool(exact),
+                                                 int(value_format), int(seed), out)
+        return out
     return torch.ops.gradzip.triton_topk_select(x, int(k), residual, bool(exact),
                                                 int(value_format), int(seed))
