@@ -8,8 +8,10 @@ Switches (environment variables, all optional):
 * ``TORCH_CUDA_ARCH_LIST``  overrides the default targets (sm_80, 86, 89, 90 + PTX).
 * ``CUDA_HOME``       overrides where the toolkit is; otherwise found from ``nvcc`` itself.
 
-Nothing is downloaded and no GPU is needed to build. The build prints what it built, and
-``gradzip.build_info()`` reports the same at run time.
+Nothing is downloaded and no GPU is needed to build. The build prints what it builds and,
+file by file, how far it has got (``[gradzip build] compiled 3/14 ...``); pip shows a
+build's output only with ``pip install -v``. ``gradzip.build_info()`` reports at run time
+what was built.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 
 from setuptools import find_packages, setup
 
@@ -88,6 +92,76 @@ def _cuda_decision() -> tuple[bool, str | None, str]:
     return False, None, reason
 
 
+class _Progress:
+    """Says which object files the build has finished, as they appear (ninja compiles them
+    in parallel and, under pip, its output is hidden unless ``pip install -v``)."""
+
+    def __init__(self, build_temp: str, total: int) -> None:
+        self.build_temp, self.total = build_temp, total
+        self.start = time.time()
+        self.seen: set[str] = set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _new_objects(self) -> list[str]:
+        found = []
+        for path in glob.glob(os.path.join(self.build_temp, "**", "*.o"), recursive=True):
+            try:
+                fresh = os.path.getmtime(path) >= self.start - 1
+            except OSError:
+                continue
+            if fresh and path not in self.seen:
+                self.seen.add(path)
+                found.append(path)
+        return sorted(found)
+
+    def _report(self) -> None:
+        for path in self._new_objects():
+            name = os.path.relpath(path, self.build_temp)
+            _log(f"compiled {len(self.seen)}/{self.total}: {name} "
+                 f"({time.time() - self.start:.0f} s)")
+
+    def _watch(self) -> None:
+        while not self.done.wait(2.0):
+            self._report()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self._report()
+        if exc[0] is None:
+            _log(f"compiled {len(self.seen)} of {self.total} files in "
+                 f"{time.time() - self.start:.0f} s (the others were up to date)"
+                 if len(self.seen) < self.total else
+                 f"compiled {self.total} files in {time.time() - self.start:.0f} s")
+
+
+def _with_progress(base):
+    """``base`` (torch's BuildExtension) announcing what it compiles and how far it is."""
+
+    class BuildWithProgress(base):
+        def build_extensions(self) -> None:
+            sources = [s for ext in self.extensions for s in ext.sources]
+            cuda = sum(s.endswith(".cu") for s in sources)
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+            jobs = os.environ.get("MAX_JOBS") or f"{os.cpu_count()} (MAX_JOBS to change)"
+            _log(f"compiling {len(sources)} files ({len(sources) - cuda} C++"
+                 + (f", {cuda} CUDA for {archs}" if cuda else "") + f") with {jobs} parallel "
+                 "jobs; pip shows this output with `pip install -v`")
+            if cuda:
+                _log("the CUDA kernels take most of the time (about 10 minutes on 2 cores "
+                     "for 4 architectures); GRADZIP_CUDA=0 skips them, TORCH_CUDA_ARCH_LIST "
+                     "narrows them to your GPU")
+            with _Progress(self.build_temp, len(sources)):
+                super().build_extensions()
+
+    return BuildWithProgress
+
+
 def _write_build_info(info: dict) -> None:
     """csrc/generated/build_info.h: what this build compiled, read by gradzip.build_info()."""
     os.makedirs(os.path.join(ROOT, "csrc", "generated"), exist_ok=True)
@@ -143,7 +217,7 @@ def _extensions():
         ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx},
                                          **kwargs)
         _log(f"building C++ CPU kernels only; CUDA kernels skipped: {reason}")
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], _with_progress(cpp_extension.BuildExtension.with_options(use_ninja=True))
 
 
 ext_modules, build_ext = _extensions()
