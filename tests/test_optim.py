@@ -213,16 +213,32 @@ def replay(runs: list[dict], spec: str, algorithm: str, warmup: int, refresh: in
     mean = CompressedMean(Codec(spec), algorithm, world, sum(sizes))
     vstep = {}
     for t in range(len(runs[0]["before"])):
-        if t < warmup or refresh_due(t, warmup, refresh):
-            # averaged gradients: by DDP's hook (warm-up) or inside step() (refresh)
-            old = torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1)
-                             for p in params]) if t >= warmup else None
+        if t < warmup:  # AdamW itself, on the gradients DDP's hook averaged
             for p, g in zip(params, runs[0]["after"][t]):
                 p.grad = g.clone()
             adamw.step()
             for p in params:
                 vstep[id(p)] = int(adamw.state[p]["step"].item())
-            if old is not None and precondition and t > warmup:
+            continue
+        if refresh_due(t, warmup, refresh):
+            # AdamW's step on the gradients averaged inside step(), the second moment
+            # updated as if the frozen steps' squared gradients had been this one's
+            old = torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1) for p in params])
+            with torch.no_grad():
+                for p, g in zip(params, runs[0]["after"][t]):
+                    st = adamw.state[p]
+                    st["step"] += 1
+                    step = st["step"].item()
+                    if wd_of[id(p)]:
+                        p.mul_(1 - LR * wd_of[id(p)])
+                    st["exp_avg"].lerp_(g, 1 - BETAS[0])
+                    gap = int(step) - vstep[id(p)]
+                    st["exp_avg_sq"].mul_(BETAS[1] ** gap).addcmul_(
+                        g, g, value=1 - BETAS[1] ** gap)
+                    vstep[id(p)] = int(step)
+                    p.addcdiv_(st["exp_avg"], denominator(adamw, p, vstep[id(p)]),
+                               value=-(LR / (1 - BETAS[0] ** step)))
+            if precondition and t > warmup:
                 mean.rescale(old, torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1)
                                              for p in params]))
             continue
@@ -490,7 +506,8 @@ def test_zero_variance_coordinates_only_decay(results):
 
 def test_variance_refresh_steps_are_adamw(results):
     """refresh=1 after a 2-step warm-up: steps 2, 4, 8 (post-warm-up steps 1, 3, 7) are
-    exact AdamW steps on averaged gradients, the others compressed."""
+    exact AdamW steps on averaged gradients whose second-moment update stands in for the
+    compressed steps before them (beta2**gap), the others compressed."""
     world, res = results
     runs = [res[r]["refresh"] for r in range(world)]
     want, _ = replay(runs, "sign", "alltoall", 2, refresh=1)

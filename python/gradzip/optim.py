@@ -40,10 +40,16 @@ What this optimizer does instead (1-bit Adam, Tang et al. 2021, with one change)
    e.g. embedding rows of tokens that never occurred) keep a zero momentum and no update:
    1-bit codes cannot represent zero (DeepSpeed's 1-bit Adam asks the user for this mask;
    here it is derived from ``v``).
-4. Optionally (``variance_refresh=N``, after 0/1 Adam, Lu et al. 2022) the second moment is
-   refreshed at post-warm-up steps N, 3N, 7N, 15N, ... (intervals doubling): those steps
-   all-reduce the uncompressed gradient and take an exact AdamW step; the residuals, owed
-   in units of the old ``1/d``, are re-expressed in the new ones.
+4. The second moment is refreshed (``variance_refresh=N``, default 10; 0 keeps it frozen;
+   the doubling intervals are 0/1 Adam's, Lu et al. 2022) at post-warm-up steps N, 3N, 7N,
+   15N, ...: those steps all-reduce the uncompressed gradient ``g`` and take an exact AdamW
+   step in which the ``D`` steps since the last update count as if their squared gradients
+   had been this one's, ``v = beta2**D * v + (1 - beta2**D) * g**2`` (what AdamW's ``v``
+   would be were the second moment constant over the gap). A frozen ``v`` goes stale as
+   gradients shrink during training: it then over-estimates them and slows the end of the
+   run (measured: +21 % final loss on the autoencoder with a nearly lossless int8 codec,
+   +1.1 % with the refresh). The residuals, owed in units of the old ``1/d``, are
+   re-expressed in the new ones.
 
 Usage with DDP::
 
@@ -129,9 +135,10 @@ class CompressedAdamW(torch.optim.Optimizer):
             "topk:0.01", "int4", ...).
         warmup_steps: optimizer steps of exact AdamW on averaged gradients before the
             second moment is frozen and the momentum is compressed.
-        variance_refresh: 0 (default) keeps the second moment frozen; N > 0 refreshes it
-            with an exact AdamW step (uncompressed all-reduce) at post-warm-up steps N, 3N,
-            7N, 15N, ...
+        variance_refresh: N > 0 (default 10) refreshes the second moment with an exact
+            AdamW step (one uncompressed all-reduce) at post-warm-up steps N, 3N, 7N, 15N,
+            ... (the skipped steps' squared gradients taken as this step's); 0 keeps it
+            frozen for good (1-bit Adam).
         algorithm: "alltoall" (two-phase, worker + server residuals; the fewest bytes) or
             "allgather" (one compression per rank, (W-1) payloads per rank).
         precondition: True (default): what travels is the momentum divided by the frozen
@@ -171,7 +178,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         codec: Codec | str = "sign",
         warmup_steps: int = 100,
-        variance_refresh: int = 0,
+        variance_refresh: int = 10,
         algorithm: str = "alltoall",
         precondition: bool = True,
         process_group: dist.ProcessGroup | None = None,
@@ -675,7 +682,11 @@ def _adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
     if wd != 0:
         p.mul_(1 - lr * wd)
     state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    # Steps since the second moment was last updated: 1 in warm-up (AdamW's own update,
+    # bit for bit); at a variance refresh the frozen steps count as if their squared
+    # gradients had been this one's.
+    gap = int(step) - state["variance_step"]
+    state["exp_avg_sq"].mul_(beta2**gap).addcmul_(grad, grad, value=1 - beta2**gap)
     state["variance_step"] = int(step)
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
