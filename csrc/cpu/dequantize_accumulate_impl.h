@@ -2,42 +2,65 @@
 // instruction set through cpu/isa_dispatch.h (see quantize_pack_impl.h).
 //
 // Dense: each W-lane vector of `out` is read once, the W payloads' codes for those lanes
-// are decoded and summed in payload order in a register, and `out` is written once.
+// are decoded and summed in payload order in a register, and `out` is written once; a
+// tile of 8 vectors is summed at a time, payload by payload.
 // Sparse: the scatter-add into an fp32 range buffer happens in the op file; the final
 // out = out + alpha * acc over the range is vectorised here.
+
+// d = decode of payload row `row`'s W codes at element e of its block (scale s; ns = -s).
+template <int BITS>
+GZ_INLINE typename V::F decode_vec(const uint8_t* row, int64_t e, typename V::F s,
+                                   typename V::F ns, typename V::I iq) {
+  if constexpr (BITS == 1) {
+    return V::select(V::unpack_signs(row, e), ns, s);
+  } else {
+    return V::mul(V::cvt_f32(V::add_i(V::template unpack<BITS>(row, e), iq)), s);
+  }
+}
+
+// NV vectors (NV * W elements from element i of the block at `start`): the sums over the
+// W payloads stay in NV registers while the loop runs over payloads, so each payload's
+// scale is broadcast once per NV vectors and the loop costs little per element.
+template <int BITS, int NV, typename OT>
+GZ_INLINE void dense_tile(const DenseAccArgs& a, const float* sc, int64_t start, int64_t i,
+                          int64_t code_off, OT* out) {
+  constexpr int W = V::W;
+  using F = typename V::F;
+  constexpr int qmax = BITS > 1 ? (1 << (BITS - 1)) - 1 : 0;
+  const typename V::I iq = V::set1i(static_cast<uint32_t>(-qmax));
+  F acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = V::zero();  // the reference's ((0 + d0) + d1) + ...
+  const uint8_t* row = a.payloads + code_off;
+  for (int64_t w = 0; w < a.W; ++w, row += a.stride) {
+    const F s = V::set1(sc[w]);
+    const F ns = V::neg(s);
+    for (int v = 0; v < NV; ++v)
+      acc[v] = V::add(acc[v], decode_vec<BITS>(row, i + v * W, s, ns, iq));
+  }
+  const F alpha = V::set1(a.alpha);
+  for (int v = 0; v < NV; ++v) {
+    OT* o = out + start + i + v * W;
+    V::store_x(o, V::add(V::load_x(o), V::mul(alpha, acc[v])));
+  }
+}
 
 template <int BITS, typename OT>
 void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
   constexpr int W = V::W;
-  using F = typename V::F;
   constexpr int qmax = BITS > 1 ? (1 << (BITS - 1)) - 1 : 0;
+  constexpr int kTile = 8 * W;
   OT* out = static_cast<OT*>(a.out);
-  const F alpha = V::set1(a.alpha);
-  const typename V::I iq = V::set1i(static_cast<uint32_t>(-qmax));
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * a.block;
     const int64_t len = a.n - start < a.block ? a.n - start : a.block;
     const int64_t code_off = a.codes_offset + start * BITS / 8;
     for (int64_t w = 0; w < a.W; ++w)
       sc[w] = load_unaligned<float>(a.payloads + w * a.stride + a.scales_offset + 4 * b);
-    const int64_t nvec = len / W * W;
-    for (int64_t i = 0; i < nvec; i += W) {
-      F acc = V::zero();  // the reference's ((0 + d0) + d1) + ...
-      const uint8_t* row = a.payloads + code_off;
-      for (int64_t w = 0; w < a.W; ++w, row += a.stride) {
-        const F s = V::set1(sc[w]);
-        F d;
-        if constexpr (BITS == 1) {
-          d = V::select(V::unpack_signs(row, i), V::neg(s), s);
-        } else {
-          d = V::mul(V::cvt_f32(V::add_i(V::template unpack<BITS>(row, i), iq)), s);
-        }
-        acc = V::add(acc, d);
-      }
-      OT* o = out + start + i;
-      V::store_x(o, V::add(V::load_x(o), V::mul(alpha, acc)));
-    }
-    for (int64_t i = nvec; i < len; ++i) {
+    int64_t i = 0;
+    for (; i + kTile <= len; i += kTile) dense_tile<BITS, 8>(a, sc, start, i, code_off, out);
+    for (; i + 4 * W <= len; i += 4 * W) dense_tile<BITS, 4>(a, sc, start, i, code_off, out);
+    for (; i + W <= len; i += W) dense_tile<BITS, 1>(a, sc, start, i, code_off, out);
+    for (; i < len; ++i) {
       float acc = 0.0f;
       const uint8_t* row = a.payloads + code_off;
       for (int64_t w = 0; w < a.W; ++w, row += a.stride) {

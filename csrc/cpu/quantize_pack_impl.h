@@ -5,6 +5,13 @@
 // One pass over memory per block: pass 1 reads x (+ residual) once into `vbuf` (the block,
 // at most 16 KiB, stays in L1) while reducing max |v| (or the 32-lane |v| sums for 1 bit);
 // pass 2 quantizes from vbuf, packs the codes and writes the residual.
+//
+// Pass 2 has a fast form for the usual block, whose largest |v| (or 1-bit |v| sum) is below
+// 2^126: there |v| < 2^126 and every decoded value is at most 2^126 (1 + 2^-22) in
+// magnitude, so v - decode is always finite and the residual is stored without the
+// non-finite test (or a reload of the old residual) that core::residual_update makes.
+// Either form gives the same bits; the test stays for blocks near the float32 range.
+constexpr uint32_t kSafeKey = 0x7E800000u;  // bits of 2^126
 
 // Packs `count` (< 32) trailing codes; the last byte's unused high bits are zero.
 template <int BITS>
@@ -61,20 +68,29 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
       const float scale = core::fdiv(lane[0], static_cast<float>(len));
       store_unaligned<float>(a.scales + 4 * b, core::canonical_nan(scale));  // canonical NaN
       const F fs = V::set1(scale), fns = V::set1(core::sign_decode(1u, scale));
-      for (int64_t i = 0; i < n32; i += 32) {
-        uint32_t word = 0;
-        for (int g = 0; g < 32 / W; ++g) {
-          const int64_t off = i + g * W;
-          F v = V::load(vbuf + off);
-          uint32_t m = V::lt_zero_mask(v);
-          word |= m << (g * W);
-          if constexpr (EF) {
-            F rn = V::sub(v, V::select(m, fns, fs));
-            V::store(rb + off, V::select(V::finite_mask(rn), rn, V::load(rb + off)));
+      // Every |v| <= the sum (a sum of terms >= 0 rounds to at least each term), and the
+      // scale <= the sum: below 2^126 no residual can overflow (NaN fails the test).
+      const bool safe = lane[0] < float_from_bits(kSafeKey);
+      auto signs = [&](auto safe_tag) {
+        constexpr bool SAFE = decltype(safe_tag)::value;
+        for (int64_t i = 0; i < n32; i += 32) {
+          uint32_t word = 0;
+          for (int g = 0; g < 32 / W; ++g) {
+            const int64_t off = i + g * W;
+            F v = V::load(vbuf + off);
+            uint32_t m = V::lt_zero_mask(v);
+            word |= m << (g * W);
+            if constexpr (EF) {
+              F rn = V::sub(v, V::sign_select(v, fns, fs));
+              if constexpr (SAFE) V::store(rb + off, rn);
+              else V::store(rb + off, V::select(V::finite_mask(rn), rn, V::load(rb + off)));
+            }
           }
+          store_unaligned<uint32_t>(cb + i / 8, word);
         }
-        store_unaligned<uint32_t>(cb + i / 8, word);
-      }
+      };
+      if (safe) signs(std::true_type{});
+      else signs(std::false_type{});
       uint32_t tail[32];
       for (int64_t i = n32; i < len; ++i) {
         const uint32_t bit = core::sign_code(vbuf[i]);
@@ -85,12 +101,23 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
     } else {
       // ---- symmetric absmax ---------------------------------------------------------------
       // max |v| as the max of the magnitude keys (core::amax_from_key).
+      // (|v|'s raw bits: a NaN's max is canonicalised once, by amax_from_key)
       I m = V::set1i(0);
-      for (int64_t i = 0; i < nvec; i += W) {
-        F v = V::load_x(xb + i);
-        if constexpr (EF) v = V::add(v, V::load(rb + i));
-        V::store(vbuf + i, v);
-        m = V::max_u32(m, V::key(v));
+      int64_t i1 = 0;
+      for (; i1 < n32; i1 += 32) {  // 32 at a time: less loop overhead per element
+        for (int g = 0; g < 32 / W; ++g) {
+          const int64_t off = i1 + g * W;
+          F v = V::load_x(xb + off);
+          if constexpr (EF) v = V::add(v, V::load(rb + off));
+          V::store(vbuf + off, v);
+          m = V::max_u32(m, V::abs_bits(v));
+        }
+      }
+      for (; i1 < nvec; i1 += W) {
+        F v = V::load_x(xb + i1);
+        if constexpr (EF) v = V::add(v, V::load(rb + i1));
+        V::store(vbuf + i1, v);
+        m = V::max_u32(m, V::abs_bits(v));
       }
       uint32_t mk = V::reduce_max_u32(m);
       for (int64_t i = nvec; i < len; ++i) {
@@ -122,27 +149,36 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
       const I iq = V::set1i(qmax);
       const uint32_t k2 =
           STOCH ? core::hash32_high_key(a.k1, static_cast<uint32_t>(uint64_t(start) >> 32)) : 0u;
-      for (int64_t i = 0; i < n32; i += 32) {
-        I c[32 / W];
-        for (int g = 0; g < 32 / W; ++g) {
-          const int64_t off = i + g * W;
-          F v = V::load(vbuf + off);
-          F t = V::mul(v, finv);
-          F q;
-          if constexpr (STOCH) {
-            q = V::floor(V::add(t, V::uniform(a.k1, k2, static_cast<uint32_t>(start + off))));
-          } else {
-            q = V::round_even(t);
+      auto codes = [&](auto safe_tag) {
+        constexpr bool SAFE = decltype(safe_tag)::value;
+        for (int64_t i = 0; i < n32; i += 32) {
+          I c[32 / W];
+          for (int g = 0; g < 32 / W; ++g) {
+            const int64_t off = i + g * W;
+            F v = V::load(vbuf + off);
+            F t = V::mul(v, finv);
+            F q;
+            if constexpr (STOCH) {
+              q = V::floor(V::add(t, V::uniform(a.k1, k2, static_cast<uint32_t>(start + off))));
+              q = V::clamp(q, fnq, fq);  // t + u may round up to qmax + 1
+            } else {
+              // No clamp needed: |v| <= amax, so |t| <= amax * fl(qmax / amax) rounded,
+              // at most qmax (1 + 2^-24) rounded, which rounds to at most qmax (the
+              // scalar tail's core::quantize_value clamps, to the same result).
+              q = V::round_even(t);
+            }
+            c[g] = V::add_i(V::cvt_i32(q), iq);
+            if constexpr (EF) {
+              F rn = V::sub(v, V::mul(q, fscale));
+              if constexpr (SAFE) V::store(rb + off, rn);
+              else V::store(rb + off, V::select(V::finite_mask(rn), rn, V::load(rb + off)));
+            }
           }
-          q = V::clamp(q, fnq, fq);
-          c[g] = V::add_i(V::cvt_i32(q), iq);
-          if constexpr (EF) {
-            F rn = V::sub(v, V::mul(q, fscale));
-            V::store(rb + off, V::select(V::finite_mask(rn), rn, V::load(rb + off)));
-          }
+          V::template pack32<BITS>(c, cb + i * BITS / 8);
         }
-        V::template pack32<BITS>(c, cb + i * BITS / 8);
-      }
+      };
+      if (mk < kSafeKey) codes(std::true_type{});
+      else codes(std::false_type{});
       uint32_t tail[32];
       for (int64_t i = n32; i < len; ++i) {
         const float u = STOCH ? core::uniform(a.k1, static_cast<uint64_t>(start + i)) : 0.0f;

@@ -134,6 +134,9 @@ struct Scalar {
     return a > hi ? hi : a;
   }
   static GZ_INLINE I key(F v) { return core::magnitude_key(v); }
+  // |v|'s bits (sign cleared), NaN payloads kept: the max over a block is > 0x7F800000
+  // exactly when the block holds a NaN, which core::amax_from_key makes canonical.
+  static GZ_INLINE I abs_bits(F v) { return core::float_bits(v) & 0x7FFFFFFFu; }
   static GZ_INLINE I max_u32(I a, I b) { return a > b ? a : b; }
   static GZ_INLINE uint32_t reduce_max_u32(I a) { return a; }
   static GZ_INLINE I cvt_i32(F a) { return static_cast<uint32_t>(static_cast<int32_t>(a)); }
@@ -147,6 +150,8 @@ struct Scalar {
   static GZ_INLINE uint32_t gt_u32_mask(I a, uint32_t t) { return a > t ? 1u : 0u; }
   static GZ_INLINE uint32_t eq_u32_mask(I a, uint32_t t) { return a == t ? 1u : 0u; }
   static GZ_INLINE F select(uint32_t m, F a, F b) { return m ? a : b; }  // m ? a : b
+  // v < 0 ? neg : pos per lane (core::sign_code's test: -0.0 and NaN take pos).
+  static GZ_INLINE F sign_select(F v, F neg, F pos) { return v < 0.0f ? neg : pos; }
   // uniform(seed, i) for the W indices lo0 .. lo0 + W - 1 sharing one high word (k2).
   static GZ_INLINE F uniform(uint32_t k1, uint32_t k2, uint32_t lo0) {
     return static_cast<float>(core::hash32_low(k1, k2, lo0) >> 8) * core::kUniformScale;
@@ -240,6 +245,9 @@ struct Avx2 {
     const __m256i nan = _mm256_cmpgt_epi32(k, _mm256_set1_epi32(0x7F800000));
     return _mm256_blendv_epi8(k, _mm256_set1_epi32(0x7FC00000), nan);
   }
+  static GZ_INLINE I abs_bits(F v) {
+    return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
+  }
   static GZ_INLINE I max_u32(I a, I b) { return _mm256_max_epu32(a, b); }
   static GZ_INLINE uint32_t reduce_max_u32(I a) {
     __m128i m = _mm_max_epu32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
@@ -281,6 +289,9 @@ struct Avx2 {
   }
   static GZ_INLINE F select(uint32_t m, F a, F b) {
     return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(lane_mask(m)));
+  }
+  static GZ_INLINE F sign_select(F v, F neg, F pos) {
+    return _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ));
   }
   static GZ_INLINE I lowbias32(I x) {
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
@@ -405,6 +416,9 @@ struct Avx512 {
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(k, _mm512_set1_epi32(0x7F800000));
     return _mm512_mask_mov_epi32(k, nan, _mm512_set1_epi32(0x7FC00000));
   }
+  static GZ_INLINE I abs_bits(F v) {
+    return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+  }
   static GZ_INLINE I max_u32(I a, I b) { return _mm512_max_epu32(a, b); }
   static GZ_INLINE uint32_t reduce_max_u32(I a) { return _mm512_reduce_max_epu32(a); }
   static GZ_INLINE I cvt_i32(F a) { return _mm512_cvtps_epi32(a); }  // a is integral
@@ -429,6 +443,10 @@ struct Avx512 {
   }
   static GZ_INLINE F select(uint32_t m, F a, F b) {
     return _mm512_mask_blend_ps(static_cast<__mmask16>(m), b, a);
+  }
+  static GZ_INLINE F sign_select(F v, F neg, F pos) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), pos,
+                                neg);
   }
   static GZ_INLINE I lowbias32(I x) {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));

@@ -1,0 +1,156 @@
+"""Every vector instruction-set path of the C++ CPU kernels (scalar, AVX2, AVX-512, as far as
+this CPU has them), in one process through ``gradzip::_cpu_set_isa``, against the reference:
+payload bytes, residual bits and accumulated outputs.
+
+The other op tests run whichever path ``GRADZIP_CPU_ISA`` selects; this file makes sure a
+plain ``pytest`` run covers all of them, with inputs aimed at the places where the paths
+differ: whole and partial vectors and tiles, short last blocks, and the boundary of
+quantize_pack's fast residual store (blocks whose largest |v|, or 1-bit |v| sum, sits just
+below, at or above 2^126, where v - decode can overflow)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import backends
+import gradzip
+import inputs
+import pytest
+import torch
+from gradzip import reference
+from gradzip.testing import assert_bits_equal, assert_payload_equal
+
+ISAS = ("scalar", "avx2", "avx512")
+pytestmark = pytest.mark.skipif(
+    not backends.kernel_registered("quantize_pack", "CPU"),
+    reason="the C++ CPU kernels are not in this build")
+
+
+def _supported(isa: str) -> bool:
+    old = torch.ops.gradzip._cpu_isa()
+    try:
+        torch.ops.gradzip._cpu_set_isa(isa)
+    except ValueError:
+        return False
+    torch.ops.gradzip._cpu_set_isa(old)
+    return True
+
+
+@contextlib.contextmanager
+def isa_path(isa: str):
+    if not _supported(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    old = torch.ops.gradzip._cpu_set_isa(isa)
+    try:
+        yield
+    finally:
+        torch.ops.gradzip._cpu_set_isa(old)
+
+
+def test_isa_switch_reports_and_restores():
+    start = torch.ops.gradzip._cpu_isa()
+    with isa_path("scalar"):
+        assert torch.ops.gradzip._cpu_isa() == "scalar"
+        assert gradzip.ops.build_info.__wrapped__()["cpu_isa"] == "scalar"
+    assert torch.ops.gradzip._cpu_isa() == start
+    with pytest.raises(ValueError, match="cpu isa must be"):
+        torch.ops.gradzip._cpu_set_isa("sse9")
+
+
+def _boundary_blocks(block: int) -> torch.Tensor:
+    """Blocks whose amax is just below, exactly at and above 2^126, and near FLT_MAX."""
+    g = inputs.generator(3)
+    two126 = 2.0 ** 126
+    below = torch.nextafter(torch.tensor(two126), torch.tensor(0.0)).item()
+    rows = []
+    for amax in (below, two126, 2.0 ** 127, 3.0e38, torch.finfo(torch.float32).max):
+        r = torch.randn(block, generator=g)
+        r = r / r.abs().max() * amax
+        r[block // 2] = -amax
+        rows.append(r)
+    return torch.cat(rows)
+
+
+def _sum_boundary_blocks(block: int) -> torch.Tensor:
+    """1 bit: blocks whose |v| sum is just below and just above 2^126 (and overflows)."""
+    two126 = 2.0 ** 126
+    rows = []
+    for total in (two126 * 0.999, two126 * 1.001, 2.0 ** 127, 2.0 ** 129):
+        rows.append(torch.full((block,), total / block) * torch.where(
+            torch.arange(block) % 3 == 0, -1.0, 1.0))
+    return torch.cat(rows)
+
+
+def _quantize_inputs(block: int) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    n = 5 * block + block // 2 + 7  # whole blocks, then a short one with a partial vector
+    x = inputs.grad_like(n, seed=block)
+    big = _boundary_blocks(block)
+    sums = _sum_boundary_blocks(block)
+    return [
+        ("gradient", x, inputs.residual_like(n, seed=2)),
+        ("gradient, no residual", x, None),
+        # small residuals: v stays finite, and qmax * scale overflows in the FLT_MAX block
+        ("amax near 2^126 and FLT_MAX", big, inputs.residual_like(big.numel(), seed=3)),
+        # residuals that push v itself past the float32 range in the top blocks
+        ("amax near 2^126, huge residual", big, torch.full_like(big, 2.0 ** 125)),
+        ("amax near 2^126, negative residual", big, torch.full_like(big, -3.0e38)),
+        ("|v| sums near 2^126", sums, torch.full_like(sums, 2.0 ** 120)),
+    ]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", (8, 4, 2, 1))
+@pytest.mark.parametrize("block", (32, 64, 256, 4096))
+def test_quantize_pack_every_isa(isa, bits, block):
+    with isa_path(isa):
+        for rounding in ("nearest", "stochastic") if bits > 1 else ("nearest",):
+            for dtype in (torch.float32, torch.bfloat16):
+                for name, x, r in _quantize_inputs(block):
+                    if dtype != torch.float32 and name != "gradient":
+                        continue
+                    xd = x.to(dtype)
+                    r_ref = None if r is None else r.clone()
+                    want = reference.quantize_pack(xd, bits, block, r_ref, rounding, 5)
+                    r_got = None if r is None else r.clone()
+                    got = gradzip.quantize_pack(xd, bits, block, r_got, rounding, 5,
+                                                backend="cpu")
+                    ctx = f"{isa} bits={bits} block={block} {rounding} {dtype} {name}"
+                    assert_payload_equal(got, want, ctx)
+                    if r is not None:
+                        assert_bits_equal(r_got, r_ref, ctx + " residual")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", (8, 4, 2, 1))
+@pytest.mark.parametrize("block", (32, 64, 128, 4096))
+def test_dense_accumulate_every_isa(isa, bits, block):
+    """Tiles of 8, 4 and 1 vectors and the scalar tail, 1 to 9 payloads, three out dtypes."""
+    n = 3 * block + block // 2 + 5
+    with isa_path(isa):
+        for w in (1, 3, 9):
+            rows = torch.stack([reference.quantize_pack(inputs.grad_like(n, seed=s), bits, block)
+                                for s in range(w)])
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                out0 = inputs.grad_like(n, seed=77).to(dtype)
+                want, got = out0.clone(), out0.clone()
+                reference.dequantize_accumulate(rows, want, 0.3)
+                gradzip.dequantize_accumulate(rows, got, 0.3, backend="cpu")
+                assert_bits_equal(got, want, f"{isa} bits={bits} block={block} W={w} {dtype}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_topk_select_and_sparse_accumulate_every_isa(isa):
+    n = 3 * 2**16 + 1001  # several chunks and a short one
+    x = inputs.grad_like(n, seed=4)
+    with isa_path(isa):
+        for exact, values in ((True, "fp32"), (False, "bf16"), (True, "int8")):
+            r_ref, r_got = inputs.residual_like(n), inputs.residual_like(n)
+            want = reference.topk_select(x, 2000, r_ref, exact, values, 9)
+            got = gradzip.topk_select(x, 2000, r_got, exact, values, 9, backend="cpu")
+            assert_payload_equal(got, want, f"{isa} topk {exact} {values}")
+            assert_bits_equal(r_got, r_ref, f"{isa} topk {exact} {values} residual")
+            out_ref, out_got = torch.zeros(n), torch.zeros(n)
+            rows = torch.stack([want, want])
+            reference.dequantize_accumulate(rows, out_ref, 0.5)
+            gradzip.dequantize_accumulate(rows, out_got, 0.5, backend="cpu")
+            assert_bits_equal(out_got, out_ref, f"{isa} sparse accumulate {values}")
