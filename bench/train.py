@@ -46,7 +46,8 @@ step and against wall time. Wall time is the sum of the training steps' times on
 and the ranks meet at a barrier after each evaluation so none runs ahead while rank 0
 evaluates.
 
-Bytes per step: what one rank sends per step after the warm-up (and during it), computed
+Bytes per step: what one rank sends per step after the warm-up (and during it; for gz-opt
+the mean over its compressed and variance-refresh steps, both also in the JSON), computed
 from the model's parameters: ``gradzip.comm.plan(...).bytes_sent`` for gradzip (for the
 hook's "auto", the algorithm it settled on), ``CompressedAdamW.bytes_per_step`` for the
 optimizer, the ring all-reduce volume for fp32/fp16 and for PowerSGD's P and Q factors and
@@ -455,7 +456,15 @@ def bytes_per_step(method: str, net, world: int, cfg: dict, opt) -> dict:
         return {"warmup": fp32, "after": sum(ring(x) for x in (plain, ps, qs) if x)}
     if method.startswith("gz-opt:"):
         b = opt.bytes_per_step(world)
-        return {"warmup": b["warmup"], "after": b["compressed"], "refresh": b["refresh"]}
+        # after warm-up, averaged over this run's compressed and variance-refresh steps
+        k = range(1, cfg["steps"] - opt.warmup_steps + 1)
+        every = opt.variance_refresh
+        refreshes = sum(1 for i in k if every and i % every == 0
+                        and (i // every + 1) & (i // every) == 0)
+        mean = (b["compressed"] * (len(k) - refreshes) + b["refresh"] * refreshes) \
+            / max(1, len(k))
+        return {"warmup": b["warmup"], "after": b["compressed"], "refresh": b["refresh"],
+                "refresh_steps": refreshes, "after_mean": mean}
     spec = method[3:].removesuffix(":noef")
     algorithm = cfg["algorithm"]
     if n < cfg["min_numel"]:
@@ -664,10 +673,11 @@ def summarize(runs: list[dict]) -> tuple[str, list[dict]]:
                    "identical": r["params_identical_across_ranks"]}
             b = r.get("bytes_per_step")
             if b:
-                row["bytes_per_step"] = b["after"]
+                # gz-opt: the mean over its compressed and variance-refresh steps
+                row["bytes_per_step"] = b.get("after_mean", b["after"])
                 row["bytes_per_step_warmup"] = b["warmup"]
                 row["warmup_steps"] = r.get("warmup_steps")
-                row["fewer_bytes_than_fp32"] = b["warmup"] / b["after"] \
+                row["fewer_bytes_than_fp32"] = b["warmup"] / row["bytes_per_step"] \
                     if r["method"] != "fp16_hook" else 2.0
             if ref is not None:
                 row["loss_vs_fp32"] = r["final_loss"] / ref["final_loss"] - 1
