@@ -2,6 +2,7 @@
 
     python bench/kernels.py                       # defaults: 2^24 and 2^26 elements, 1 and 2 threads
     python bench/kernels.py --sizes 2^20 --ops quantize,topk --threads 1 --min-time 0.2
+    python bench/kernels.py --isas avx2,avx512 --threads 1    # both x86 paths, one run
 
 For every op x configuration x backend it
 
@@ -13,8 +14,9 @@ For every op x configuration x backend it
    after a warm-up, ``torch.utils.benchmark`` on the CPU, ``triton.testing.do_bench`` on
    CUDA) next to (a) the pure-PyTorch code a user would write without gradzip, and (b) a
    memcpy of the op's input measured in the same run, with the same thread count;
-3. prints a table (size, op, backend, threads, median ms, GB/s of logical bytes, % of
-   memcpy, speedup vs the PyTorch baseline) and writes JSON (``--json``).
+3. prints a table (size, op, backend, CPU ISA path, form, threads, median ms, GB/s of
+   logical bytes, % of memcpy, speedup vs the PyTorch baseline) and writes JSON
+   (``--json``).
 
 Logical bytes count each input read once and each output written once: quantize_pack
 with error feedback reads x and the residual and writes the residual and the payload.
@@ -24,16 +26,25 @@ those backends are available (timed with CUDA events); ``reference`` (gradzip.re
 pure PyTorch written for clarity, not speed) only at sizes up to 2^20, because it takes
 seconds per call beyond that.
 
-Every call of quantize_pack / topk_select returns a fresh payload, so part of their time at
-2^26 is the kernel faulting in new pages; torch's allocator can use transparent huge pages
-for large tensors (THP_MEM_ALLOC_ENABLE=1 in the environment), which removes most of that. bitsandbytes' ``quantize_blockwise`` (its dynamic 8-bit
-code, same block size) is a peer column for 8-bit quantize_pack without error feedback
-when bitsandbytes is importable; it is optional and not a gradzip dependency.
+quantize_pack and topk_select are timed in two forms: ``alloc`` returns a fresh payload per
+call, so part of its time is the kernel faulting in the new pages (glibc hands allocations
+above its mmap threshold, at most 32 MiB, back to the kernel on free: the int8 and int4
+payloads at 2^26); ``out=`` writes into one buffer reused by every call, as a training loop
+or gradzip's communication layer does. torch's allocator can also use transparent huge pages
+for large tensors (THP_MEM_ALLOC_ENABLE=1 in the environment), which removes most of the
+faults of the allocating form.
+
+The CPU rows say which vector ISA path of the C++ kernels ran (``isa``); ``--isas
+avx2,avx512`` times each path in turn on a CPU that has both (``GRADZIP_CPU_ISA`` picks
+one for the whole run). bitsandbytes' ``quantize_blockwise`` (its dynamic 8-bit code, same
+block size) is a peer column for 8-bit quantize_pack without error feedback when
+bitsandbytes is importable; it is optional and not a gradzip dependency.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -179,6 +190,9 @@ class State:
     torch_baseline: Callable[[], object]
     agree: Callable[[], tuple[bool, str]]       # gradzip (cpu/cuda) vs torch baseline
     peers: dict[str, Callable[[], object]] = field(default_factory=dict)
+    # backend -> payload written into one buffer reused by every call (the out= form);
+    # None for ops that allocate nothing (dequantize_accumulate updates out in place)
+    run_out: Callable[[str], object] | None = None
 
 
 _DATA: dict[tuple[int, str], torch.Tensor] = {}
@@ -208,6 +222,12 @@ def quantize_case(bits: int, ef: bool, stochastic: bool = False) -> Case:
 
         def run(backend: str):
             return gradzip.quantize_pack(x, bits, BLOCK, r, rounding, 0, backend=backend)
+
+        buf = torch.empty(payload_size, dtype=torch.uint8, device=device)
+
+        def run_out(backend: str):
+            return gradzip.quantize_pack(x, bits, BLOCK, r, rounding, 0, backend=backend,
+                                         out=buf)
 
         def base():
             return torch_quantize_pack(x, bits, BLOCK, r_torch)
@@ -240,7 +260,7 @@ def quantize_case(bits: int, ef: bool, stochastic: bool = False) -> Case:
             bnb = _bitsandbytes()
             if bnb is not None:
                 peers["bitsandbytes"] = lambda: bnb.functional.quantize_blockwise(x, blocksize=BLOCK)
-        return State(logical, run, base, agree, peers)
+        return State(logical, run, base, agree, peers, run_out)
 
     ef_s = "ef" if ef else "no-ef"
     cfg = f"bits={bits} block={BLOCK} {ef_s}" + (" stochastic" if stochastic else "")
@@ -257,6 +277,12 @@ def topk_case(exact: bool) -> Case:
 
         def run(backend: str):
             return gradzip.topk_select(x, k, r, exact, "fp32", 0, backend=backend)
+
+        buf = torch.empty(fmt.topk_payload_bytes(n, k, "fp32"), dtype=torch.uint8,
+                          device=device)
+
+        def run_out(backend: str):
+            return gradzip.topk_select(x, k, r, exact, "fp32", 0, backend=backend, out=buf)
 
         def base():
             return torch_topk_select(x, k, r_torch)
@@ -280,7 +306,7 @@ def topk_case(exact: bool) -> Case:
                 return ok, f"all {k} picks >= k-th largest |v|; recall vs torch.topk {recall:.4f}"
             return unique and recall >= 0.95, f"recall vs torch.topk {recall:.4f} (limit 0.95)"
 
-        return State(logical, run, base, agree)
+        return State(logical, run, base, agree, run_out=run_out)
 
     return Case("topk_select", "topk", f"k=1% {'exact' if exact else 'approximate'} ef fp32",
                 build)
@@ -388,7 +414,14 @@ def exact_check(case: Case, backend: str, device: torch.device) -> tuple[str | N
         if problem is None and ef:
             problem = testing.bits_mismatch(r2, r1)
             problem = problem and f"residual: {problem}"
-        what = "payload bytes" + (" + residual bits" if ef else "")
+        if problem is None:  # the out= form, into a buffer holding other bytes
+            r3 = r.clone().to(device) if ef else None
+            buf = torch.full_like(want, 0xA5).to(device)
+            gradzip.quantize_pack(x.to(device), bits, BLOCK, r3, rounding, 7, backend=backend,
+                                  out=buf)
+            problem = testing.payload_mismatch(buf, want)
+            problem = problem and f"out= payload: {problem}"
+        what = "payload bytes (allocating and out=)" + (" + residual bits" if ef else "")
     elif case.op == "topk_select":
         exact = "exact" in cfg
         k = max(1, n // 100)
@@ -399,7 +432,13 @@ def exact_check(case: Case, backend: str, device: torch.device) -> tuple[str | N
         if problem is None:
             problem = testing.bits_mismatch(r2, r1)
             problem = problem and f"residual: {problem}"
-        what = "payload bytes + residual bits"
+        if problem is None:
+            buf = torch.full_like(want, 0xA5).to(device)
+            gradzip.topk_select(x.to(device), k, r.clone().to(device), exact, "fp32", 7,
+                                backend=backend, out=buf)
+            problem = testing.payload_mismatch(buf, want)
+            problem = problem and f"out= payload: {problem}"
+        what = "payload bytes (allocating and out=) + residual bits"
     else:
         dense = "dense" in cfg
         bits = int(cfg.split("bits=")[1].split()[0]) if dense else None
@@ -437,6 +476,9 @@ class Row:
     samples_ms: list[float]  # each the mean of calls_per_sample back-to-back calls
     calls_per_sample: int
     cpu_isa: str  # the vector ISA path of gradzip's CPU kernels on this row; "-" for others
+    # "alloc": a fresh payload per call (its pages faulted in by the kernel); "out=": one
+    # payload buffer reused by every call; "-": the op allocates nothing, or not gradzip
+    form: str = "-"
 
 
 def _bitsandbytes():
@@ -474,6 +516,19 @@ def backends_for(device: torch.device, n: int, info: dict) -> list[str]:
         (["triton"] if info["triton"] else [])
 
 
+@contextlib.contextmanager
+def cpu_isa(isa: str):
+    """Run the block with gradzip's CPU kernels on the vector ISA path ``isa`` ("-": as is)."""
+    if isa == "-":
+        yield
+        return
+    old = torch.ops.gradzip._cpu_set_isa(isa)
+    try:
+        yield
+    finally:
+        torch.ops.gradzip._cpu_set_isa(old)
+
+
 def _api_backend(backend: str) -> str:
     return "torch" if backend == "reference" else backend
 
@@ -498,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=os.path.join(HERE, "results", "kernels.json"),
                     help="where to write the results")
     ap.add_argument("--no-gpu", action="store_true", help="CPU only even when a GPU is present")
+    ap.add_argument("--isas", default=None,
+                    help="vector ISA paths of the C++ CPU kernels to time, e.g. avx2,avx512 "
+                         "(each forced in turn; default: the one in use, see GRADZIP_CPU_ISA)")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -510,6 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     thread_counts = [int(t) for t in harness.split_list(args.threads)]
+    isas = harness.split_list(args.isas) if args.isas else [torch.ops.gradzip._cpu_isa()]
+    for isa in isas:
+        try:
+            with cpu_isa(isa):
+                pass
+        except ValueError as e:
+            ap.error(f"--isas: {e}")
     cases = [c for c in all_cases() if c.group in groups]
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.no_gpu:
@@ -533,14 +598,18 @@ def main(argv: list[str] | None = None) -> int:
             for backend in backends_for(device, SMALL_N, info):
                 if backend == "reference":
                     continue
-                problem, what = exact_check(case, _api_backend(backend), device)
-                msg = f"{what}: {problem or 'identical'}"
-                checks.append({"op": case.op, "config": case.config, "backend": backend,
-                               "kind": "byte-exact", "ok": problem is None, "detail": msg})
-                print(f"check {'FAIL' if problem else 'ok  '} {case.op} {case.config} "
-                      f"[{backend}]: {msg}")
-                if problem:
-                    failed.append(f"{case.op} {case.config} [{backend}]")
+                for isa in isas if backend == "cpu" else ["-"]:
+                    with cpu_isa(isa):
+                        problem, what = exact_check(case, _api_backend(backend), device)
+                    msg = f"{what}: {problem or 'identical'}"
+                    where = backend if isa == "-" else f"{backend} {isa}"
+                    checks.append({"op": case.op, "config": case.config, "backend": backend,
+                                   "cpu_isa": isa, "kind": "byte-exact",
+                                   "ok": problem is None, "detail": msg})
+                    print(f"check {'FAIL' if problem else 'ok  '} {case.op} {case.config} "
+                          f"[{where}]: {msg}")
+                    if problem:
+                        failed.append(f"{case.op} {case.config} [{where}]")
     if failed:
         harness.stop_before_timing(f"{len(failed)} of {len(checks)} byte-exact checks",
                                    ", ".join(failed))
@@ -569,20 +638,28 @@ def main(argv: list[str] | None = None) -> int:
                         f"{case.op} {case.config} at n={n} against the PyTorch baseline", msg)
                 for t in tcounts:
                     with harness.threads(t):
-                        entries = [("torch", harness.measure(
+                        # (backend, cpu isa, form, timing)
+                        entries = [("torch", "-", "-", harness.measure(
                             state.torch_baseline, device=device,
                             min_time_s=args.torch_min_time))]
                         for backend in backends_for(device, n, info):
                             slow = backend == "reference"
-                            entries.append((backend, harness.measure(
-                                lambda b=backend, run=state.run: run(_api_backend(b)),
-                                device=device,
-                                min_time_s=args.torch_min_time if slow else args.min_time)))
+                            forms = [("alloc" if state.run_out else "-", state.run)]
+                            if state.run_out is not None and not slow:
+                                forms.append(("out=", state.run_out))
+                            for isa in isas if backend == "cpu" else ["-"]:
+                                with cpu_isa(isa):
+                                    for form, run in forms:
+                                        entries.append((backend, isa, form, harness.measure(
+                                            lambda b=backend, run=run: run(_api_backend(b)),
+                                            device=device,
+                                            min_time_s=args.torch_min_time if slow
+                                            else args.min_time)))
                         for peer, fn in state.peers.items():
-                            entries.append((peer, harness.measure(fn, device=device,
-                                                                  min_time_s=args.min_time)))
-                    base_ms = entries[0][1].median_ms
-                    for backend, tm in entries:
+                            entries.append((peer, "-", "-", harness.measure(
+                                fn, device=device, min_time_s=args.min_time)))
+                    base_ms = entries[0][3].median_ms
+                    for backend, isa, form, tm in entries:
                         gbps = tm.gbps(state.logical_bytes)
                         rows.append(Row(
                             size=n, op=case.op, config=case.config,
@@ -591,19 +668,19 @@ def main(argv: list[str] | None = None) -> int:
                             median_ms=tm.median_ms, gbps=gbps, pct_memcpy=100 * gbps / mc[t],
                             speedup_vs_torch=base_ms / tm.median_ms,
                             samples_ms=tm.samples_ms, calls_per_sample=tm.calls_per_sample,
-                            cpu_isa=info["cpu_isa"] if backend == "cpu" else "-"))
+                            cpu_isa=isa, form=form))
                 state = None  # free this case's tensors before the next one
 
     # ---- 3. report --------------------------------------------------------------------
     print()
-    hdr = (f"{'size':>6} {'op':<22} {'config':<34} {'backend':<13} {'isa':<7} {'thr':>3} "
-           f"{'median ms':>10} {'GB/s':>7} {'%memcpy':>8} {'vs torch':>9}")
+    hdr = (f"{'size':>6} {'op':<22} {'config':<34} {'backend':<13} {'isa':<7} {'form':<5} "
+           f"{'thr':>3} {'median ms':>10} {'GB/s':>7} {'%memcpy':>8} {'vs torch':>9}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         sp = f"{r.speedup_vs_torch:.1f}x" if r.backend.split(":")[0] != "torch" else "1.0x"
         print(f"{_size_name(r.size):>6} {r.op:<22} {r.config:<34} {r.backend:<13} "
-              f"{r.cpu_isa:<7} {r.threads:>3} {r.median_ms:>10.2f} {r.gbps:>7.2f} "
+              f"{r.cpu_isa:<7} {r.form:<5} {r.threads:>3} {r.median_ms:>10.2f} {r.gbps:>7.2f} "
               f"{r.pct_memcpy:>7.0f}% {sp:>9}")
     for m in memcpy:
         print(f"memcpy {m['device']} n={m['size']} threads={m['threads']}: {m['gbps']:.2f} GB/s "
