@@ -219,6 +219,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         self.steps_taken = 0
         self.feedback = comm.ErrorFeedback(seed=seed)
         self._flats: list[_Flat] | None = None
+        self._layout: str | None = None
         self._agreement_pending = True
         self._attached_to = None
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
@@ -242,6 +243,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_flats"):  # after __init__: the layout the ranks agreed on changed
             self._flats = None
+            self._layout = None
             self._agreement_pending = True
 
     # ---- phase ---------------------------------------------------------------------------
@@ -313,9 +315,12 @@ class CompressedAdamW(torch.optim.Optimizer):
         if self._agreement_pending:
             self._agree()
         if self.warming_up:
+            # The buckets' sizes are DDP's, the same on every rank, and the settings were
+            # agreed on: "auto" checks each bucket's signature once, not on every call.
+            verify = "once" if self.verify == "auto" else self.verify
             return comm.all_reduce(buf, self.codec, group=self.process_group,
                                    algorithm="plain", average=True, async_op=True,
-                                   verify=self.verify)
+                                   verify=verify)
         return comm.collectives.completed(buf)
 
     def reduce_gradients(self) -> None:
@@ -513,14 +518,18 @@ class CompressedAdamW(torch.optim.Optimizer):
     # ---- agreement -----------------------------------------------------------------------
     def _settings(self) -> str:
         """What every rank must agree on, as text (compared once, then by crc32 per step)."""
-        params = self._params()
-        shapes = zlib.crc32(repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode())
+        if self._layout is None:  # the parameters' shapes change only with add_param_group
+            params = self._params()
+            shapes = zlib.crc32(repr([(tuple(p.shape), str(p.dtype))
+                                      for p in params]).encode())
+            self._layout = (f"params={len(params)} numel={sum(p.numel() for p in params)} "
+                            f"shapes={shapes:08x}")
         groups = [(g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], g["maximize"],
                    len(g["params"])) for g in self.param_groups]
         return (f"CompressedAdamW v{_STATE_VERSION} codec={self.codec.spec} "
                 f"warmup_steps={self.warmup_steps} variance_refresh={self.variance_refresh} "
-                f"algorithm={self.algorithm} precondition={self.precondition} params={len(params)} "
-                f"numel={sum(p.numel() for p in params)} shapes={shapes:08x} groups={groups}")
+                f"algorithm={self.algorithm} precondition={self.precondition} "
+                f"{self._layout} groups={groups}")
 
     def _device(self) -> torch.device:
         if dist.get_backend(self.process_group) == "nccl":
