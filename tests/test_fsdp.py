@@ -9,8 +9,6 @@ error of the uncompressed FSDP/HSDP run's.
 
 from __future__ import annotations
 
-import io
-
 import gradzip
 import pytest
 import torch
@@ -284,7 +282,9 @@ def test_accumulation_and_divide_factor():
         assert_close("int8", res[r]["factor-gz"], res[r]["factor-plain"], 1, r)
 
 
-def resume_battery(rank: int, world: int) -> dict:
+def resume_battery(rank: int, world: int, ckdir: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
@@ -308,32 +308,39 @@ def resume_battery(rank: int, world: int) -> dict:
     straight = [p.full_tensor().clone() for p in net.parameters()]
     net, opt, st = setup()
     train(net, opt, range(2))
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "optim": opt.state_dict(),
-                "gradzip": st.state_dict()}, buf)
+    # torch.distributed.checkpoint, with gradzip's state as a Stateful beside model and
+    # optimizer (every rank's residuals differ: DCP must give each rank its own back)
+    msd, osd = get_state_dict(net, opt)
+    dcp.save({"model": msd, "optim": osd, "gradzip": st}, checkpoint_id=ckdir)
+    saved = st.state_dict()
     net, opt, st = setup()
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-    net.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["optim"])
-    st.load_state_dict(saved["gradzip"])
+    msd, osd = get_state_dict(net, opt)
+    sd = {"model": msd, "optim": osd, "gradzip": st}
+    dcp.load(sd, checkpoint_id=ckdir)
+    set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    loaded = st.state_dict()
     train(net, opt, range(2, 4))
     resumed = [p.full_tensor().clone() for p in net.parameters()]
     errors = {}
     try:
         other = gradzip.fsdp.enable(build(mesh["shard"]), "int8", replicate_group=group)
-        other.load_state_dict(saved["gradzip"])
+        other.load_state_dict(saved)
     except ValueError as e:
         errors["codec"] = str(e)
-    return {"straight": straight, "resumed": resumed, "errors": errors}
+    return {"straight": straight, "resumed": resumed, "errors": errors,
+            "saved": saved, "loaded": loaded}
 
 
-def test_checkpoint_resume_is_bit_identical():
-    res = run_ranks(4, resume_battery)
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+    res = run_ranks(4, resume_battery, str(tmp_path / "ckpt"))
     for r in range(4):
         for a, b in zip(res[r]["straight"], res[r]["resumed"]):
             assert torch.equal(a, b), r
         assert "codec" in res[r]["errors"]["codec"]
+        # each rank got its own residuals back through DCP (they differ between ranks)
+        assert res[r]["loaded"] == res[r]["saved"], r
+        assert f"rank{r}_of_4" in res[r]["saved"]
+    assert res[0]["saved"]["rank0_of_4"] != res[1]["saved"]["rank1_of_4"]
 
 
 def errors_battery(rank: int, world: int) -> dict:

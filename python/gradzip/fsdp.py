@@ -46,6 +46,7 @@ host synchronisation on those first calls only); header checks need the host and
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import torch
@@ -184,37 +185,56 @@ class FSDPCompressionState:
         return rows
 
     # ---- checkpoints ---------------------------------------------------------------------
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def state_dict(self) -> dict:
-        """This rank's residuals and counters (tensors copied to the CPU)."""
-        return {
-            "version": _STATE_VERSION,
-            "codec": self.codec.spec,
-            "modules": list(self.modules),
-            "calls": dict(self.calls),
-            "partial": {k: v.detach().cpu().clone() for k, v in self._partial.items()},
-            "scatter_feedback": self.scatter_feedback.state_dict(),
-            "replica_feedback": self.replica_feedback.state_dict(),
-        }
+        """This rank's residuals and counters, for ``torch.save`` (one file per rank) or
+        ``torch.distributed.checkpoint`` (a ``Stateful``: put the state itself in the dict
+        you save). DCP writes a plain tensor once, as if every rank held the same; residuals
+        differ per rank, so everything of this rank is one serialised entry under
+        ``"rank{r}_of_{W}"`` (DCP keeps each rank's and gives it back to that rank), and the
+        top level holds what every rank shares (version, codec, world size, modules)."""
+        rank, world = self._rank_world()
+        mine = {"rank": rank, "calls": dict(self.calls),
+                "partial": {k: v.detach().cpu().clone() for k, v in self._partial.items()},
+                "scatter_feedback": self.scatter_feedback.state_dict(),
+                "replica_feedback": self.replica_feedback.state_dict()}
+        buf = io.BytesIO()
+        torch.save(mine, buf)
+        return {"version": _STATE_VERSION, "codec": self.codec.spec, "world_size": world,
+                "modules": list(self.modules), f"rank{rank}_of_{world}": buf.getvalue()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` of the same rank, before the first resumed step.
-        Checks everything before changing anything."""
+        """Restore :meth:`state_dict` of the same rank, world size and codec, before the
+        first resumed step. Checks everything before changing anything."""
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError("not a gradzip.fsdp state_dict (version "
                              f"{_STATE_VERSION})")
         if state["codec"] != self.codec.spec:
             raise ValueError(f"the state_dict was saved with codec {state['codec']!r}, this "
                              f"state uses {self.codec.spec!r}")
-        if state["modules"] != self.modules:
+        rank, world = self._rank_world()
+        if state["world_size"] != world:
+            raise ValueError(f"the state_dict was saved by {state['world_size']} ranks, this "
+                             f"run has {world}: residuals belong to ranks")
+        if list(state["modules"]) != self.modules:
             raise ValueError("the state_dict was saved from a model whose FSDP modules are "
                              f"{state['modules']}, this one has {self.modules}")
+        blob = state.get(f"rank{rank}_of_{world}")
+        if blob is None:
+            raise ValueError(f"the state_dict holds no state of rank {rank} of {world}")
+        mine = torch.load(io.BytesIO(bytes(blob)), weights_only=True)
         scatter = comm.ErrorFeedback(storage=self.scatter_feedback.storage)
-        scatter.load_state_dict(state["scatter_feedback"])
+        scatter.load_state_dict(mine["scatter_feedback"])
         replica = comm.ErrorFeedback()
-        replica.load_state_dict(state["replica_feedback"])
+        replica.load_state_dict(mine["replica_feedback"])
         self.scatter_feedback, self.replica_feedback = scatter, replica
-        self.calls = {tuple(k): int(v) for k, v in state["calls"].items()}
-        self._partial = {k: v.clone() for k, v in state["partial"].items()}
+        self.calls = {tuple(k): int(v) for k, v in mine["calls"].items()}
+        self._partial = {k: v.clone() for k, v in mine["partial"].items()}
 
 
 @dataclass
