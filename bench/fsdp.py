@@ -181,6 +181,8 @@ def train(method: str, task, mesh, clock: CommClock, cfg: dict, rank: int, steps
                                      "acc": acc})
             dist.barrier()
     log["memory_bytes"] = state.memory_bytes() if state is not None else None
+    # what gradzip really did per module and hop ("auto" may settle on the plain collective)
+    log["gradzip_stats"] = state.stats() if state is not None else None
     return log, model
 
 
