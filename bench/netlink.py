@@ -301,19 +301,7 @@ def launch_nodes(argv: Sequence[str], nodes: EmulatedNodes, nproc_per_node: int,
             p = subprocess.Popen(cmd, env=env)
             _CHILDREN[p.pid] = p
             procs.append(p)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = set(range(nodes.count))
-        while pending:
-            for n in sorted(pending):
-                rc = procs[n].poll()
-                if rc is None:
-                    continue
-                pending.discard(n)
-                if rc != 0:
-                    raise RankFailed(n, rc, argv)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"nodes {sorted(pending)} still running after {timeout} s")
-            time.sleep(0.05)
+        _wait_all(procs, argv, timeout, "nodes")
     finally:
         for p in procs:
             _stop(p)
@@ -443,6 +431,29 @@ def join_group(threads: int, pg_timeout: float) -> tuple[int, int]:
     return rank, world
 
 
+def _wait_all(procs: list[subprocess.Popen], argv: Sequence[str], timeout: float | None,
+              what: str, on_poll: Callable[[], None] | None = None) -> None:
+    """Wait for every process; :class:`RankFailed` for the first that fails (its index),
+    ``TimeoutError`` past ``timeout``; ``on_poll`` about twice a second."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = set(range(len(procs)))
+    last_poll = time.monotonic()
+    while pending:
+        for i in sorted(pending):
+            rc = procs[i].poll()
+            if rc is None:
+                continue
+            pending.discard(i)
+            if rc != 0:
+                raise RankFailed(i, rc, argv)
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{what} {sorted(pending)} still running after {timeout} s")
+        time.sleep(0.05)
+        if on_poll is not None and time.monotonic() - last_poll > 0.5:
+            last_poll = time.monotonic()
+            on_poll()
+
+
 class RankFailed(RuntimeError):
     """A rank started by :func:`launch` exited with a non-zero status."""
 
@@ -472,23 +483,7 @@ def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
             p = subprocess.Popen(prefix + list(argv), env=rank_env(r, world, port, threads))
             _CHILDREN[p.pid] = p
             procs.append(p)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = set(range(world))
-        last_poll = time.monotonic()
-        while pending:
-            for r in sorted(pending):
-                rc = procs[r].poll()
-                if rc is None:
-                    continue
-                pending.discard(r)
-                if rc != 0:
-                    raise RankFailed(r, rc, argv)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"ranks {sorted(pending)} still running after {timeout} s")
-            time.sleep(0.05)
-            if on_poll is not None and time.monotonic() - last_poll > 0.5:
-                last_poll = time.monotonic()
-                on_poll()
+        _wait_all(procs, argv, timeout, "ranks", on_poll)
     finally:
         for p in procs:
             _stop(p)
