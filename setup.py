@@ -65,10 +65,15 @@ def _find_cuda_home() -> str | None:
 
 def _wheel_cuda_includes() -> list[str]:
     """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h, ...) ship in
-    the nvidia-* pip wheels next to torch, not necessarily in the toolkit."""
-    site = sysconfig.get_paths()["purelib"]
-    return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include"))
-                  if os.path.isdir(d))
+    the nvidia-* pip wheels next to torch, not necessarily in the toolkit. Looked for
+    beside torch itself too: in a venv made with --system-site-packages torch and its
+    wheels live outside the venv's own site-packages."""
+    import torch
+
+    sites = {sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(torch.__file__))}
+    return sorted({d for site in sites for d in glob.glob(os.path.join(site, "nvidia", "*",
+                                                                       "include"))
+                   if os.path.isdir(d)})
 
 
 def _cuda_decision() -> tuple[bool, str | None, str]:
