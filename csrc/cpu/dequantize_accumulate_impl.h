@@ -12,7 +12,7 @@ template <int BITS>
 GZ_INLINE typename V::F decode_vec(const uint8_t* row, int64_t e, typename V::F s,
                                    typename V::F ns, typename V::I iq) {
   if constexpr (BITS == 1) {
-    return V::select(V::unpack_signs(row, e), ns, s);
+    return V::select_signs(row, e, ns, s);
   } else {
     return V::mul(V::cvt_f32(V::add_i(V::template unpack<BITS>(row, e), iq)), s);
   }

@@ -177,6 +177,10 @@ struct Scalar {
   static GZ_INLINE uint32_t unpack_signs(const uint8_t* codes, int64_t e) {
     return (codes[e >> 3] >> (e & 7)) & 1u;
   }
+  // Lanes whose sign bit (from element e on) is set take a, the others b.
+  static GZ_INLINE F select_signs(const uint8_t* codes, int64_t e, F a, F b) {
+    return select(unpack_signs(codes, e), a, b);
+  }
 };
 
 }  // namespace simd
@@ -335,18 +339,24 @@ struct Avx2 {
   static GZ_INLINE I unpack(const uint8_t* codes, int64_t e) {
     if constexpr (BITS == 8) {
       return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e)));
-    } else if constexpr (BITS == 4) {
-      __m128i b = _mm_cvtsi32_si128(load_unaligned<int32_t>(codes + e / 2));
-      __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-      return _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-    } else {  // 2 bits: 8 codes in 16 bits
-      __m256i w = _mm256_set1_epi32(load_unaligned<uint16_t>(codes + e / 4));
+    } else if constexpr (BITS == 4) {  // 8 codes in 32 bits: broadcast, shift lane j by 4j
+      __m256i w = _mm256_set1_epi32(load_unaligned<int32_t>(codes + e / 2));
+      w = _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+      return _mm256_and_si256(w, _mm256_set1_epi32(0xF));
+    } else {  // 2 bits: 8 codes in 16 bits (in both halves of each lane; shifts < 16)
+      __m256i w = _mm256_set1_epi16(load_unaligned<int16_t>(codes + e / 4));
       w = _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
       return _mm256_and_si256(w, _mm256_set1_epi32(3));
     }
   }
   static GZ_INLINE uint32_t unpack_signs(const uint8_t* codes, int64_t e) { return codes[e >> 3]; }
+  // Lanes whose sign bit in the 1-bit section (element e on) is set take a, others b: the
+  // byte shifted so that lane j's bit lands in the lane's sign bit, which blendv reads.
+  static GZ_INLINE F select_signs(const uint8_t* codes, int64_t e, F a, F b) {
+    const __m256i w = _mm256_set1_epi32(codes[e >> 3]);
+    const __m256i m = _mm256_sllv_epi32(w, _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
+    return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m));
+  }
 };
 
 }  // namespace simd
@@ -487,11 +497,15 @@ struct Avx512 {
   static GZ_INLINE I unpack(const uint8_t* codes, int64_t e) {
     if constexpr (BITS == 8) {
       return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + e)));
-    } else if constexpr (BITS == 4) {
-      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e / 2));
-      __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-      return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+    } else if constexpr (BITS == 4) {  // 16 codes in 64 bits: lanes 0-7 the low word
+      const __m512i q = _mm512_castsi128_si512(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e / 2)));
+      const __m512i w = _mm512_permutexvar_epi32(
+          _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), q);
+      return _mm512_and_si512(
+          _mm512_srlv_epi32(w, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16,
+                                                 20, 24, 28)),
+          _mm512_set1_epi32(0xF));
     } else {  // 2 bits: 16 codes in 32 bits
       __m512i w = _mm512_set1_epi32(load_unaligned<int32_t>(codes + e / 4));
       w = _mm512_srlv_epi32(
@@ -501,6 +515,9 @@ struct Avx512 {
   }
   static GZ_INLINE uint32_t unpack_signs(const uint8_t* codes, int64_t e) {
     return load_unaligned<uint16_t>(codes + (e >> 3));
+  }
+  static GZ_INLINE F select_signs(const uint8_t* codes, int64_t e, F a, F b) {
+    return select(unpack_signs(codes, e), a, b);
   }
 };
 
