@@ -20,13 +20,11 @@ sys.path.insert(0, str(BENCH))
 
 import harness  # bench/ is not a package: imported from its path
 import netlink
+from bench_env import bench_env
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(BENCH),
-                                         env.get("PYTHONPATH", "")])
-    return env
+    return bench_env()
 
 
 # -- command lines --------------------------------------------------------------------------

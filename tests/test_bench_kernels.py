@@ -5,22 +5,19 @@ quantize_pack / topk_select are timed both allocating and into a reused out= buf
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from bench_env import bench_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(BENCH),
-                                         env.get("PYTHONPATH", "")])
-    return env
+    return bench_env()
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
 import netlink  # bench/ is not a package: imported from its path
+from bench_env import bench_env
 
 needs_root = pytest.mark.skipif(netlink.root_problem() is not None,
                                 reason=f"{netlink.root_problem()}")
@@ -240,10 +241,8 @@ def test_launch_failure_names_rank_and_stops_the_others(tmp_path):
 # -- smoke runs of the scripts --------------------------------------------------------------
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
-    return env
+def _env() -> dict[str, str]:
+    return bench_env()
 
 
 @pytest.mark.slow
