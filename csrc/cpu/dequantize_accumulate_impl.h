@@ -56,6 +56,12 @@ void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc
     const int64_t code_off = a.codes_offset + start * BITS / 8;
     for (int64_t w = 0; w < a.W; ++w)
       sc[w] = load_unaligned<float>(a.payloads + w * a.stride + a.scales_offset + 4 * b);
+    if (start + kPrefetchAhead + len <= a.n) {  // see kPrefetchAhead (simd.h)
+      for (int64_t w = 0; w < a.W; ++w)
+        prefetch_bytes(a.payloads + w * a.stride + code_off + kPrefetchAhead * BITS / 8,
+                       len * BITS / 8);
+      prefetch_bytes(out + start + kPrefetchAhead, len * int64_t(sizeof(OT)));
+    }
     int64_t i = 0;
     for (; i + kTile <= len; i += kTile) dense_tile<BITS, 8>(a, sc, start, i, code_off, out);
     for (; i + 4 * W <= len; i += 4 * W) dense_tile<BITS, 4>(a, sc, start, i, code_off, out);

@@ -13,6 +13,7 @@
 // Either form gives the same bits; the test stays for blocks near the float32 range.
 constexpr uint32_t kSafeKey = 0x7E800000u;  // bits of 2^126
 
+
 // Packs `count` (< 32) trailing codes; the last byte's unused high bits are zero.
 template <int BITS>
 GZ_INLINE void pack_tail(const uint32_t* codes, int64_t count, uint8_t* dst) {
@@ -40,6 +41,10 @@ void quantize_blocks_t(const QuantizeArgs& a, int64_t b0, int64_t b1) {
     uint8_t* cb = a.codes + start * BITS / 8;  // blocks start on byte boundaries (block >= 32)
     const int64_t nvec = len / W * W;
     const int64_t n32 = len & ~int64_t(31);
+    if (start + kPrefetchAhead + len <= a.n) {
+      prefetch_bytes(xb + kPrefetchAhead, len * int64_t(sizeof(XT)));
+      if constexpr (EF) prefetch_bytes(rb + kPrefetchAhead, len * 4);
+    }
 
     if constexpr (BITS == 1) {
       // ---- scaled sign: scale = block_abs_sum(v) / len in quant.h's 32-lane order -------
