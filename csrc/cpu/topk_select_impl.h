@@ -18,6 +18,15 @@ GZ_INLINE float topk_scalar_v(const TopkArgs& a, int64_t i) {
   return v;
 }
 
+// Prefetches the x and residual lines kPrefetchAhead elements past element i, once per 16
+// elements (a cache line of float32): the scan and write passes stream both.
+template <typename XT, bool EF>
+GZ_INLINE void topk_prefetch(const TopkArgs& a, int64_t i) {
+  if ((i & 15) != 0) return;
+  __builtin_prefetch(static_cast<const XT*>(a.x) + i + kPrefetchAhead, 0, 3);
+  if constexpr (EF) __builtin_prefetch(a.residual + i + kPrefetchAhead, 0, 3);
+}
+
 GZ_INLINE int64_t chunk_end(const TopkArgs& a, int64_t c) {
   const int64_t e1 = (c + 1) * kTopkChunk;
   return e1 < a.n ? e1 : a.n;
@@ -35,6 +44,7 @@ void topk_scan_t(const TopkArgs& a, int64_t c, uint32_t t, uint32_t* keys, int64
   int64_t i = e0;
   alignas(64) uint32_t lanes[W];
   for (; i + W <= e1; i += W) {
+    topk_prefetch<XT, EF>(a, i);
     const typename V::I kk = V::key(topk_load_v<XT, EF>(a, i));
     m = V::max_u32(m, kk);
     const uint32_t sel = V::ge_u32_mask(kk, t);
@@ -148,6 +158,7 @@ void topk_write_t(const TopkArgs& a, int64_t c, const TopkSelectRule& rule, int6
   };
   int64_t i = e0;
   for (; i + W <= e1; i += W) {
+    topk_prefetch<XT, EF>(a, i);
     const F v = topk_load_v<XT, EF>(a, i);
     const uint32_t sel = select_mask(V::key(v), i, W);
     if constexpr (EF) {
