@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import io
 import math
+import shutil
+import tempfile
 import warnings
 
 import gradzip
@@ -23,6 +25,7 @@ import gradzip.ddp
 import gradzip.optim
 import pytest
 import torch
+import torch.distributed as dist
 from dist_helpers import TEST_BACKEND, run_ranks
 from gradzip import Codec, reference
 from gradzip.optim import CompressedAdamW
@@ -291,19 +294,35 @@ CASES = [("sign", "alltoall", True), ("sign", "allgather", True), ("topk:0.05", 
          ("int4", "alltoall", True), ("int8", "alltoall", False)]
 
 
-def resume_run(rank, spec, n1, n2, algorithm="alltoall"):
-    """n1 steps, checkpoint (model, optimizer), rebuild everything, load, n2 more steps."""
+def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save"):
+    """n1 steps, checkpoint (model, optimizer), rebuild everything, load, n2 more steps.
+    ``via="dcp"``: torch.distributed.checkpoint with the module and the optimizer as
+    Stateful objects in one directory shared by the ranks (the moments are the same on
+    every rank, so DCP writes them once; each rank must still get its own residuals)."""
     model, opt = build(spec, algorithm=algorithm)
     for t in range(n1):
         one_step(model, opt, rank, t)
-    buf = io.BytesIO()
-    torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, buf)
-    del model, opt
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=False)
-    model, opt = build(spec, algorithm=algorithm)
-    model.module.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["opt"])
+    if via == "dcp":
+        import torch.distributed.checkpoint as dcp
+        where = [tempfile.mkdtemp(prefix="gz-optim-dcp-") if rank == 0 else None]
+        dist.broadcast_object_list(where, src=0)
+        dcp.save({"model": model.module, "optim": opt}, checkpoint_id=where[0])
+        del model, opt
+        model, opt = build(spec, algorithm=algorithm)
+        opt.init_state()
+        dcp.load({"model": model.module, "optim": opt}, checkpoint_id=where[0])
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(where[0])
+    else:
+        buf = io.BytesIO()
+        torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, buf)
+        del model, opt
+        buf.seek(0)
+        ck = torch.load(buf, weights_only=False)
+        model, opt = build(spec, algorithm=algorithm)
+        model.module.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
     for t in range(n1, n1 + n2):
         one_step(model, opt, rank, t)
     return snapshot(ordered(opt))
@@ -433,6 +452,7 @@ def battery(rank: int, world: int) -> dict:
         out[("resume", spec)] = {n1: resume_run(rank, spec, n1, STEPS - n1)
                                  for n1 in (2, 5)}
         out[("resume", spec)]["whole"] = whole
+        out[("resume", spec)]["dcp"] = resume_run(rank, spec, 5, STEPS - 5, via="dcp")
     out["overflow"] = overflow_run(rank, world)
     out["none-some"] = manual_run(rank, world, "some")
     out["none-zeros"] = manual_run(rank, world, "zeros")
@@ -529,6 +549,7 @@ def test_resume_is_bit_identical(results):
         for r in range(world):
             case = res[r][("resume", spec)]
             assert_same(case[5], case["whole"], (spec, 5, r))
+            assert_same(case["dcp"], case["whole"], (spec, "dcp", r))
             if world == 2:
                 assert_same(case[2], case["whole"], (spec, 2, r))
             else:
@@ -646,6 +667,12 @@ def test_state_dict_checks_and_adamw_state():
         CompressedAdamW([p], codec="int4").load_state_dict(sd)
     with pytest.raises(ValueError, match="not a gradzip CompressedAdamW"):
         CompressedAdamW([p]).load_state_dict({**sd, "gradzip": {"version": 9}})
+    with pytest.raises(ValueError, match="saved by 2 ranks, this run has 1"):
+        CompressedAdamW([p]).load_state_dict({**sd, "gradzip": {**sd["gradzip"],
+                                                                "world_size": 2}})
+    others = {k: v for k, v in sd["gradzip"].items() if k != "rank0_of_1"}
+    with pytest.raises(ValueError, match="no residuals of rank 0 of 1"):
+        CompressedAdamW([p]).load_state_dict({**sd, "gradzip": others})
     # a torch.optim.AdamW state_dict: the steps taken are its step count
     adamw = torch.optim.AdamW([p])
     for _ in range(4):
@@ -656,3 +683,11 @@ def test_state_dict_checks_and_adamw_state():
     assert opt.steps_taken == 4 and opt.warming_up
     assert opt.state[p]["variance_step"] == 4
     assert torch.equal(opt.state[p]["exp_avg"], adamw.state[p]["exp_avg"])
+    # ... past the warm-up, that state has no residuals: said, not silent
+    with pytest.warns(UserWarning, match="residuals start from zero"):
+        CompressedAdamW([p], warmup_steps=2).load_state_dict(adamw.state_dict())
+    # init_state: zero moments at step 0, no step taken, nothing communicated
+    fresh = CompressedAdamW([p])
+    fresh.init_state()
+    assert fresh.state[p]["step"].item() == 0 and fresh.steps_taken == 0
+    assert not fresh.state[p]["exp_avg"].any() and fresh.state[p]["variance_step"] == 0

@@ -95,6 +95,7 @@ gradients exist, so that a disagreement is an exception on every rank instead of
 
 # No "from __future__ import annotations": DDP's register_comm_hook compares the hook's
 # annotations with the real dist.GradBucket / torch.futures.Future objects.
+import io
 import math
 import struct
 import warnings
@@ -110,7 +111,7 @@ from . import _checks, comm
 from .codecs import Codec, as_codec
 
 ALGORITHMS = ("alltoall", "allgather")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _AGREEMENT_BYTES = 1024
 # Per-step row: settings crc32 (4), steps taken (8), status (1), found_inf (1), then one
 # byte per parameter (does this rank hold a gradient for it).
@@ -625,25 +626,50 @@ class CompressedAdamW(torch.optim.Optimizer):
         return {"warmup": plain, "compressed": packed + agree, "refresh": plain + agree}
 
     # ---- checkpoints ---------------------------------------------------------------------
+    def init_state(self) -> None:
+        """Create the per-parameter state (zero moments, step 0) of every parameter that has
+        none, without taking a step or communicating. ``torch.distributed.checkpoint.load``
+        fills only the entries the state it is given already holds: call this on a fresh
+        optimizer before loading into it (``get_state_dict`` does the same for torch's
+        optimizers with a zero-learning-rate step)."""
+        for p in self._params():
+            self._state_of(p)
+
     def state_dict(self) -> dict:
         """AdamW's state_dict (per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, plus
         ``variance_step``, the step its second moment was last updated) and a ``"gradzip"``
-        entry: this rank's residuals, the step counter and the settings checked on load.
-        Save one per rank and give each rank its own back."""
+        entry: the settings and step counter every rank shares, and this rank's residuals.
+
+        The moments are the same on every rank (the momentum is all-reduced); the residuals
+        are not, so they are one serialised entry under ``"rank{r}_of_{W}"``. That makes the
+        optimizer a ``Stateful`` for ``torch.distributed.checkpoint`` (which writes a plain
+        tensor once, as if every rank held the same): ``dcp.save({"model": net, "optim":
+        opt}, ...)``, and for loading into a fresh optimizer :meth:`init_state` first, then
+        ``dcp.load`` with the same dict; each rank gets its own residuals back. With
+        ``torch.save`` save one file per rank (or one for all: every rank finds its entry).
+        ``get_optimizer_state_dict`` keeps only AdamW's part: resuming from it loses what
+        the residuals held (a warning says so)."""
         sd = super().state_dict()
-        rank, world = (self._world() if dist.is_available() and dist.is_initialized()
-                       else (0, 1))
+        # variance_step as a 0-d tensor: DCP restores plain integers nested under the
+        # optimizer's integer parameter ids under string keys, where load_state_dict never
+        # looks (the copies keep the live state untouched).
+        sd["state"] = {i: {k: torch.tensor(v, dtype=torch.int64) if k == "variance_step" else v
+                           for k, v in st.items()} for i, st in sd["state"].items()}
+        rank, world = self._rank_world()
+        blob = io.BytesIO()
+        torch.save({"rank": rank, "feedback": self.feedback.state_dict()}, blob)
         sd["gradzip"] = {"version": _STATE_VERSION, "codec": self.codec.spec,
                          "warmup_steps": self.warmup_steps, "steps_taken": self.steps_taken,
-                         "rank": rank, "world_size": world,
-                         "feedback": self.feedback.state_dict()}
+                         "world_size": world, f"rank{rank}_of_{world}": blob.getvalue()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict` of the same rank (bit-identical continuation), or a
-        ``torch.optim.AdamW`` state_dict (steps taken = the largest per-parameter step, no
-        residuals). The ranks check on the next hook call or step that they agree."""
+        """Restore :meth:`state_dict` (bit-identical continuation: each rank takes its own
+        residuals), or a ``torch.optim.AdamW`` state_dict (steps taken = the largest
+        per-parameter step, no residuals). Everything is checked before anything changes;
+        the ranks check on the next hook call or step that they agree."""
         gz = state_dict.get("gradzip")
+        mine = None
         if gz is not None:
             if not isinstance(gz, dict) or gz.get("version") != _STATE_VERSION:
                 raise ValueError("not a gradzip CompressedAdamW state_dict "
@@ -651,24 +677,45 @@ class CompressedAdamW(torch.optim.Optimizer):
             if gz["codec"] != self.codec.spec:
                 raise ValueError(f"the state_dict was saved with codec {gz['codec']!r}, this "
                                  f"optimizer uses {self.codec.spec!r}")
-            if dist.is_available() and dist.is_initialized():
-                rank, world = self._world()
-                if (gz["rank"], gz["world_size"]) != (rank, world):
-                    raise ValueError(f"the state_dict belongs to rank {gz['rank']} of "
-                                     f"{gz['world_size']}, this is rank {rank} of {world}")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "gradzip"})
+            rank, world = self._rank_world()
+            if gz["world_size"] != world:
+                raise ValueError(f"the state_dict was saved by {gz['world_size']} ranks, this "
+                                 f"run has {world}: residuals belong to ranks")
+            blob = gz.get(f"rank{rank}_of_{world}")
+            if blob is None:
+                raise ValueError(f"the state_dict holds no residuals of rank {rank} of {world}")
+            mine = torch.load(io.BytesIO(bytes(blob)), weights_only=True)
+            feedback = comm.ErrorFeedback(seed=self.feedback.seed)
+            feedback.load_state_dict(mine["feedback"])
+        adamw = {k: v for k, v in state_dict.items() if k != "gradzip"}
+        if isinstance(adamw.get("state"), dict):
+            adamw["state"] = {i: {k: int(v) if k == "variance_step" else v
+                                  for k, v in st.items()}
+                              for i, st in adamw["state"].items()}
+        super().load_state_dict(adamw)
         for state in self.state.values():
             if "step" in state:
                 state.setdefault("variance_step", int(state["step"].item()))
-        if gz is not None:
-            self.feedback.load_state_dict(gz["feedback"])
+        if mine is not None:
+            self.feedback = feedback
             self.steps_taken = int(gz["steps_taken"])
         else:
             self.feedback.reset()
             self.steps_taken = max((int(s["step"].item()) for s in self.state.values()
                                     if "step" in s), default=0)
+            if self.steps_taken > self.warmup_steps:
+                warnings.warn("CompressedAdamW.load_state_dict: the state_dict has no "
+                              "'gradzip' entry (a torch.optim.AdamW one, or one from "
+                              "get_optimizer_state_dict) but is past the warm-up: the "
+                              "residuals start from zero, what they held is lost", stacklevel=2)
         self._flats = None
         self._agreement_pending = True
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world) in the optimizer's process group; (0, 1) without torch.distributed."""
+        if dist.is_available() and dist.is_initialized():
+            return self._world()
+        return 0, 1
 
 
 def _communication_hook(optimizer, bucket):
