@@ -145,6 +145,9 @@ def test_reduce_scatter_inside_fsdp(world, spec, storage):
                    else fmt.dense_payload_bytes(shard, c.bits, c.block))
         assert row["bytes_sent"] == (world - 1) * payload
         assert row["bytes_uncompressed"] == (world - 1) * shard * 4
+        # the phases of compressed calls were timed (verify: the CPU default checks always)
+        assert all(row[f"{ph}_s"] > 0 for ph in ("verify", "compress", "communicate",
+                                                  "decompress")), row
     # the residuals cost what the storage format says (about 1 byte per parameter for int8)
     n_params = sum(p.numel() for p in Net().parameters())
     per_param = {"int8": 1.2, "bf16": 2.2, "fp32": 4.2}[storage]

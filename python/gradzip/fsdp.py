@@ -100,6 +100,9 @@ class FSDPCompressionState:
         # (hop, module) -> (numel, dtype, group, average, algorithm) of its last reduction
         self._last: dict[tuple[str, str], tuple] = {}
         self._partial: dict[str, torch.Tensor] = {}  # replica hop: unsynchronised sums
+        # (hop, module) -> phase -> wall seconds ("verify", "compress", "communicate",
+        # "decompress"; CPU work, launch time on CUDA), over every reduction so far
+        self.seconds: dict[tuple[str, str], dict[str, float]] = {}
 
     def __repr__(self) -> str:
         hops = [h for h, on in (("reduce_scatter", self.reduce_scatter),
@@ -137,7 +140,8 @@ class FSDPCompressionState:
         comm.reduce_scatter(
             output, input, self.codec, state=self.scatter_feedback, group=group,
             algorithm="plain" if plain else self.algorithm, average=average,
-            key=("reduce_scatter", name), min_numel=self.min_numel, verify=self.verify)
+            key=("reduce_scatter", name), min_numel=self.min_numel, verify=self.verify,
+            timings=self.seconds.setdefault(("reduce_scatter", name), {}))
         if factor is not None:
             output.mul_(factor)
 
@@ -158,12 +162,15 @@ class FSDPCompressionState:
         comm.all_reduce(
             shard_grad, self.codec, state=self.replica_feedback, group=self.replicate_group,
             algorithm="plain" if plain else self.algorithm, average=average,
-            key=("replicas", name), min_numel=self.min_numel, verify=self.verify)
+            key=("replicas", name), min_numel=self.min_numel, verify=self.verify,
+            timings=self.seconds.setdefault(("replicas", name), {}))
 
     def stats(self) -> list[dict]:
         """Per hop and module, what its last reduction did: the algorithm (for "auto" what
         it settled on, or "measuring"), the bytes this rank sent and what the uncompressed
-        collective would have sent (from the plans), and how many reductions ran."""
+        collective would have sent (from the plans), how many reductions ran, and the wall
+        seconds of all of them per phase (``verify_s``, ``compress_s``, ``communicate_s``,
+        ``decompress_s``; on CUDA the launch time)."""
         rows = []
         for (hop, name), (numel, dtype, group, average, algorithm) in self._last.items():
             op = "reduce_scatter" if hop == "reduce_scatter" else "all_reduce"
@@ -181,7 +188,9 @@ class FSDPCompressionState:
             sent = plain.bytes_sent if used in ("plain", "measuring") else compressed.bytes_sent
             rows.append({"hop": hop, "module": name, "calls": self.calls[hop, name],
                          "algorithm": used, "bytes_sent": sent,
-                         "bytes_uncompressed": plain.bytes_sent})
+                         "bytes_uncompressed": plain.bytes_sent,
+                         **{f"{ph}_s": self.seconds.get((hop, name), {}).get(ph, 0.0)
+                            for ph in ("verify", "compress", "communicate", "decompress")}})
         return rows
 
     # ---- checkpoints ---------------------------------------------------------------------

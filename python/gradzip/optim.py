@@ -563,7 +563,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         row[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         device = self._device()
         out = torch.empty(world * _AGREEMENT_BYTES, dtype=torch.uint8, device=device)
-        comm.collectives.all_gather(out, row.to(device), self.process_group, async_op=False)
+        comm.collectives.all_gather_small(out, row.to(device), self.process_group)
         rows = [bytes(r).rstrip(b"\0").decode(errors="replace")
                 for r in out.view(world, -1).cpu().tolist()]
         if len(set(rows)) > 1:
@@ -586,9 +586,8 @@ class CompressedAdamW(torch.optim.Optimizer):
         row = bytearray(head) + bytearray(int(p.grad is not None) for p in params)
         device = self._device()
         out = torch.empty(world * len(row), dtype=torch.uint8, device=device)
-        comm.collectives.all_gather(
-            out, torch.frombuffer(row, dtype=torch.uint8).to(device), self.process_group,
-            async_op=False)
+        comm.collectives.all_gather_small(
+            out, torch.frombuffer(row, dtype=torch.uint8).to(device), self.process_group)
         got = out.view(world, -1).cpu()
         heads = [_ROW_HEADER.unpack(bytes(r[: _ROW_HEADER.size].tolist())) for r in got]
         if len({(crc, step) for crc, step, _, _ in heads}) > 1:

@@ -1,6 +1,6 @@
 """Agreement: ranks that disagree raise the same ``ValueError`` together instead of hanging.
 
-Two checks. Before anything else, ranks all-gather a 16-integer *fingerprint* of their call
+Two checks. Before anything else, ranks exchange (one all-to-all) a 16-integer *fingerprint* of their call
 (format version, codec, numel, dtype, chosen algorithm, averaging, payload size, and
 whether the rank accepted its input); every rank compares all W and, on any difference,
 raises the same error after this small collective, so none is left waiting in a later one.
@@ -23,7 +23,7 @@ import torch
 
 from .. import format as fmt
 from ..codecs import Codec
-from .collectives import all_gather
+from .collectives import all_gather_small
 from .plan import Plan
 
 VERIFY_MODES = ("auto", "always", "once", "never")
@@ -93,7 +93,7 @@ def exchange_fingerprints(fp: tuple[int, ...], device: torch.device, group, worl
     input (that rank raises its own error) or the fingerprints differ."""
     mine = torch.tensor(fp, dtype=torch.int64, device=device)
     every = torch.empty(world * len(fp), dtype=torch.int64, device=device)
-    all_gather(every, mine, group, async_op=False)
+    all_gather_small(every, mine, group)
     rows = every.view(world, len(fp)).cpu().tolist()
     if local_error is not None:
         raise local_error

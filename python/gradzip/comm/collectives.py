@@ -1,7 +1,7 @@
 """The few ``torch.distributed`` calls gradzip makes, in the form that works on Gloo and NCCL.
 
 Only ``all_gather_into_tensor``, ``all_to_all_single`` and ``all_reduce(SUM)`` carry
-gradzip's payloads, on every backend: Gloo emulates ``reduce_scatter`` with an all-reduce
+gradzip's payloads (and an ``all_to_all_single`` its agreement checks), on every backend: Gloo emulates ``reduce_scatter`` with an all-reduce
 (twice the traffic) and has no ``ReduceOp.AVG``. The uncompressed reduce-scatter uses the
 backend's own where it is native (NCCL).
 """
@@ -21,6 +21,16 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) \
 def all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
     """``out`` (W * inp.numel()) = every rank's ``inp``, in rank order."""
     return _all_gather_single(out, inp, group=group, async_op=async_op)
+
+
+def all_gather_small(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """``out`` (W * inp.numel()) = every rank's ``inp``, in rank order, for the few bytes of
+    an agreement: one ``all_to_all_single`` of ``inp`` repeated W times. Every rank sends
+    to every other at once, one message latency, where Gloo's all-gather is a ring of W-1
+    (measured with 4 Gloo ranks on 2 cores, 128 bytes: about 2.1-2.8 ms against 3.7; with
+    2 ranks 0.10 against 0.22 ms). Blocking."""
+    world = out.numel() // max(inp.numel(), 1)
+    dist.all_to_all_single(out, inp.repeat(world), group=group)
 
 
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
