@@ -22,7 +22,8 @@ Methods (``--methods``):
   by an ``all_reduce_hook`` with a plain fp32 ``dist.all_reduce`` (as torchtitan does):
   the baseline of the replica-hop speed-ups.
 * ``rep:<codec>`` custom HSDP with ``gradzip.fsdp.enable(model, codec,
-  replicate_group=..., reduce_scatter=False)``.
+  replicate_group=..., reduce_scatter=False)``; ``rep:<codec>/<algorithm>`` with a named
+  algorithm instead of ``auto`` (``allgather``, ``alltoall``).
 * ``fsdp``        FSDP over all ranks (1-D mesh: the reduce-scatter crosses the nodes), fp32.
 * ``rs:<codec>``  the same with gradzip's compressed reduce-scatter (``gradzip.fsdp.enable``);
   ``rs:<codec>/<storage>`` with another residual storage (``fp32``, ``bf16``; default
@@ -72,9 +73,13 @@ class CommClock:
     def __init__(self) -> None:
         self.seconds = {"reduce_scatter": 0.0, "replicas": 0.0}
         self.depth = 0  # only the outermost timed call counts (gradzip calls dist inside)
+        self.sizes: list[int] = []  # numel of each replica-hop call of the current step
+        self.last_sizes: list[int] = []  # ... of the step before
 
     def wrap(self, fn, hop: str):
         def timed(*args, **kwargs):
+            if self.depth == 0 and hop == "replicas" and args:
+                self.sizes.append(args[0].numel())
             self.depth += 1
             t0 = time.perf_counter()
             try:
@@ -87,6 +92,7 @@ class CommClock:
 
     def take(self) -> dict[str, float]:
         out, self.seconds = self.seconds, {"reduce_scatter": 0.0, "replicas": 0.0}
+        self.last_sizes, self.sizes = self.sizes, []
         return out
 
 
@@ -118,8 +124,10 @@ def build(method: str, task, mesh, clock: CommClock, cfg: dict):
         for m in [*model.blocks, model]:
             m.set_all_reduce_hook(hook)
     elif kind == "rep":
+        spec, _, algorithm = spec.partition("/")
         state = gradzip.fsdp.enable(model, spec, replicate_group=group, reduce_scatter=False,
-                                    warmup_steps=cfg["compress_warmup"])
+                                    warmup_steps=cfg["compress_warmup"],
+                                    algorithm=algorithm or "auto")
     elif kind == "rs":
         spec, _, storage = spec.partition("/")
         state = gradzip.fsdp.enable(model, spec, warmup_steps=cfg["compress_warmup"],
@@ -139,6 +147,57 @@ def instrument(clock: CommClock) -> None:
     dist.all_reduce = clock.wrap(dist.all_reduce, "replicas")
     gradzip.comm.reduce_scatter = clock.wrap(gradzip.comm.reduce_scatter, "reduce_scatter")
     gradzip.comm.all_reduce = clock.wrap(gradzip.comm.all_reduce, "replicas")
+
+
+def time_hop(method: str, sizes: list[int], state, mesh, cfg: dict, rank: int
+             ) -> dict | None:
+    """The replica hop alone, after training: per round, every rank leaves a barrier and
+    reduces one step's worth of shard gradients (the modules' sizes, in backward's order)
+    across replicas as the method does, both replica groups at once as in training but
+    with no compute between the calls. Rank 0's median round time over ``--hop-rounds``
+    (after 3 untimed rounds). What a step's hop costs without the ranks' skew, which the
+    in-training figure includes (a rank waits in the hop for its peer to finish backward)."""
+    import torch
+    import torch.distributed as dist
+
+    kind = method.partition(":")[0]
+    if kind not in ("rep-plain", "rep"):
+        return None
+    group = mesh["replicate"].get_group()
+    world = dist.get_world_size(group)
+    # the modules' shard gradients, in the order the last training step reduced them
+    names = [name for hop, name in state.calls if hop == "replicas"] if state else []
+    names = names or [""] * len(sizes)  # state.calls: in first-call (backward's) order
+    shards = list(zip(names, sizes))
+    gen = torch.Generator().manual_seed(cfg["seed"] + rank)
+    grads = [torch.randn(n, generator=gen) * 1e-3 for _, n in shards]
+    def phases() -> dict[str, float]:
+        total: dict[str, float] = {}
+        for (hop, _), sec in (state.seconds.items() if state else ()):
+            for ph, v in sec.items():
+                if hop == "replicas":
+                    total[ph] = total.get(ph, 0.0) + v
+        return total
+
+    times = []
+    for i in range(3 + cfg["hop_rounds"]):
+        if i == 3:
+            before = phases()
+        bufs = [g.clone() for g in grads]
+        dist.barrier()
+        t0 = time.perf_counter()
+        for (name, _), b in zip(shards, bufs):
+            if kind == "rep-plain":
+                dist.all_reduce(b.div_(world), group=group)
+            else:
+                state.all_reduce_replicas(name, b, sync=True, average=True)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    after = phases()
+    # gradzip's own split of the timed rounds (mean per round; CPU wall seconds)
+    split = {ph: (after[ph] - before.get(ph, 0.0)) / len(times) for ph in after}
+    return {"median_s": statistics.median(times), "rounds": len(times),
+            "shards": [n for _, n in shards], "phases_s": split}
 
 
 def full_params(model) -> list:
@@ -183,7 +242,7 @@ def train(method: str, task, mesh, clock: CommClock, cfg: dict, rank: int, steps
     log["memory_bytes"] = state.memory_bytes() if state is not None else None
     # what gradzip really did per module and hop ("auto" may settle on the plain collective)
     log["gradzip_stats"] = state.stats() if state is not None else None
-    return log, model
+    return log, model, state
 
 
 def _unsharded_copy(task, params):
@@ -221,13 +280,15 @@ def worker(cfg_path: str) -> None:
     for method, out_path in zip(cfg["methods"], cfg["result_paths"]):
         # correctness before timing: 2 steps, then every rank gathers the full parameters,
         # which must be finite and the same on every rank
-        _, model = train(method, task, mesh, clock, cfg, rank, 2, seed_offset=777)
+        _, model, _ = train(method, task, mesh, clock, cfg, rank, 2, seed_offset=777)
         params = torch.cat([p.reshape(-1) for p in full_params(model)])
         problem = harness.identical_on_every_rank(params) or (
             None if bool(torch.isfinite(params).all()) else "non-finite parameters")
         if problem:
             harness.stop_before_timing(f"FSDP with {method}", problem, show=rank == 0)
-        log, _ = train(method, task, mesh, clock, cfg, rank, cfg["steps"])
+        log, model, state = train(method, task, mesh, clock, cfg, rank, cfg["steps"])
+        log["hop"] = time_hop(method, clock.last_sizes, state, mesh, cfg, rank) \
+            if cfg["hop_rounds"] else None
         if rank == 0:
             Path(out_path).write_text(json.dumps(log))
         dist.barrier()
@@ -257,6 +318,10 @@ def summarize(runs: list[dict], warm: int) -> list[dict]:
             ref = statistics.median(s["replicas_s"] for s in ref_rep["steps"][warm:]
                                     or ref_rep["steps"])
             row["replica_speedup"] = ref / med["replicas_s"]
+        if r.get("hop"):
+            row["hop_s"] = r["hop"]["median_s"]
+            if ref_rep is not None and ref_rep.get("hop"):
+                row["hop_speedup"] = ref_rep["hop"]["median_s"] / r["hop"]["median_s"]
         rows.append(row)
     return rows
 
@@ -264,13 +329,19 @@ def summarize(runs: list[dict], warm: int) -> list[dict]:
 def print_table(rows: list[dict], link: str) -> None:
     print(f"\n== {link} between nodes ==")
     print(f"{'method':16s} {'step ms':>8s} {'replica ms':>10s} {'rs ms':>7s} "
-          f"{'x replica':>9s} {'final loss':>10s} {'vs ref':>7s} {'to ref loss':>11s}")
+          f"{'x replica':>9s} {'hop ms':>7s} {'x hop':>6s} {'final loss':>10s} {'vs ref':>7s} "
+          f"{'to ref loss':>11s}")
     for r in rows:
         sp = f"{r['replica_speedup']:.2f}x" if "replica_speedup" in r else ""
         reach = f"{r['wall_to_ref_loss_s']:.1f}s" if r["wall_to_ref_loss_s"] else "-"
+        hop = f"{1e3 * r['hop_s']:.1f}" if "hop_s" in r else ""
+        hsp = f"{r['hop_speedup']:.2f}x" if "hop_speedup" in r else ""
         print(f"{r['method']:16s} {1e3 * r['step_s']:8.1f} {1e3 * r['replicas_s']:10.1f} "
-              f"{1e3 * r['reduce_scatter_s']:7.1f} {sp:>9s} {r['final_loss']:10.4f} "
-              f"{100 * r['loss_vs_ref']:+6.2f}% {reach:>11s}")
+              f"{1e3 * r['reduce_scatter_s']:7.1f} {sp:>9s} {hop:>7s} {hsp:>6s} "
+              f"{r['final_loss']:10.4f} {100 * r['loss_vs_ref']:+6.2f}% {reach:>11s}")
+    print("x replica: the replica all-reduce inside training steps (rank 0's wall time in "
+          "it, including waiting for its peer); hop / x hop: the same step's shards reduced "
+          "alone after training (--hop-rounds), against rep-plain")
 
 
 def plot(doc: dict, png: Path) -> None:
@@ -324,6 +395,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.0)
     p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--hop-rounds", type=int, default=20,
+                   help="rounds of the replica hop timed alone after training (0: none)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", default="bench/results/fsdp.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -349,7 +422,7 @@ def main(argv=None) -> int:
             cfg = {"methods": methods, "result_paths": paths, "steps": a.steps,
                    "eval_every": a.eval_every, "compress_warmup": a.compress_warmup,
                    "batch": a.batch, "lr": a.lr, "quick": a.quick, "threads": a.threads,
-                   "width": a.width, "layers": a.layers,
+                   "width": a.width, "layers": a.layers, "hop_rounds": a.hop_rounds,
                    "pg_timeout": 600, "seed": 1234, "lr_warmup": max(1, a.steps // 10)}
             cfg_path = Path(tmp) / "cfg.json"
             cfg_path.write_text(json.dumps(cfg))
