@@ -18,6 +18,7 @@ import pytest
 import torch
 from dist_helpers import TEST_BACKEND, RankError, run_ranks
 from gradzip import Codec, comm, reference
+from gradzip import format as fmt
 
 pytestmark = pytest.mark.distributed
 
@@ -688,7 +689,6 @@ def test_error_feedback_state_dict_roundtrip():
 def test_plan_bytes_sent():
     """Bytes one rank sends, from the payload sizes of gradzip.format (headers, scales and
     padding included) and the chunk layout restated in this file."""
-    from gradzip import format as fmt
 
     n, world = 1_000_003, 4
     assert comm.plan(Codec("int8"), n, torch.float32, world, "plain").bytes_sent == \
@@ -898,7 +898,8 @@ def test_auto_measures_and_settles(case):
 
 
 # ---------------------------------------------------------------------------------------
-# two-phase pipeline: segments change the timing, never the numbers (dense codecs)
+# pipelines (two-phase and all-gather): segments change the timing, never the numbers
+# (dense codecs, nearest rounding)
 # ---------------------------------------------------------------------------------------
 
 SEG_N = 12_345
@@ -910,34 +911,38 @@ def segmented_battery(rank: int, world: int) -> dict:
     out = {}
     for label, min_numel in (("one", 1 << 30), ("many", 2_000)):
         pipe = comm.Pipeline(min_numel=min_numel)
-        for spec in ("int8", "int4,block=64", "sign"):
-            st = gradzip.ErrorFeedback(seed=EF_SEED)
-            steps = []
-            for t in range(SEG_STEPS):
-                x = make_input(SEG_N, rank, t, tag=12)
-                if t == SEG_STEPS - 1:  # the last step through the future
-                    assert gradzip.all_reduce(x, codec(spec), state=st, algorithm="alltoall",
-                                              key=KEY, async_op=True,
-                                              pipeline=pipe).wait() is x
-                else:
-                    gradzip.all_reduce(x, codec(spec), state=st, algorithm="alltoall",
-                                       key=KEY, pipeline=pipe)
-                steps.append(x)
-            # the server residual spread out over the whole tensor (0 where others own it)
-            server = st.server_residual(KEY)
-            if server is None:
-                server = torch.zeros(SEG_N)
-            out[(label, spec)] = (steps, st.residual(KEY).clone(), server)
-        out[(label, "plan")] = comm.plan(codec("int8"), SEG_N, torch.float32, world,
-                                         "alltoall", pipeline=pipe)
-    # a corrupt phase-1 payload in a later segment still reaches every rank as an error
+        for algo in ("alltoall", "allgather"):
+            for spec in ("int8", "int4,block=64", "sign"):
+                st = gradzip.ErrorFeedback(seed=EF_SEED)
+                steps = []
+                for t in range(SEG_STEPS):
+                    x = make_input(SEG_N, rank, t, tag=12)
+                    if t == SEG_STEPS - 1:  # the last step through the future
+                        assert gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo,
+                                                  key=KEY, async_op=True,
+                                                  pipeline=pipe).wait() is x
+                    else:
+                        gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo,
+                                           key=KEY, pipeline=pipe)
+                    steps.append(x)
+                # the server residual spread out over the tensor (0 where others own it)
+                server = st.server_residual(KEY)
+                if server is None:
+                    server = torch.zeros(SEG_N)
+                out[(label, algo, spec)] = (steps, st.residual(KEY).clone(), server)
+            out[(label, algo, "plan")] = comm.plan(codec("int8"), SEG_N, torch.float32,
+                                                   world, algo, pipeline=pipe)
+    # a corrupt payload in a later segment still reaches every rank as an error: two-phase
+    # (W compressions per segment: call W+1 is the second segment's first chunk) and
+    # all-gather (one per segment: call 2 is the second segment's)
     real = Codec.compress
     calls: list[int] = []
+    target = [world + 1]
 
     def corrupt(self, *a, **kw):
         p = real(self, *a, **kw)
         calls.append(1)
-        if len(calls) == world + 1:  # the first chunk of the second segment
+        if len(calls) == target[0]:
             p[4] ^= 0x7F
         return p
 
@@ -946,6 +951,11 @@ def segmented_battery(rank: int, world: int) -> dict:
             mp.setattr(Codec, "compress", corrupt)
         out["corrupt"] = _catch(lambda: gradzip.all_reduce(
             make_input(SEG_N, rank, 0), codec("int4"), algorithm="alltoall",
+            pipeline=comm.Pipeline(min_numel=2_000)))
+        calls.clear()
+        target[0] = 2
+        out["corrupt-allgather"] = _catch(lambda: gradzip.all_reduce(
+            make_input(SEG_N, rank, 0), codec("int4"), algorithm="allgather",
             pipeline=comm.Pipeline(min_numel=2_000)))
     out["still-works"] = _group_still_works(rank, world)
     return out
@@ -964,9 +974,17 @@ def test_pipeline_segments_layout():
     for s in p.segments:  # chunks tile each segment at multiples of the block
         assert all(a % 32 == 0 for a, _ in s.chunks)
     assert [s.chunks[0][0] for s in p.segments] == [0, 256, 512, 768]
-    # top-k is never cut into segments (k is re-selected per chunk)
-    assert comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "alltoall",
-                     pipeline=pipe).segments == ()
+    # all-gather: the same segments, one payload (header included) each
+    g = comm.plan(Codec("int8", block=32), 1000, torch.float32, 3, "allgather", pipeline=pipe)
+    assert [s.chunks for s in g.segments] == [((0, 256),), ((256, 512),), ((512, 768),),
+                                              ((768, 1000),)]
+    assert [s.payload_bytes for s in g.segments] == [
+        fmt.dense_payload_bytes(n, 8, 32) for n in (256, 256, 256, 232)]
+    assert g.bytes_sent == 2 * sum(s.payload_bytes for s in g.segments)
+    # top-k is never cut into segments (k is selected over the whole tensor or chunk)
+    for algo in ("alltoall", "allgather"):
+        assert comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, algo,
+                         pipeline=pipe).segments == ()
     with pytest.raises(ValueError, match="min_numel"):
         comm.Pipeline(min_numel=0)
 
@@ -974,26 +992,33 @@ def test_pipeline_segments_layout():
 @pytest.mark.parametrize("world", [2, 3])
 def test_pipeline_changes_nothing_but_timing(world):
     res = run_ranks(world, segmented_battery)
-    assert len(res[0][("many", "plan")].segments) > 1
-    assert res[0][("one", "plan")].segments == ()
-    for spec in ("int8", "int4,block=64", "sign"):
-        one_steps = res[0][("one", spec)][0]
-        # bit-identical to the unsegmented algorithm and to its reference simulation
-        sim = Simulation(Codec(spec), "alltoall", world, SEG_N, ef=True, base_seed=EF_SEED,
-                         key=KEY)
-        for t in range(SEG_STEPS):
-            want = sim([make_input(SEG_N, r, t, tag=12) for r in range(world)])
-            assert torch.equal(one_steps[t], want), (spec, t)
+    for algo in ("alltoall", "allgather"):
+        assert len(res[0][("many", algo, "plan")].segments) > 1
+        assert res[0][("one", algo, "plan")].segments == ()
+        for spec in ("int8", "int4,block=64", "sign"):
+            one_steps = res[0][("one", algo, spec)][0]
+            # bit-identical to the unsegmented algorithm and to its reference simulation
+            sim = Simulation(Codec(spec), algo, world, SEG_N, ef=True, base_seed=EF_SEED,
+                             key=KEY)
+            for t in range(SEG_STEPS):
+                want = sim([make_input(SEG_N, r, t, tag=12) for r in range(world)])
+                assert torch.equal(one_steps[t], want), (algo, spec, t)
+                for r in range(world):
+                    assert torch.equal(res[r][("many", algo, spec)][0][t], want), \
+                        (algo, spec, t, r)
+            # the residuals are the same: each rank's worker residual, and the server
+            # residual of every element (held by whichever rank owns its chunk)
             for r in range(world):
-                assert torch.equal(res[r][("many", spec)][0][t], want), (spec, t, r)
-        # the residuals are the same: each rank's worker residual, and the server residual
-        # of every element (held by whichever rank owns its chunk in that layout)
-        for r in range(world):
-            assert torch.equal(res[r][("one", spec)][1], res[r][("many", spec)][1]), (spec, r)
-        servers = {label: torch.stack([res[r][(label, spec)][2] for r in range(world)]).sum(0)
-                   for label in ("one", "many")}
-        assert torch.equal(servers["one"], servers["many"]), spec
-        assert servers["many"].abs().sum() > 0, spec  # the comparison is not of zeros
+                assert torch.equal(res[r][("one", algo, spec)][1],
+                                   res[r][("many", algo, spec)][1]), (algo, spec, r)
+            servers = {label: torch.stack([res[r][(label, algo, spec)][2]
+                                           for r in range(world)]).sum(0)
+                       for label in ("one", "many")}
+            assert torch.equal(servers["one"], servers["many"]), (algo, spec)
+            if algo == "alltoall":  # the comparison is not of zeros
+                assert servers["many"].abs().sum() > 0, spec
     for r in range(world):
         assert res[r]["corrupt"] is not None and res[r]["corrupt"][0] == "ValueError", r
+        bad = res[r]["corrupt-allgather"]
+        assert bad is not None and bad[0] == "ValueError" and "segment [" in bad[1], (r, bad)
     assert _all_equal([res[r]["still-works"] for r in range(world)])

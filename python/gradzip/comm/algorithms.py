@@ -137,26 +137,46 @@ def plain(call: Call) -> Finish:
 
 
 def allgather(call: Call) -> Finish:
-    flat, p, codec, world = call.flat, call.plan, call.codec, call.world
-    with call.timer("compress"):
-        payload = codec.compress(flat, call.worker_residual(), seed=call.seed(0, 0))
-        call.store_worker_residual()
-    rows = torch.empty((world, p.payload_bytes), dtype=torch.uint8, device=flat.device)
-    with call.timer("communicate"):
-        work = all_gather(rows.view(-1), payload, call.group, async_op=True)
+    """Every rank's payload to every rank, decoded by each (one compression per rank).
+    Segment by segment (dense codecs on large tensors): segment s+1 is compressed while s
+    is on the wire, and s is decoded while s+1 arrives."""
+    flat, codec, world = call.flat, call.codec, call.world
+    segs = call.plan.stages()
+    worker = call.worker_residual()
+    gathered, works = [], []
+    for j, sp in enumerate(segs):
+        a, b = sp.chunks[0]
+        with call.timer("compress"):
+            res = worker[a:b] if worker is not None else None
+            payload = codec.compress(flat[a:b], res, seed=call.seed(0, j))
+        rows = torch.empty((world, sp.payload_bytes), dtype=torch.uint8, device=flat.device)
+        with call.timer("communicate"):
+            works.append(all_gather(rows.view(-1), payload, call.group, async_op=True))
+        gathered.append(rows)
+    call.store_worker_residual()
 
-    def decode(wait: bool) -> None:  # one collective: Finish.wait() waited for it
-        with call.timer("decompress"):
-            if call.check_headers:
-                problems = header_problems(rows, [codec.header(p.numel)] * world,
-                                           [p.payload_bytes] * world)
-                if problems:
-                    raise mismatch_error(f"received payloads do not match this rank's codec "
-                                         f"{codec.spec} for numel {p.numel}", problems)
-            flat.zero_()
-            codec.decompress_accumulate(rows, flat, call.alpha)
+    def decode(wait: bool) -> None:
+        for j, sp in enumerate(segs):
+            if wait and j > 0:  # Finish.wait() waited for the first
+                with call.timer("communicate"):
+                    works[j].wait()
+            a, b = sp.chunks[0]
+            with call.timer("decompress"):
+                if call.check_headers:
+                    problems = header_problems(gathered[j], [codec.header(b - a)] * world,
+                                               [sp.payload_bytes] * world)
+                    if problems:
+                        for w in works[j + 1 :] if wait else ():
+                            w.wait()  # leave no collective of this call running
+                        where = "" if len(segs) == 1 else f" (segment [{a}, {b}))"
+                        raise mismatch_error(f"received payloads do not match this rank's "
+                                             f"codec {codec.spec} for numel "
+                                             f"{call.plan.numel}{where}", problems)
+                out = flat[a:b]
+                out.zero_()
+                codec.decompress_accumulate(gathered[j], out, call.alpha)
 
-    return Finish(work, decode)
+    return Finish(works, decode)
 
 
 def alltoall(call: Call) -> Finish:

@@ -14,12 +14,15 @@ the whole tensor): chunk size ``c = align * ceil(ceil(n / align) / W)``, chunk i
 chunks. Large tensors of dense codecs are first cut into pipeline segments (one per
 ``Pipeline.min_numel`` elements, at most ``Pipeline.max_segments``, at multiples of the
 block), each with chunks of its own; quantization is per block, so segments change the
-timing, never the numbers.
+timing, never the numbers (with nearest rounding; stochastic rounding seeds each
+segment's compression on its own). ``"allgather"`` cuts dense codecs into the same
+segments, each one payload and one all-gather, so segment s+1 is compressed while s is on
+the wire and s is decoded while s+1 arrives.
 
 Volumes (bytes one rank sends per call)
 ---------------------------------------
 ``plain``: a ring all-reduce, ``2 (W-1)/W * numel * itemsize``. ``allgather``: ``(W-1)``
-payloads. ``alltoall``: ``2 (W-1)`` chunk payloads (phase-1 all-to-all plus phase-2
+payloads (one header per segment). ``alltoall``: ``2 (W-1)`` chunk payloads (phase-1 all-to-all plus phase-2
 all-gather). ``"auto"`` first takes the compressed algorithm that moves the fewest bytes,
 taking ``"alltoall"`` only when it moves at most 3/4 of ``"allgather"`` (it compresses
 twice and adds one latency), never for 1-bit sign (re-compressing a sum of scaled signs
@@ -43,9 +46,9 @@ DEFAULT_MIN_NUMEL = 4096
 
 @dataclass(frozen=True)
 class Pipeline:
-    """How the two-phase algorithm cuts large tensors of dense codecs into segments that
-    overlap compression with the wire: one segment per ``min_numel`` elements, at most
-    ``max_segments``."""
+    """How the compressed algorithms cut large tensors of dense codecs into segments that
+    overlap compression and decoding with the wire: one segment per ``min_numel``
+    elements, at most ``max_segments``."""
 
     min_numel: int = 1 << 20
     max_segments: int = 4
@@ -68,17 +71,18 @@ class Plan:
     numel: int  # of the reduced tensor (reduce-scatter: of the input, W shards)
     world: int = 1
     itemsize: int = 4  # bytes per element of the reduced tensor (the plain volume)
-    chunks: tuple[tuple[int, int], ...] = ()  # alltoall: [start, stop) per rank
+    # alltoall: [start, stop) per rank; an allgather segment: its one [start, stop)
+    chunks: tuple[tuple[int, int], ...] = ()
     ks: tuple[int | None, ...] = ()  # alltoall top-k: k per chunk
     sizes: tuple[int, ...] = ()  # payload bytes per chunk (alltoall) or of the whole
     payload_bytes: int = 0  # bytes of each row on the wire
-    # alltoall on large tensors: the pipeline segments, each an alltoall Plan of its own
-    # (absolute chunk offsets); empty for one segment, which the fields above describe.
+    # large tensors of dense codecs: the pipeline segments, each a Plan of the same
+    # algorithm (absolute offsets); empty for one segment, which the fields above describe.
     segments: tuple[Plan, ...] = ()
     op: str = "all_reduce"  # or "reduce_scatter": phase 1 alone, one chunk per shard
 
     def stages(self) -> tuple[Plan, ...]:
-        """The alltoall segments in order (the plan itself when it has one)."""
+        """The pipeline segments in order (the plan itself when it has one)."""
         return self.segments or (self,)
 
     @property
@@ -144,9 +148,19 @@ def _alltoall_plan(codec: Codec, numel: int, world: int, itemsize: int,
                 payload_bytes=sum(q.payload_bytes for q in parts), segments=parts)
 
 
-def _allgather_plan(codec: Codec, numel: int, world: int, itemsize: int) -> Plan:
-    size = codec.compressed_size(numel)
-    return Plan("allgather", numel, world, itemsize, sizes=(size,), payload_bytes=size)
+def _allgather_plan(codec: Codec, numel: int, world: int, itemsize: int,
+                    pipeline: Pipeline) -> Plan:
+    segs = [(0, numel)] if codec.is_sparse else pipeline_segments(numel, codec.alignment,
+                                                                 pipeline)
+    parts = []
+    for a, b in segs:
+        size = codec.header(b - a).total_bytes
+        parts.append(Plan("allgather", numel, world, itemsize, ((a, b),), sizes=(size,),
+                          payload_bytes=size))
+    if len(parts) == 1:
+        return parts[0]
+    return Plan("allgather", numel, world, itemsize,
+                payload_bytes=sum(q.payload_bytes for q in parts), segments=tuple(parts))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -166,12 +180,12 @@ def plan(codec: Codec | str, numel: int, dtype: torch.dtype, world: int,
     if algorithm == "alltoall":
         return _alltoall_plan(codec, numel, world, itemsize, pipeline)
     if algorithm == "allgather":
-        return _allgather_plan(codec, numel, world, itemsize)
+        return _allgather_plan(codec, numel, world, itemsize, pipeline)
     # auto: the fewest bytes sent
     plain = Plan("plain", numel, world, itemsize)
     if world == 1 or numel < min_numel:
         return plain
-    best = _allgather_plan(codec, numel, world, itemsize)
+    best = _allgather_plan(codec, numel, world, itemsize, pipeline)
     if not codec.is_sparse and codec.bits > 1 and -(-numel // codec.alignment) >= world:
         a2a = _alltoall_plan(codec, numel, world, itemsize, pipeline)
         if a2a.bytes_sent <= 0.75 * best.bytes_sent:
