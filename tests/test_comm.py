@@ -1022,3 +1022,88 @@ def test_pipeline_changes_nothing_but_timing(world):
         bad = res[r]["corrupt-allgather"]
         assert bad is not None and bad[0] == "ValueError" and "segment [" in bad[1], (r, bad)
     assert _all_equal([res[r]["still-works"] for r in range(world)])
+
+
+# ---------------------------------------------------------------------------------------
+# staging buffers kept across calls (CPU)
+# ---------------------------------------------------------------------------------------
+
+POOL_N = 5_003
+
+
+def pool_battery(rank: int, world: int) -> dict:
+    """Calls of one signature: two asynchronous ones in flight at once (each must have its
+    own buffers), then the same two one after the other with fresh states; the pool's
+    size after each stage."""
+    from gradzip.comm.groups import group_state
+
+    pool = group_state(None).buffers
+    out = {"start": pool.nbytes()}
+    for algo in ("allgather", "alltoall"):
+        xs = [make_input(POOL_N, rank, t, tag=21) for t in range(2)]
+        states = [gradzip.ErrorFeedback(seed=EF_SEED) for _ in range(2)]
+        futs = [gradzip.all_reduce(x, codec("int4"), state=st, algorithm=algo, key=KEY,
+                                   async_op=True, pipeline=comm.Pipeline(min_numel=2_000))
+                for x, st in zip(xs, states)]
+        overlapped = [f.wait().clone() for f in futs]
+        ys = [make_input(POOL_N, rank, t, tag=21) for t in range(2)]
+        for y in ys:
+            gradzip.all_reduce(y, codec("int4"), state=gradzip.ErrorFeedback(seed=EF_SEED),
+                               algorithm=algo, key=KEY, pipeline=comm.Pipeline(min_numel=2_000))
+        out[algo] = (overlapped, ys)
+        out[(algo, "held")] = pool.nbytes()
+    # the same calls again take the buffers back: the pool does not grow
+    for algo in ("allgather", "alltoall"):
+        gradzip.all_reduce(make_input(POOL_N, rank, 0, tag=21), codec("int4"),
+                           state=gradzip.ErrorFeedback(seed=EF_SEED), algorithm=algo,
+                           key=KEY, pipeline=comm.Pipeline(min_numel=2_000))
+    out["again"] = pool.nbytes()
+    comm.release_buffers()
+    out["released"] = pool.nbytes()
+    return out
+
+
+def test_buffers_are_reused_never_shared():
+    world = 2
+    res = run_ranks(world, pool_battery)
+    for algo in ("allgather", "alltoall"):
+        for t in range(2):
+            # a fresh state per call: each call is the first step of its own simulation
+            sim = Simulation(Codec("int4"), algo, world, POOL_N, ef=True,
+                             base_seed=EF_SEED, key=KEY)
+            want = sim([make_input(POOL_N, r, t, tag=21) for r in range(world)])
+            for r in range(world):
+                overlapped, one_by_one = res[r][algo]
+                assert torch.equal(overlapped[t], want), (algo, t, r)
+                assert torch.equal(one_by_one[t], want), (algo, t, r)
+    for r in range(world):
+        assert res[r]["allgather", "held"] > res[r]["start"]
+        assert res[r]["alltoall", "held"] >= res[r]["allgather", "held"]
+        assert res[r]["again"] == res[r]["alltoall", "held"]  # reused, not grown
+        assert res[r]["released"] == 0
+
+
+def test_buffer_pool_unit():
+    from gradzip.comm.buffers import MAX_FREE_PER_SIZE, BufferPool, Staging
+
+    pool = BufferPool()
+    a = pool.take(100, torch.device("cpu"))
+    assert a.dtype == torch.uint8 and a.numel() == 100
+    pool.give([a])
+    assert pool.take(100, torch.device("cpu")) is a  # the same buffer back
+    assert pool.take(100, torch.device("cpu")) is not a  # taken: a fresh one
+    pool.give([torch.empty(8, dtype=torch.uint8) for _ in range(MAX_FREE_PER_SIZE + 3)])
+    assert pool.nbytes() == 8 * MAX_FREE_PER_SIZE  # a bounded number kept per size
+    # a call's staging: zero-filled where asked, float views, all given back at release
+    st = Staging(pool, torch.device("cpu"))
+    z = st.bytes(3, 16, zero=True)
+    f = st.floats(5, zero=True)
+    assert z.shape == (3, 16) and not z.any() and f.dtype == torch.float32 and not f.any()
+    st.release()
+    assert pool.nbytes() == 8 * MAX_FREE_PER_SIZE + 48 + 20
+    # other devices allocate and keep nothing (the CUDA caching allocator reuses memory
+    # and knows its streams)
+    meta = Staging(pool, torch.device("meta"))
+    assert meta.bytes(10).device.type == "meta"
+    meta.release()
+    assert pool.nbytes() == 8 * MAX_FREE_PER_SIZE + 48 + 20

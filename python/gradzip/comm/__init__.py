@@ -29,6 +29,7 @@ from .agreement import (
 )
 from .algorithms import ALGORITHM_FUNCTIONS, Call, PhaseTimer
 from .autotune import AUTO_CLEAR, AUTO_FIRST_LOOK, AUTO_PROBES, Probe, Tuner, tuner_key
+from .buffers import Staging
 from .collectives import completed
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
 from .groups import all_group_states, group_state
@@ -213,7 +214,8 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
         call = Call(flat, p, r.codec, r.group, rank, world, r.average,
                     state if compressed else None, key,
                     state.seed if state is not None and compressed else r.seed,
-                    mode == "always", timer, out)
+                    mode == "always", timer, out,
+                    Staging(group_state(r.group).buffers, tensor.device))
         finish = ALGORITHM_FUNCTIONS[r.op, p.algorithm](call)
     # 5. Complete: decode, copy back into a non-contiguous tensor, stop the probe's clock.
     result = r.output
@@ -222,6 +224,7 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
     def complete(_=None) -> torch.Tensor:
         with torch.no_grad():
             finish()
+            call.staging.release()  # every collective is done and every payload decoded
             if written.data_ptr() != result.data_ptr() or not result.is_contiguous():
                 result.copy_(written.view(result.shape))
         if probe is not None:
@@ -355,6 +358,14 @@ def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | Non
     return None if tuner is None else tuner.report()
 
 
+def release_buffers() -> None:
+    """Free the staging buffers (payloads, receive rows) kept for later calls, in every
+    group (:mod:`gradzip.comm.buffers`). Call between calls, e.g. before a phase of
+    training that reduces other sizes; the next calls allocate afresh."""
+    for gs in all_group_states():
+        gs.buffers.clear()
+
+
 def reset_auto() -> None:
     """Forget every choice "auto" has settled on, in every group; the next calls measure
     again. Call it on every rank at the same point."""
@@ -382,6 +393,7 @@ __all__ = [
     "plan",
     "reduce_scatter",
     "reduce_scatter_plan",
+    "release_buffers",
     "reset_auto",
     "stochastic_seed",
 ]

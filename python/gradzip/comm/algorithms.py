@@ -35,6 +35,7 @@ import torch
 
 from ..codecs import Codec
 from .agreement import header_problems, mismatch_error
+from .buffers import Staging
 from .collectives import all_gather, all_reduce_sum, all_to_all, reduce_scatter_sum
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
 from .plan import Plan
@@ -76,8 +77,12 @@ class Call:
     check_headers: bool
     timer: PhaseTimer
     out: torch.Tensor | None = None  # reduce-scatter: this rank's shard, flat, contiguous
+    # payloads, receive rows and sums, given back when the call has completed
+    staging: Staging | None = None
 
     def __post_init__(self) -> None:
+        if self.staging is None:
+            self.staging = Staging(None, self.flat.device)
         # Seeds of this call: the feedback's step counter of this key, or 0 without one.
         if self.feedback is not None:
             self.step, self.khash = self.feedback.next_step(self.key), key_hash(self.key)
@@ -148,8 +153,9 @@ def allgather(call: Call) -> Finish:
         a, b = sp.chunks[0]
         with call.timer("compress"):
             res = worker[a:b] if worker is not None else None
-            payload = codec.compress(flat[a:b], res, seed=call.seed(0, j))
-        rows = torch.empty((world, sp.payload_bytes), dtype=torch.uint8, device=flat.device)
+            payload = codec.compress(flat[a:b], res, seed=call.seed(0, j),
+                                     out=call.staging.bytes(sp.payload_bytes))
+        rows = call.staging.bytes(world, sp.payload_bytes)
         with call.timer("communicate"):
             works.append(all_gather(rows.view(-1), payload, call.group, async_op=True))
         gathered.append(rows)
@@ -196,13 +202,15 @@ def alltoall(call: Call) -> Finish:
     recvs, works = [], []
     for j, sp in enumerate(segs):
         with call.timer("compress"):
-            send = torch.zeros((world, sp.payload_bytes), dtype=torch.uint8, device=dev)
+            # each chunk's payload written straight into its row of the send buffer
+            send = call.staging.bytes(world, sp.payload_bytes)
             for i, ((a, b), k, size) in enumerate(zip(sp.chunks, sp.ks, sp.sizes)):
                 if b > a:
                     res = worker[a:b] if worker is not None else None
-                    send[i, :size] = codec.compress(flat[a:b], res,
-                                                    seed=call.seed(0, j * world + i), k=k)
-        recv = torch.empty_like(send)
+                    codec.compress(flat[a:b], res, seed=call.seed(0, j * world + i), k=k,
+                                   out=send[i, :size])
+                send[i, size:].zero_()  # padding of a short (or empty) chunk
+        recv = call.staging.bytes(world, sp.payload_bytes)
         with call.timer("communicate"):
             works.append(all_to_all(recv.view(-1), send.view(-1), call.group, async_op=True))
         recvs.append(recv)
@@ -218,7 +226,8 @@ def alltoall(call: Call) -> Finish:
             works[j].wait()
         a, b = sp.chunks[rank]
         my_size, my_k = sp.sizes[rank], sp.ks[rank]
-        gathered_in = torch.zeros(sp.payload_bytes, dtype=torch.uint8, device=dev)
+        gathered_in = call.staging.bytes(sp.payload_bytes)
+        sent = False
         problems: list[tuple[int, str]] = []
         if b > a:
             with call.timer("decompress"):
@@ -227,19 +236,23 @@ def alltoall(call: Call) -> Finish:
                                                [my_size] * world)
                 if not problems:
                     rows = recvs[j][:, :my_size]
-                    acc = torch.zeros(b - a, dtype=torch.float32, device=dev)
+                    acc = call.staging.floats(b - a, zero=True)
                     codec.decompress_accumulate(rows if my_size == sp.payload_bytes
                                                 else rows.contiguous(), acc, call.alpha)
             if not problems:
                 with call.timer("compress"):
                     res = server[off : off + b - a] if server is not None else None
-                    gathered_in[:my_size] = codec.compress(
-                        acc, res, seed=call.seed(1, j * world + rank), k=my_k)
-            # else: the zero header tells every other rank that this one found bad
-            # payloads, after it has taken part in the all-gather, so nobody waits on it.
+                    codec.compress(acc, res, seed=call.seed(1, j * world + rank), k=my_k,
+                                   out=gathered_in[:my_size])
+                    gathered_in[my_size:].zero_()
+                    sent = True
+        if not sent:
+            # An empty chunk, or the zero header that tells every other rank that this one
+            # found bad payloads, after it has taken part in the all-gather, so nobody waits.
+            gathered_in.zero_()
         off += b - a
         phase1_problems += problems
-        g = torch.empty((world, sp.payload_bytes), dtype=torch.uint8, device=dev)
+        g = call.staging.bytes(world, sp.payload_bytes)
         with call.timer("communicate"):
             gworks.append(all_gather(g.view(-1), gathered_in, call.group, async_op=True))
         gathered.append(g)
@@ -305,12 +318,12 @@ def alltoall_reduce_scatter(call: Call) -> Finish:
     flat, p, codec, world = call.flat, call.plan, call.codec, call.world
     worker = call.worker_residual()
     with call.timer("compress"):
-        send = torch.empty((world, p.payload_bytes), dtype=torch.uint8, device=flat.device)
+        send = call.staging.bytes(world, p.payload_bytes)
         for i, ((a, b), k) in enumerate(zip(p.chunks, p.ks)):
             res = worker[a:b] if worker is not None else None
-            send[i] = codec.compress(flat[a:b], res, seed=call.seed(0, i), k=k)
+            codec.compress(flat[a:b], res, seed=call.seed(0, i), k=k, out=send[i])
         call.store_worker_residual()
-    recv = torch.empty_like(send)
+    recv = call.staging.bytes(world, p.payload_bytes)
     with call.timer("communicate"):
         work = all_to_all(recv.view(-1), send.view(-1), call.group, async_op=True)
     shard = p.numel // world
