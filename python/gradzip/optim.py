@@ -55,8 +55,8 @@ Which codec (docs/results.md, section 4; 4 ranks, 1000 steps): 1-bit ``"sign"`` 
 above fp32 AdamW on the character transformer and +13 % on an MLP autoencoder (the DDP hook
 with AdamW: +9.4 % and +72 %) at 25.5x fewer bytes per compressed step. Top-k is the wrong
 codec here: with a fixed denominator a coordinate that top-k sends once in ~100 steps moves
-by ~100 steps' worth at once (+24 % / +77 %); use the hook with AdamW for top-k (+1.6 % /
-+1.0 %).
+by ~100 steps' worth at once (+24 % / +77 %); the hook with AdamW does no better when it
+really compresses (+48 % / +188 %): with Adam, top-k 1 % does not keep the loss yet.
 
 Usage with DDP::
 
