@@ -46,7 +46,6 @@ see :meth:`CompressionState.param_hook`.
 
 # No "from __future__ import annotations": DDP's register_comm_hook compares the hook's
 # annotations with the real dist.GradBucket / torch.futures.Future[torch.Tensor] objects.
-import io
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -55,6 +54,7 @@ import torch.distributed as dist
 
 from . import _checks, comm
 from .codecs import Codec, as_codec
+from .comm import rank_state
 
 _STATE_VERSION = 2  # 1: the per-rank dict of gradzip 0.1 (still loaded)
 DEFAULT_MIN_NUMEL = comm.DEFAULT_MIN_NUMEL
@@ -644,7 +644,7 @@ class CompressionState:
     @staticmethod
     def rank_key(rank: int, world: int) -> str:
         """The key under which :meth:`state_dict` keeps rank ``rank``'s state."""
-        return f"rank{rank}_of_{world}"
+        return rank_state.key(rank, world)
 
     def state_dict(self) -> dict:
         """This rank's residuals, counters and bucket layouts, in a form that works both with
@@ -667,12 +667,10 @@ class CompressionState:
         mine = {"rank": rank, "world_size": world, "iteration": self._iterations(),
                 "param_calls": self._param_calls_all(), **self.buckets.state_dict(),
                 "feedback": self.feedback.state_dict()}
-        buf = io.BytesIO()
-        torch.save(mine, buf)
         return {"version": _STATE_VERSION, "codec": self.codec.spec, "world_size": world,
                 "iteration": self._iterations(),
                 "layouts": list(self.buckets.layouts.values()),
-                self.rank_key(rank, world): buf.getvalue()}
+                **rank_state.pack(mine, rank, world)}
 
     def gathered_state_dict(self) -> dict:
         """Every rank's :meth:`state_dict` in one dict, on every rank: the shared fields once
@@ -706,19 +704,7 @@ class CompressionState:
                              "without the gradzip state)")
         rank, world = self._rank_world()
         if version == _STATE_VERSION:
-            if state["world_size"] != world:
-                raise ValueError(
-                    f"the state_dict was saved by a run of {state['world_size']} ranks, this "
-                    f"run has {world}: residuals belong to ranks and cannot be split anew "
-                    f"(resume with {state['world_size']} ranks, or start without the "
-                    "gradzip state)")
-            blob = state.get(self.rank_key(rank, world))
-            if not isinstance(blob, bytes | bytearray):
-                held = sorted(k for k in state if isinstance(k, str) and k.startswith("rank"))
-                raise ValueError(f"the state_dict holds {held or 'no rank state'}, not rank "
-                                 f"{rank}'s ({self.rank_key(rank, world)!r}): give each rank "
-                                 "the state it saved")
-            mine = torch.load(io.BytesIO(bytes(blob)), weights_only=True)
+            mine = rank_state.unpack(state, rank, world)
         else:
             mine = state
         if dist.is_available() and dist.is_initialized() and \

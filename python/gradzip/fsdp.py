@@ -55,7 +55,6 @@ host; header checks need the host and are off.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +63,7 @@ from torch import nn
 
 from . import _checks, comm
 from .codecs import Codec, as_codec
+from .comm import rank_state
 
 _STATE_VERSION = 1
 RESIDUAL_STORAGES = comm.feedback.STORAGES
@@ -221,10 +221,8 @@ class FSDPCompressionState:
                 "partial": {k: v.detach().cpu().clone() for k, v in self._partial.items()},
                 "scatter_feedback": self.scatter_feedback.state_dict(),
                 "replica_feedback": self.replica_feedback.state_dict()}
-        buf = io.BytesIO()
-        torch.save(mine, buf)
         return {"version": _STATE_VERSION, "codec": self.codec.spec, "world_size": world,
-                "modules": list(self.modules), f"rank{rank}_of_{world}": buf.getvalue()}
+                "modules": list(self.modules), **rank_state.pack(mine, rank, world)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` of the same rank, world size and codec, before the
@@ -235,17 +233,10 @@ class FSDPCompressionState:
         if state["codec"] != self.codec.spec:
             raise ValueError(f"the state_dict was saved with codec {state['codec']!r}, this "
                              f"state uses {self.codec.spec!r}")
-        rank, world = self._rank_world()
-        if state["world_size"] != world:
-            raise ValueError(f"the state_dict was saved by {state['world_size']} ranks, this "
-                             f"run has {world}: residuals belong to ranks")
         if list(state["modules"]) != self.modules:
             raise ValueError("the state_dict was saved from a model whose FSDP modules are "
                              f"{state['modules']}, this one has {self.modules}")
-        blob = state.get(f"rank{rank}_of_{world}")
-        if blob is None:
-            raise ValueError(f"the state_dict holds no state of rank {rank} of {world}")
-        mine = torch.load(io.BytesIO(bytes(blob)), weights_only=True)
+        mine = rank_state.unpack(state, *self._rank_world())
         scatter = comm.ErrorFeedback(storage=self.scatter_feedback.storage)
         scatter.load_state_dict(mine["scatter_feedback"])
         replica = comm.ErrorFeedback()

@@ -95,7 +95,6 @@ gradients exist, so that a disagreement is an exception on every rank instead of
 
 # No "from __future__ import annotations": DDP's register_comm_hook compares the hook's
 # annotations with the real dist.GradBucket / torch.futures.Future objects.
-import io
 import math
 import struct
 import warnings
@@ -109,6 +108,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _checks, comm
 from .codecs import Codec, as_codec
+from .comm import rank_state
 
 ALGORITHMS = ("alltoall", "allgather")
 _STATE_VERSION = 2
@@ -655,11 +655,10 @@ class CompressedAdamW(torch.optim.Optimizer):
         sd["state"] = {i: {k: torch.tensor(v, dtype=torch.int64) if k == "variance_step" else v
                            for k, v in st.items()} for i, st in sd["state"].items()}
         rank, world = self._rank_world()
-        blob = io.BytesIO()
-        torch.save({"rank": rank, "feedback": self.feedback.state_dict()}, blob)
+        mine = {"rank": rank, "feedback": self.feedback.state_dict()}
         sd["gradzip"] = {"version": _STATE_VERSION, "codec": self.codec.spec,
                          "warmup_steps": self.warmup_steps, "steps_taken": self.steps_taken,
-                         "world_size": world, f"rank{rank}_of_{world}": blob.getvalue()}
+                         "world_size": world, **rank_state.pack(mine, rank, world)}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -676,14 +675,7 @@ class CompressedAdamW(torch.optim.Optimizer):
             if gz["codec"] != self.codec.spec:
                 raise ValueError(f"the state_dict was saved with codec {gz['codec']!r}, this "
                                  f"optimizer uses {self.codec.spec!r}")
-            rank, world = self._rank_world()
-            if gz["world_size"] != world:
-                raise ValueError(f"the state_dict was saved by {gz['world_size']} ranks, this "
-                                 f"run has {world}: residuals belong to ranks")
-            blob = gz.get(f"rank{rank}_of_{world}")
-            if blob is None:
-                raise ValueError(f"the state_dict holds no residuals of rank {rank} of {world}")
-            mine = torch.load(io.BytesIO(bytes(blob)), weights_only=True)
+            mine = rank_state.unpack(gz, *self._rank_world())
             feedback = comm.ErrorFeedback(seed=self.feedback.seed)
             feedback.load_state_dict(mine["feedback"])
         adamw = {k: v for k, v in state_dict.items() if k != "gradzip"}
