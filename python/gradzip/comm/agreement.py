@@ -1,8 +1,8 @@
 """Agreement: ranks that disagree raise the same ``ValueError`` together instead of hanging.
 
-Two checks. Before anything else, ranks exchange (one all-to-all) a 16-integer *fingerprint* of their call
-(format version, codec, numel, dtype, chosen algorithm, averaging, payload size, and
-whether the rank accepted its input); every rank compares all W and, on any difference,
+Two checks. Before anything else, ranks exchange (one all-to-all) a 16-integer
+*fingerprint* of their call (format version, codec, numel, dtype, chosen algorithm,
+averaging, payload size, and whether the rank accepted its input); every rank compares all W and, on any difference,
 raises the same error after this small collective, so none is left waiting in a later one.
 Then every received payload *header* is compared with the one this rank expects; a
 mismatch found by any rank reaches every rank (in the two-phase algorithm the owner of a
