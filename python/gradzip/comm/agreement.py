@@ -2,8 +2,9 @@
 
 Two checks. Before anything else, ranks exchange (one all-to-all) a 16-integer
 *fingerprint* of their call (format version, codec, numel, dtype, chosen algorithm,
-averaging, payload size, and whether the rank accepted its input); every rank compares all W and, on any difference,
-raises the same error after this small collective, so none is left waiting in a later one.
+averaging, payload size, and whether the rank accepted its input); every rank compares all
+W and, on any difference, raises the same error after this small collective, so none is
+left waiting in a later one.
 Then every received payload *header* is compared with the one this rank expects; a
 mismatch found by any rank reaches every rank (in the two-phase algorithm the owner of a
 bad chunk sends an empty header in phase 2), so all raise together.
