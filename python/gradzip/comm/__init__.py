@@ -27,11 +27,12 @@ from .agreement import (
     fingerprint,
     resolve_mode,
 )
-from .algorithms import ALGORITHM_FUNCTIONS, Call, PhaseTimer
+from .algorithms import ALGORITHM_FUNCTIONS, Call, FoldMismatch, PhaseTimer
 from .autotune import AUTO_CLEAR, AUTO_FIRST_LOOK, AUTO_PROBES, Probe, Tuner, tuner_key
 from .buffers import Staging
 from .collectives import completed
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
+from .fold import Signature, decoy_error, deviated_error, fold_plan, run_decoy
 from .groups import all_group_states, group_state
 from .plan import (
     ALGORITHMS,
@@ -197,25 +198,33 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
             state.check_key(key, tensor.numel())
         except ValueError as e:
             local_error = e
-    # 3. Agreement: every rank raises together.
+    # 3. Agreement: every rank raises together (folded into step 4 once calls repeat).
+    gs = group_state(r.group)
     mode = resolve_mode(r.verify, tensor.device)
-    _agree(mode, r, p, world, local_error, timer)
+    folded, fp = _agree(mode, r, p, probe, world, rank, local_error, timer, gs)
     if tensor.numel() == 0:
         return completed(r.output) if r.async_op else r.output
     # 4. Run one algorithm.
     if probe is not None:
         p = probe.plan(r.group, tensor.device)
+    compressed = p.algorithm != "plain"
+    # A folded call may still learn that another rank deviated: it changes nothing of the
+    # caller's until it knows (comm.fold), so it keeps what it must be able to restore.
+    snapshot = state.snapshot(key) if folded and compressed and state is not None else None
+    hand_over = None
     with torch.no_grad():
         flat = _flat(tensor)
         out = None if r.op == "all_reduce" else _flat(r.output)
         if p.algorithm == "plain" and probe is not None and probe.tuner.choice is p:
-            flat = _hand_over(state, key, flat, r.op)
-        compressed = p.algorithm != "plain"
+            if folded:
+                hand_over = _pending(state, key)
+            else:
+                flat = _hand_over(state, key, flat, r.op)
         call = Call(flat, p, r.codec, r.group, rank, world, r.average,
                     state if compressed else None, key,
                     state.seed if state is not None and compressed else r.seed,
-                    mode == "always", timer, out,
-                    Staging(group_state(r.group).buffers, tensor.device))
+                    mode == "always", timer, out, Staging(gs.buffers, tensor.device),
+                    fold=folded, hand_over=hand_over)
         finish = ALGORITHM_FUNCTIONS[r.op, p.algorithm](call)
     # 5. Complete: decode, copy back into a non-contiguous tensor, stop the probe's clock.
     result = r.output
@@ -223,8 +232,16 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
 
     def complete(_=None) -> torch.Tensor:
         with torch.no_grad():
-            finish()
+            try:
+                finish()
+            except FoldMismatch as e:
+                call.staging.release()
+                if folded and compressed and state is not None:
+                    state.restore(key, snapshot)
+                raise deviated_error(r.who, e.deviated, fp) from None
             call.staging.release()  # every collective is done and every payload decoded
+            if hand_over is not None:
+                state.drop(key)
             if written.data_ptr() != result.data_ptr() or not result.is_contiguous():
                 result.copy_(written.view(result.shape))
         if probe is not None:
@@ -312,19 +329,59 @@ def _auto_probe(p: Plan | None, r: _Request, world: int) -> Probe | None:
     return tuner.begin(r.tensor.device)
 
 
-def _agree(mode: str, r: _Request, p: Plan | None, world: int,
-           local_error: Exception | None, timer: PhaseTimer) -> None:
-    if mode != "never":
-        fp = fingerprint(r.codec, r.tensor.numel(), r.tensor.dtype, p, r.average,
-                         STATUS_OK if local_error is None else STATUS_REFUSED)
-        verified = group_state(r.group).verified
-        if mode == "always" or fp not in verified or local_error:
+def _agree(mode: str, r: _Request, p: Plan | None, probe: Probe | None, world: int,
+           rank: int, local_error: Exception | None, timer: PhaseTimer, gs
+           ) -> tuple[bool, tuple[int, ...] | None]:
+    """The agreement of one call: (whether it is folded into the call's collectives, this
+    rank's fingerprint). Raises on every rank together when ranks disagree."""
+    if mode == "never":
+        gs.predictor.lost()
+        if local_error:
+            raise local_error
+        return False, None
+    status = STATUS_OK if local_error is None else STATUS_REFUSED
+    fp = fingerprint(r.codec, r.tensor.numel(), r.tensor.dtype, p, r.average, status,
+                     auto=probe is not None)
+    if mode == "once":
+        gs.predictor.lost()
+        if fp not in gs.verified or local_error:
             with timer("verify"):
                 exchange_fingerprints(fp, r.tensor.device, r.group, world, local_error,
                                       r.who)
-            verified.add(fp)
-    if local_error:
-        raise local_error
+            gs.verified.add(fp)
+        return False, fp
+    expected = gs.predictor.expected()
+    run = fold_plan(expected, gs.tuners)
+    if run is not None:
+        if fp == expected.fp and local_error is None:
+            gs.predictor.advance(expected)
+            return True, fp
+        # Not the call the others may be making: stand in for it, then see who deviated.
+        with timer("verify"):
+            staging = Staging(gs.buffers, r.tensor.device)
+            deviated = run_decoy(expected, run, r.group, rank, world, r.tensor.device,
+                                 staging)
+            staging.release()
+        if len(deviated) < world:
+            gs.predictor.advance(expected)
+            if local_error:
+                raise local_error
+            raise decoy_error(r.who, deviated, fp, expected, world)
+        # every rank deviated (the pattern changed everywhere): check explicitly
+    try:
+        with timer("verify"):
+            exchange_fingerprints(fp, r.tensor.device, r.group, world, local_error, r.who)
+    except Exception:
+        gs.predictor.lost()
+        raise
+    gs.verified.add(fp)
+    gs.predictor.agreed(Signature(fp, r.op, r.codec, r.tensor.numel(), r.tensor.dtype,
+                                  r.average, world, probe is not None, p))
+    return False, fp
+
+
+def _pending(state: ErrorFeedback | None, key: Hashable) -> torch.Tensor | None:
+    return state.pending(key) if state is not None and key in state else None
 
 
 def _hand_over(state: ErrorFeedback | None, key: Hashable, flat: torch.Tensor,

@@ -38,6 +38,7 @@ from .agreement import header_problems, mismatch_error
 from .buffers import Staging
 from .collectives import all_gather, all_reduce_sum, all_to_all, reduce_scatter_sum
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
+from .fold import flagged, poisoned
 from .plan import Plan
 
 
@@ -79,6 +80,10 @@ class Call:
     out: torch.Tensor | None = None  # reduce-scatter: this rank's shard, flat, contiguous
     # payloads, receive rows and sums, given back when the call has completed
     staging: Staging | None = None
+    # verify="always" folded into this call's collectives (comm.fold): marks of ranks that
+    # deviated are looked for in what arrives, and nothing is written before they are
+    fold: bool = False
+    hand_over: torch.Tensor | None = None  # plain after compression: what it held back
 
     def __post_init__(self) -> None:
         if self.staging is None:
@@ -134,11 +139,55 @@ class Finish:
 
 
 def plain(call: Call) -> Finish:
+    if call.fold:
+        return _folded_plain(call)
     if call.average and call.world > 1:
         call.flat.div_(call.world)  # before the sum, as DDP does, so fp16 sums overflow later
     with call.timer("communicate"):
         work = all_reduce_sum(call.flat, call.group, async_op=True)
     return Finish(work, lambda wait: None)
+
+
+def _folded_plain(call: Call) -> Finish:
+    """The plain all-reduce with the agreement's W flag slots after the data (comm.fold),
+    in a copy, so that the tensor is written only once no rank has deviated."""
+    flat, n, world = call.flat, call.flat.numel(), call.world
+    buf = call.staging.bytes((n + world) * flat.element_size()).view(flat.dtype)
+    data = buf[:n]
+    if call.hand_over is not None:
+        torch.add(flat, call.hand_over.to(flat.dtype), out=data)
+    else:
+        data.copy_(flat)
+    if call.average and world > 1:
+        data.div_(world)
+    buf[n:].zero_()
+    with call.timer("communicate"):
+        work = all_reduce_sum(buf, call.group, async_op=True)
+
+    def decode(wait: bool) -> None:
+        deviated = flagged(buf[n:])
+        if deviated:
+            raise FoldMismatch(deviated)
+        flat.copy_(data)
+
+    return Finish(work, decode)
+
+
+class FoldMismatch(Exception):
+    """Ranks ``deviated`` ran a decoy of this folded call (comm.fold); the caller turns it
+    into the ``ValueError`` every rank raises."""
+
+    def __init__(self, deviated: list[int]) -> None:
+        super().__init__(deviated)
+        self.deviated = deviated
+
+
+def _check_fold(call: Call, rows: torch.Tensor) -> None:
+    """A folded call: raise :class:`FoldMismatch` if any rank's rows carry a decoy mark."""
+    if call.fold:
+        deviated = poisoned(rows)
+        if deviated:
+            raise FoldMismatch(deviated)
 
 
 def allgather(call: Call) -> Finish:
@@ -174,6 +223,7 @@ def allgather(call: Call) -> Finish:
                     if problems:
                         for w in works[j + 1 :] if wait else ():
                             w.wait()  # leave no collective of this call running
+                        _check_fold(call, gathered[j])
                         where = "" if len(segs) == 1 else f" (segment [{a}, {b}))"
                         raise mismatch_error(f"received payloads do not match this rank's "
                                              f"codec {codec.spec} for numel "
@@ -264,6 +314,9 @@ def alltoall(call: Call) -> Finish:
                     gworks[j].wait()
             with call.timer("decompress"):
                 if phase1_problems:
+                    for w in gworks[j + 1 :] if wait else ():
+                        w.wait()  # leave no collective of this call running
+                    _check_fold(call, recvs[0])
                     a, b = sp.chunks[rank]
                     raise mismatch_error(
                         f"received payloads do not match this rank's codec {codec.spec} for "
@@ -334,6 +387,7 @@ def alltoall_reduce_scatter(call: Call) -> Finish:
                 problems = header_problems(recv, [codec.header(shard, k=p.ks[call.rank])] *
                                            world, [p.payload_bytes] * world)
                 if problems:
+                    _check_fold(call, recv)
                     raise mismatch_error(f"received payloads do not match this rank's codec "
                                          f"{codec.spec} for a shard of {shard}", problems,
                                          who="gradzip.reduce_scatter")
@@ -348,5 +402,5 @@ ALGORITHM_FUNCTIONS: dict[tuple[str, str], Callable[[Call], Finish]] = {
     ("all_reduce", "alltoall"): alltoall, ("reduce_scatter", "plain"): plain_reduce_scatter,
     ("reduce_scatter", "alltoall"): alltoall_reduce_scatter}
 
-__all__ = ["ALGORITHM_FUNCTIONS", "Call", "Finish", "PhaseTimer", "allgather", "alltoall",
+__all__ = ["ALGORITHM_FUNCTIONS", "Call", "Finish", "FoldMismatch", "PhaseTimer", "allgather", "alltoall",
            "alltoall_reduce_scatter", "plain", "plain_reduce_scatter"]

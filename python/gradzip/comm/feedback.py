@@ -256,6 +256,22 @@ class ErrorFeedback:
             slot.layout = layout
         return slot.server
 
+    def snapshot(self, key: Hashable) -> _Slot | None:
+        """A copy of everything ``key`` holds (residuals, step), for :meth:`restore`."""
+        slot = self._slots.get(key)
+        if slot is None:
+            return None
+        return _Slot(worker=None if slot.worker is None else slot.worker.clone(),
+                     numel=slot.numel, server=None if slot.server is None else
+                     slot.server.clone(), layout=slot.layout, step=slot.step)
+
+    def restore(self, key: Hashable, snap: _Slot | None) -> None:
+        """Put ``key`` back as :meth:`snapshot` found it (a call that updated it failed)."""
+        if snap is None:
+            self._slots.pop(key, None)
+        else:
+            self._slots[key] = snap
+
     # ---- changing keys -------------------------------------------------------------------
     def set_residual(self, key: Hashable, worker: torch.Tensor, step: int = 0) -> None:
         """Start ``key`` from the given worker residual (used to carry residuals over when a

@@ -1,5 +1,6 @@
 """State that belongs to one process group: the signatures whose agreement was verified,
-the tuners of ``"auto"`` and the staging buffers its calls reuse.
+the history that predicts its next call (:mod:`.fold`), the tuners of ``"auto"`` and the
+staging buffers its calls reuse.
 
 It lives in a map weakly keyed by the ``ProcessGroup`` object itself, so it goes away with
 the group: a group created after another was destroyed starts fresh even when Python
@@ -15,11 +16,13 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from .buffers import BufferPool
+from .fold import Predictor
 
 
 @dataclass
 class GroupState:
     verified: set = field(default_factory=set)  # fingerprints exchanged at least once
+    predictor: Predictor = field(default_factory=Predictor)  # verify="always": the history
     tuners: dict = field(default_factory=dict)  # signature -> autotune.Tuner
     buffers: BufferPool = field(default_factory=BufferPool)  # CPU staging, across calls
 

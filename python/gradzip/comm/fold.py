@@ -1,0 +1,222 @@
+"""The agreement check folded into the call's own collectives, once a group's calls repeat.
+
+``verify="always"`` (the CPU default) must catch any call on which ranks disagree, every
+time. The explicit check (:func:`.agreement.exchange_fingerprints`) costs one more small
+round trip per call: on 4 Gloo ranks sharing 2 cores that is as much as a whole all-reduce
+of a few hundred KiB, so ``"auto"`` cost 1.25-1.7x ``dist.all_reduce`` up to 4 MiB
+(docs/results.md). It cannot simply ride along in the data: when ranks disagree on the
+size of a collective, Gloo aborts the process (SIGABRT, reproduced for all-reduce,
+all-gather and all-to-all), so the sizes of every collective a call issues must be known to
+agree *before* it is issued.
+
+Training repeats itself: DDP reduces the same buckets in the same order every step, an
+optimizer the same parameters. So every rank keeps, per process group, the sequence of
+calls it has agreed on: the fingerprint of the previous agreed call and, for each
+fingerprint, the call that followed it last time (:class:`Predictor`). Ranks that agreed on
+every call so far hold the same history and therefore make the same *prediction* for the
+next call. When a prediction exists and qualifies (:func:`fold_plan`), no explicit check is
+made:
+
+- a rank whose call matches the prediction runs it as usual; the collectives it issues have
+  the predicted sizes, which every rank knows;
+- a rank whose call does not (another size, codec or option, or an input it refuses) runs
+  the predicted call's collectives anyway, with scratch buffers that carry a *poison* mark
+  instead of data (:func:`run_decoy`), and touches nothing of its own.
+
+The mark reaches every rank in the same collectives: in the payload headers that every
+rank receives from every other (the all-gather, the phase-1 all-to-all), and for the plain
+all-reduce in W extra elements appended to the summed buffer (rank r adds 1 at slot r).
+So every rank learns the same set of ranks that deviated, and then:
+
+- nobody deviated: the call is complete, and it cost no extra message;
+- some but not all deviated: every rank raises a ``ValueError`` naming them (a rank that
+  refused its input raises its own error); ranks that ran the call restore the residuals
+  they had updated and never wrote the result, so nothing of anyone's input or state is
+  changed;
+- every rank deviated (the pattern changed on all ranks together, e.g. a new bucket
+  layout): they exchange fingerprints explicitly, as without a prediction, and either
+  raise the usual error or run the call for real.
+
+A call that runs as predicted may be asynchronous; a deviating rank always waits for its
+scratch collectives (it must know the outcome before it can run its own call). A call
+whose prediction does not qualify, or with none, makes the explicit check, which also
+records it for the next prediction. Every rank updates its history at the same points
+(at call time, never on completion), so histories stay equal after an error as well.
+
+What qualifies: the predicted signature's collectives must show every rank's mark to every
+rank (no empty chunk in the two-phase algorithm's first segment), ``"auto"`` must have
+settled on an algorithm for it (probe calls alternate and time themselves), and it must be
+at most :data:`FOLD_MAX_BYTES`: a folded call copies what it must be able to restore (the
+plain all-reduce works in a copy with the flag slots; the compressed ones keep a copy of
+the residual they update), which costs more than the explicit round trip for large tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import format as fmt
+from ..codecs import Codec
+from .agreement import describe_fingerprint
+from .autotune import tuner_key
+from .buffers import Staging
+from .collectives import all_gather, all_reduce_sum, all_to_all
+from .plan import Plan
+
+# Tensors of at most this many bytes fold the check into their collectives (see above).
+FOLD_MAX_BYTES = 8 << 20
+# Header of a decoy payload: "GZNO" where every real payload says "GZPK" (format.MAGIC),
+# so the existing header check flags it, and :func:`poisoned` tells it from corruption.
+POISON_HEADER = b"GZNO" + bytes(fmt.HEADER_BYTES - 4)
+_POISON = torch.frombuffer(bytearray(POISON_HEADER), dtype=torch.uint8)
+MAX_HISTORY = 4096  # fingerprints remembered per group (the table is cleared when full)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One agreed call, as much as a rank needs to predict it and to stand in for it."""
+
+    fp: tuple[int, ...]
+    op: str  # "all_reduce" or "reduce_scatter"
+    codec: Codec
+    numel: int
+    dtype: torch.dtype
+    average: bool
+    world: int
+    auto: bool
+    planned: Plan  # what gradzip.comm.plan gave (the compressed plan of "auto")
+
+
+class Predictor:
+    """The calls a group agreed on, as "what followed what" (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.prev: tuple[int, ...] | None = None
+        self.next: dict[tuple[int, ...] | None, Signature] = {}
+
+    def expected(self) -> Signature | None:
+        return self.next.get(self.prev) if self.prev is not None else None
+
+    def agreed(self, sig: Signature) -> None:
+        """``sig`` was verified by an explicit exchange on every rank."""
+        if self.prev is not None:
+            if len(self.next) >= MAX_HISTORY:
+                self.next.clear()
+            self.next[self.prev] = sig
+        self.prev = sig.fp
+
+    def advance(self, sig: Signature) -> None:
+        """The predicted call ``sig`` ran (as itself or as a decoy) on every rank."""
+        self.prev = sig.fp
+
+    def lost(self) -> None:
+        """Every rank stopped at the same call: start the chain again."""
+        self.prev = None
+
+
+def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
+    """The plan a predicted call will run if its check can be folded, else None. A pure
+    function of what every rank agreed on, so every rank gets the same answer."""
+    if sig is None or sig.numel == 0 or sig.numel * sig.dtype.itemsize > FOLD_MAX_BYTES:
+        return None
+    run = sig.planned
+    if sig.auto and run.algorithm != "plain":
+        tuner = tuners.get(tuner_key(sig.op, sig.codec.spec, sig.numel, sig.dtype,
+                                     sig.average, sig.world))
+        if tuner is None or tuner.choice is None or tuner.compressed != run:
+            return None
+        run = tuner.choice
+    if sig.op == "reduce_scatter":
+        return run if run.algorithm == "alltoall" else None
+    if run.algorithm == "alltoall" and any(b <= a for a, b in run.stages()[0].chunks):
+        return None
+    return run
+
+
+def poisoned(rows: torch.Tensor) -> list[int]:
+    """The rows (ranks) of ``rows`` ([W, P] uint8) that carry a decoy's header."""
+    heads = rows[:, : fmt.HEADER_BYTES].cpu()
+    return [w for w in range(heads.shape[0]) if torch.equal(heads[w], _POISON)]
+
+
+def fill_poison(buf: torch.Tensor) -> torch.Tensor:
+    """``buf`` ([..., P] uint8, P >= the header) as decoy payloads: the poison header, then
+    zeros."""
+    buf.zero_()
+    buf[..., : fmt.HEADER_BYTES] = _POISON.to(buf.device)
+    return buf
+
+
+def run_decoy(sig: Signature, run: Plan, group, rank: int, world: int,
+              device: torch.device, staging: Staging) -> list[int]:
+    """Issue the collectives of the predicted call ``sig`` (plan ``run``) in its order and
+    sizes, carrying this rank's poison mark instead of data; wait for them; return the
+    ranks that deviated, as every rank sees them."""
+    if run.algorithm == "plain":
+        buf = torch.zeros(sig.numel + world, dtype=sig.dtype, device=device)
+        buf[sig.numel + rank] = 1
+        all_reduce_sum(buf, group, async_op=False)
+        return flagged(buf[sig.numel:])
+    segs = run.stages()
+    if run.algorithm == "allgather":
+        works, first = [], None
+        for sp in segs:
+            rows = staging.bytes(world, sp.payload_bytes)
+            works.append(all_gather(rows.view(-1), fill_poison(staging.bytes(sp.payload_bytes)),
+                                    group, async_op=True))
+            first = rows if first is None else first
+        for w in works:
+            w.wait()
+        return poisoned(first)
+    # alltoall (all-reduce: both phases; reduce-scatter: phase 1), in the order the
+    # algorithm issues them: every phase-1 all-to-all, then one all-gather per segment
+    recvs, works = [], []
+    for sp in segs:
+        recv = staging.bytes(world, sp.payload_bytes)
+        works.append(all_to_all(recv.view(-1),
+                                fill_poison(staging.bytes(world, sp.payload_bytes)).view(-1),
+                                group, async_op=True))
+        recvs.append(recv)
+    gworks = []
+    for j, sp in enumerate(segs):
+        works[j].wait()
+        if sig.op == "all_reduce":
+            g = staging.bytes(world, sp.payload_bytes)
+            gworks.append(all_gather(g.view(-1), fill_poison(staging.bytes(sp.payload_bytes)),
+                                     group, async_op=True))
+    for w in gworks:
+        w.wait()
+    return poisoned(recvs[0])
+
+
+def flagged(slots: torch.Tensor) -> list[int]:
+    """The ranks whose slot of the plain all-reduce's flags is set."""
+    return [w for w, v in enumerate(slots.cpu().tolist()) if v != 0]
+
+
+def deviated_error(who: str, deviated: list[int], mine: tuple[int, ...]) -> ValueError:
+    """On a rank that ran the predicted call: others ran another one."""
+    return ValueError(
+        f"{who}: rank(s) {deviated} made a different call than this rank's "
+        f"({describe_fingerprint(mine)}), or refused their input (see the error raised "
+        "there); every rank must reduce the same tensor size and dtype with the same codec "
+        "and options, in the same order; every rank stops, no tensor or residual was "
+        "changed")
+
+
+def decoy_error(who: str, deviated: list[int], mine: tuple[int, ...], expected: Signature,
+                world: int) -> ValueError:
+    """On a rank that did not run the predicted call while others did."""
+    others = [r for r in range(world) if r not in deviated]
+    return ValueError(
+        f"{who}: this rank's call ({describe_fingerprint(mine)}) differs from the call of "
+        f"rank(s) {others} ({describe_fingerprint(expected.fp)}); every rank must reduce the "
+        "same tensor size and dtype with the same codec and options, in the same order; "
+        "every rank stops, no tensor or residual was changed")
+
+
+__all__ = ["FOLD_MAX_BYTES", "MAX_HISTORY", "POISON_HEADER", "Predictor", "Signature",
+           "decoy_error", "deviated_error", "fill_poison", "flagged", "fold_plan",
+           "poisoned", "run_decoy"]

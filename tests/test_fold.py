@@ -1,0 +1,274 @@
+"""The agreement check folded into the call's own collectives (gradzip.comm.fold).
+
+On 2-4 Gloo ranks: once calls repeat, ``verify="always"`` makes no separate exchange (no
+"verify" time is recorded) and changes nothing in the numbers (bit-identical to the same
+sequence with ``verify="never"``, which never checks); a rank that deviates from the
+predicted call makes every rank raise, with every tensor and residual left as it was, and
+the group goes on; every rank changing its call together is no error.
+"""
+
+from __future__ import annotations
+
+import gradzip
+import pytest
+import torch
+from dist_helpers import TEST_BACKEND, run_ranks
+from gradzip import Codec, comm
+from gradzip.comm import autotune, fold
+
+pytestmark = pytest.mark.distributed
+
+N = 2003
+KEY = "g"
+CASES = [("int8", "allgather"), ("int4", "alltoall"), ("sign", "allgather"),
+         ("topk:0.05", "allgather"), ("int8", "plain"), ("int8", "auto")]
+
+
+def codec(spec: str) -> Codec:
+    return Codec(spec, backend=TEST_BACKEND)
+
+
+def make_input(n: int, rank: int, step: int, tag: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7919 * rank + 104_729 * step + 31 * tag + n)
+    return torch.randn(n, generator=g) * (1 + step)
+
+
+def _catch(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001  (the parent checks type and message)
+        return (type(e).__name__, str(e))
+    return None
+
+
+def _settle_on(kind: str):
+    """Make "auto" settle at its first look, on ``kind``, the same on every rank (the
+    measured choice depends on timing; what is tested here does not)."""
+    def settle(self, device, group, final):
+        self.choice = self.plain if kind == "plain" else self.compressed
+        self.times = (1.0, 1.0)
+        return True
+    return settle
+
+
+def sequence(rank: int, world: int, verify: str, calls: list[tuple], events: dict) -> list:
+    """Run ``calls`` ((codec, algorithm, numel, tag, async)) with one ErrorFeedback; per
+    call the result, whether it recorded verify time, and the pending residual."""
+    st = gradzip.ErrorFeedback(seed=3)
+    out = []
+    for i, (spec, algo, n, tag, is_async) in enumerate(calls):
+        x = make_input(n, rank, i, tag)
+        t: dict = {}
+        r = gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo, key=(KEY, n),
+                               verify=verify, timings=t, async_op=is_async)
+        if is_async:
+            assert r.wait() is x
+        out.append((x, "verify" in t, st.pending((KEY, n))))
+        if i in events:
+            events[i](out)
+    return out
+
+
+def fold_battery(rank: int, world: int) -> dict:
+    res: dict = {}
+    last = world - 1
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autotune.Tuner, "_settle", _settle_on("compressed"))
+        for j, (spec, algo) in enumerate(CASES):
+            # a numel of its own per case (an earlier case's history would predict it)
+            calls = [(spec, algo, 5000 + 101 * j, 0, i % 2 == 1) for i in range(12)]
+            comm.reset_auto()
+            folded = sequence(rank, world, "always", calls, {})
+            comm.reset_auto()
+            never = sequence(rank, world, "never", calls, {})
+            res[("steady", spec, algo)] = (folded, never)
+        # a DDP-like cycle of three signatures
+        cyc = [("int8", "allgather", n, 1, True) for n in (500, 7000, 1500)] * 4
+        res["cycle"] = (sequence(rank, world, "always", cyc, {}),
+                        sequence(rank, world, "never", cyc, {}))
+    # "auto" settled on plain for one signature, compressed calls of the same key between:
+    # the folded plain call adds what compression held back (and then forgets it)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autotune.Tuner, "_settle", _settle_on("plain"))
+        mixed = [("int8", "auto", 5000, 2, False)] * 10 + \
+            [("int4", "allgather", 5000, 2, False), ("int8", "auto", 5000, 2, False)] * 3
+        comm.reset_auto()
+        a = sequence(rank, world, "always", mixed, {})
+        comm.reset_auto()
+        b = sequence(rank, world, "never", mixed, {})
+        res["hand-over"] = (a, b)
+    # deviations after a steady state
+    for spec, algo in CASES[:5]:
+        for how in ("numel", "codec", "refused", "async", "everyone"):
+            res[("deviate", spec, algo, how)] = deviate(rank, world, spec, algo, how, last)
+    return res
+
+
+def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int) -> dict:
+    st = gradzip.ErrorFeedback(seed=4)
+    twin = gradzip.ErrorFeedback(seed=4)  # the same calls without the failed one, unchecked
+    c = codec(spec)
+    for state, verify in ((twin, "never"), (st, "always")):  # "never" forgets the history
+        for i in range(4):
+            x = make_input(N, rank, i)
+            gradzip.all_reduce(x, c, state=state, algorithm=algo, key=KEY, verify=verify)
+    # the next call, as this rank makes it
+    x = make_input(N, rank, 4)
+    bad = rank == last or how == "everyone"
+    resized = bad and how in ("numel", "everyone", "async")
+    if resized:
+        x = make_input(N + 7, rank, 4)
+    elif bad and how == "refused":
+        x = x.double()
+    spec_here = ("int2" if spec != "int2" else "int4") if bad and how == "codec" else spec
+    before, pending, step = x.clone(), st.pending(KEY), st.step(KEY)
+    t: dict = {}
+
+    def call():
+        r = gradzip.all_reduce(x, codec(spec_here), state=st, algorithm=algo,
+                               key="other" if resized else KEY, timings=t, async_op=how == "async" and not bad)
+        if how == "async" and not bad:
+            r.wait()
+
+    out = {"error": _catch(call), "verify": "verify" in t,
+           "unchanged": torch.equal(x, before) if how != "everyone" else None,
+           "residual": _same(st.pending(KEY), pending) and st.step(KEY) == step}
+    # the group goes on, and the failed call left no trace in the numbers
+    a, b = make_input(N, rank, 5), make_input(N, rank, 5)
+    gradzip.all_reduce(a, c, state=st, algorithm=algo, key=KEY)
+    gradzip.all_reduce(b, c, state=twin, algorithm=algo, key=KEY, verify="never")
+    out["after"] = (a, b)
+    out["everyone-result"] = x if how == "everyone" else None
+    return out
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a, b)
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"world{w}")
+def results(request):
+    return request.param, run_ranks(request.param, fold_battery)
+
+
+def _eq(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a is b
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_steady_calls_fold_and_change_nothing(results, case):
+    world, res = results
+    for r in range(world):
+        folded, never = res[r][("steady", *case)]
+        # the first call checks explicitly, the second too (it has no history yet); "auto"
+        # settles at call 8, so its calls fold from then on; every other call folds
+        start = 2 if case[1] != "auto" else autotune.AUTO_FIRST_LOOK + 1
+        assert [v for _, v, _ in folded] == [True] * start + [False] * (12 - start), r
+        assert not any(v for _, v, _ in never)
+        for i, ((x, _, p), (y, _, q)) in enumerate(zip(folded, never)):
+            assert _eq(p, q)
+            if case[1] != "plain":
+                assert torch.equal(x, y)
+                continue
+            # A folded plain all-reduce sums W more elements (the flags), so Gloo may cut
+            # the buffer elsewhere and add in another order: each of the two sums is within
+            # W 2^-24 mean_r |x_r| of the exact mean (see test_comm.assert_plain_mean),
+            # so they are within twice that of each other; every rank gets the same bits.
+            assert _plain_close(x, y, world, i)
+            assert torch.equal(x, res[0][("steady", *case)][0][i][0])
+
+
+def _plain_close(x: torch.Tensor, y: torch.Tensor, world: int, step: int) -> bool:
+    n = x.numel()
+    mags = torch.stack([make_input(n, q, step).double().abs() for q in range(world)]).mean(0)
+    return bool(((x.double() - y.double()).abs() <= 4 * world * 2.0**-24 * mags).all())
+
+
+def test_a_cycle_of_signatures_folds_from_its_second_round(results):
+    world, res = results
+    for r in range(world):
+        folded, never = res[r]["cycle"]
+        assert [v for _, v, _ in folded] == [True] * 4 + [False] * 8
+        for (x, _, p), (y, _, q) in zip(folded, never):
+            assert torch.equal(x, y) and _eq(p, q)
+
+
+def test_folded_plain_hands_over_what_compression_held_back(results):
+    world, res = results
+    seqs = [res[r]["hand-over"] for r in range(world)]
+    for r in range(world):
+        a, b = seqs[r]
+        assert [v for _, v, _ in a[-4:]] == [False] * 4  # the last calls folded
+        assert a[-1][2] is None  # the plain call took the residual over
+        for i, ((x, _, p), (y, _, q)) in enumerate(zip(a, b)):
+            assert _eq(p, q)
+            if i % 2 == 1 and i >= 9:  # folded plain ("auto" settled): sums of x_r + owed_r
+                owed = [make_input(5000, w, i, 2).double() + (
+                    0 if seqs[w][1][i - 1][2] is None else seqs[w][1][i - 1][2].double())
+                    for w in range(world)]
+                mags = torch.stack([o.abs() for o in owed]).mean(0)
+                assert bool(((x.double() - y.double()).abs()
+                             <= 4 * world * 2.0**-24 * mags).all()), i
+                assert torch.equal(x, seqs[0][0][i][0])
+            else:
+                assert torch.equal(x, y), i
+
+
+@pytest.mark.parametrize("case", CASES[:5], ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("how", ["numel", "codec", "refused", "async"])
+def test_a_deviating_rank_stops_every_rank_and_changes_nothing(results, case, how):
+    world, res = results
+    last = world - 1
+    for r in range(world):
+        out = res[r][("deviate", *case, how)]
+        etype, msg = out["error"]
+        if r == last and how == "refused":
+            assert etype == "TypeError" and "float64" in msg
+        elif r == last:
+            assert etype == "ValueError" and "this rank's call" in msg, msg
+            assert f"differs from the call of rank(s) {list(range(last))}" in msg
+        elif how == "async":
+            # torch's future reports what its callback raised as a RuntimeError
+            assert etype == "RuntimeError" and "ValueError: gradzip.all_reduce:" in msg, msg
+            assert f"rank(s) [{last}] made a different call" in msg, msg
+        else:
+            assert etype == "ValueError", msg
+            assert f"rank(s) [{last}] made a different call" in msg, msg
+        assert not out["verify"] or r == last  # only the deviating rank ran a decoy
+        assert out["unchanged"] and out["residual"], r
+        a, b = out["after"]  # as if the failed call had never been made
+        assert torch.equal(a, b) if case[1] != "plain" else _plain_close(a, b, world, 5), r
+
+
+@pytest.mark.parametrize("case", CASES[:5], ids=lambda c: f"{c[0]}-{c[1]}")
+def test_every_rank_changing_its_call_is_no_error(results, case):
+    world, res = results
+    xs = [res[r][("deviate", *case, "everyone")] for r in range(world)]
+    for out in xs:
+        assert out["error"] is None and out["verify"] and out["residual"]
+        a, b = out["after"]
+        assert torch.equal(a, b) if case[1] != "plain" else _plain_close(a, b, world, 5)
+    reduced = [o["everyone-result"] for o in xs]
+    assert reduced[0].numel() == N + 7
+    assert all(torch.equal(reduced[0], v) for v in reduced[1:])
+
+
+def test_signatures_and_plans_are_pure():
+    """fold_plan asks only what every rank agreed on."""
+    c = Codec("int8")
+    p = comm.plan(c, N, torch.float32, 4, "alltoall")
+    sig = fold.Signature((1,), "all_reduce", c, N, torch.float32, True, 4, False, p)
+    assert fold.fold_plan(sig, {}) is p
+    big = fold.Signature((1,), "all_reduce", c, fold.FOLD_MAX_BYTES, torch.float32, True, 4,
+                         False, p)
+    assert fold.fold_plan(big, {}) is None
+    tiny = comm.plan(c, 10, torch.float32, 4, "alltoall")  # empty chunks
+    assert fold.fold_plan(fold.Signature((1,), "all_reduce", c, 10, torch.float32, True, 4,
+                                         False, tiny), {}) is None
+    auto = fold.Signature((1,), "all_reduce", c, N, torch.float32, True, 4, True, p)
+    assert fold.fold_plan(auto, {}) is None  # "auto" has not settled
+    rows = torch.zeros(3, 80, dtype=torch.uint8)
+    fold.fill_poison(rows[1])
+    assert fold.poisoned(rows) == [1]
