@@ -334,8 +334,9 @@ def _agree(mode: str, r: _Request, p: Plan | None, probe: Probe | None, world: i
            ) -> tuple[bool, tuple[int, ...] | None]:
     """The agreement of one call: (whether it is folded into the call's collectives, this
     rank's fingerprint). Raises on every rank together when ranks disagree."""
+    # Calls with "once" or "never" leave the history of "always" calls alone: every rank
+    # makes the same calls, so every rank skips the same ones.
     if mode == "never":
-        gs.predictor.lost()
         if local_error:
             raise local_error
         return False, None
@@ -343,7 +344,6 @@ def _agree(mode: str, r: _Request, p: Plan | None, probe: Probe | None, world: i
     fp = fingerprint(r.codec, r.tensor.numel(), r.tensor.dtype, p, r.average, status,
                      auto=probe is not None)
     if mode == "once":
-        gs.predictor.lost()
         if fp not in gs.verified or local_error:
             with timer("verify"):
                 exchange_fingerprints(fp, r.tensor.device, r.group, world, local_error,

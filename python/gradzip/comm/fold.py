@@ -43,6 +43,12 @@ whose prediction does not qualify, or with none, makes the explicit check, which
 records it for the next prediction. Every rank updates its history at the same points
 (at call time, never on completion), so histories stay equal after an error as well.
 
+Calls made with ``verify="once"`` or ``"never"`` are not part of the history (``verify``
+must be the same on every rank for a call, as it always had to be). A folded plain
+all-reduce sums a buffer W elements longer than the tensor, so Gloo may cut it into other
+pieces and add in another order than an unfolded one: the last bit of a sum may differ
+from the same call made with ``verify="never"``; every rank still gets the same bits.
+
 What qualifies: the predicted signature's collectives must show every rank's mark to every
 rank (no empty chunk in the two-phase algorithm's first segment), ``"auto"`` must have
 settled on an algorithm for it (probe calls alternate and time themselves), and it must be
