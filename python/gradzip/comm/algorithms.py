@@ -154,12 +154,13 @@ def _folded_plain(call: Call) -> Finish:
     flat, n, world = call.flat, call.flat.numel(), call.world
     buf = call.staging.bytes((n + world) * flat.element_size()).view(flat.dtype)
     data = buf[:n]
+    src = flat
     if call.hand_over is not None:
-        torch.add(flat, call.hand_over.to(flat.dtype), out=data)
-    else:
-        data.copy_(flat)
+        src = torch.add(flat, call.hand_over.to(flat.dtype), out=data)
     if call.average and world > 1:
-        data.div_(world)
+        torch.div(src, world, out=data)  # the copy in and the division in one pass
+    elif src is flat:
+        data.copy_(flat)
     buf[n:].zero_()
     with call.timer("communicate"):
         work = all_reduce_sum(buf, call.group, async_op=True)
