@@ -264,11 +264,12 @@ def test_signatures_and_plans_are_pure():
     big = fold.Signature((1,), "all_reduce", c, fold.FOLD_MAX_BYTES, torch.float32, True, 4,
                          False, p)
     assert fold.fold_plan(big, {}) is None
-    numel = fold.FOLD_MAX_PLAIN_BYTES // 4
+    numel = fold.FOLD_MAX_BYTES // 4
     for n, folds in ((numel, True), (numel + 1, False)):
-        flat = comm.plan(c, n, torch.float32, 4, "plain")
-        s = fold.Signature((1,), "all_reduce", c, n, torch.float32, True, 4, False, flat)
-        assert (fold.fold_plan(s, {}) is flat) == folds
+        for algo in ("plain", "allgather"):
+            p = comm.plan(c, n, torch.float32, 4, algo)
+            s = fold.Signature((1,), "all_reduce", c, n, torch.float32, True, 4, False, p)
+            assert (fold.fold_plan(s, {}) is p) == folds
     tiny = comm.plan(c, 10, torch.float32, 4, "alltoall")  # empty chunks
     assert fold.fold_plan(fold.Signature((1,), "all_reduce", c, 10, torch.float32, True, 4,
                                          False, tiny), {}) is None

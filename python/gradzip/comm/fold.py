@@ -58,8 +58,9 @@ a copy of the residual they update). On the unshaped loopback, where the all-red
 is memory copies, that pass costs more than the explicit round trip above a few MiB
 (4 Gloo ranks on 2 cores, plain all-reduce against ``dist.all_reduce``: folded 1.18x /
 1.27x / 1.46x at 1 / 2 / 4 MiB, explicit 1.63x / 1.45x / 1.30x), hence
-:data:`FOLD_MAX_PLAIN_BYTES`; compressed calls do more work per byte and fold up to
-:data:`FOLD_MAX_BYTES`.
+:data:`FOLD_MAX_BYTES`. The limit is a function of the signature alone (not of whether this
+rank passed a residual state, which ranks need not agree on), so every rank applies it
+alike.
 """
 
 from __future__ import annotations
@@ -77,8 +78,7 @@ from .collectives import all_gather, all_reduce_sum, all_to_all
 from .plan import Plan
 
 # Tensors of at most this many bytes fold the check into their collectives (see above).
-FOLD_MAX_BYTES = 8 << 20
-FOLD_MAX_PLAIN_BYTES = 2 << 20  # ... when the call is the plain all-reduce
+FOLD_MAX_BYTES = 2 << 20
 # Header of a decoy payload: "GZNO" where every real payload says "GZPK" (format.MAGIC),
 # so the existing header check flags it, and :func:`poisoned` tells it from corruption.
 POISON_HEADER = b"GZNO" + bytes(fmt.HEADER_BYTES - 4)
@@ -140,8 +140,6 @@ def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
         if tuner is None or tuner.choice is None or tuner.compressed != run:
             return None
         run = tuner.choice
-    if run.algorithm == "plain" and sig.numel * sig.dtype.itemsize > FOLD_MAX_PLAIN_BYTES:
-        return None
     if sig.op == "reduce_scatter":
         return run if run.algorithm == "alltoall" else None
     if run.algorithm == "alltoall" and any(b <= a for a, b in run.stages()[0].chunks):
@@ -231,6 +229,6 @@ def decoy_error(who: str, deviated: list[int], mine: tuple[int, ...], expected: 
         "every rank stops, no tensor or residual was changed")
 
 
-__all__ = ["FOLD_MAX_BYTES", "FOLD_MAX_PLAIN_BYTES", "MAX_HISTORY", "POISON_HEADER", "Predictor", "Signature",
+__all__ = ["FOLD_MAX_BYTES", "MAX_HISTORY", "POISON_HEADER", "Predictor", "Signature",
            "decoy_error", "deviated_error", "fill_poison", "flagged", "fold_plan",
            "poisoned", "run_decoy"]
