@@ -136,6 +136,13 @@ def test_dense_accumulate_every_isa(isa, bits, block):
                 reference.dequantize_accumulate(rows, want, 0.3)
                 gradzip.dequantize_accumulate(rows, got, 0.3, backend="cpu")
                 assert_bits_equal(got, want, f"{isa} bits={bits} block={block} W={w} {dtype}")
+        # scales near the float32 limit: decoded values overflow to inf and 0 * inf is NaN
+        big = _boundary_blocks(block)
+        rows = torch.stack([reference.quantize_pack(big * f, bits, block) for f in (1, -1, .5)])
+        want, got = torch.zeros_like(big), torch.zeros_like(big)
+        reference.dequantize_accumulate(rows, want, 1.0)
+        gradzip.dequantize_accumulate(rows, got, 1.0, backend="cpu")
+        assert_bits_equal(got, want, f"{isa} bits={bits} block={block} scales near FLT_MAX")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -126,6 +126,7 @@ namespace simd {
 // ---- one lane ---------------------------------------------------------------------------
 struct Scalar {
   static constexpr int W = 1;
+  static constexpr bool kDecodeLut = false;  // see Avx2::decode_table
   using F = float;
   using I = uint32_t;
   static GZ_INLINE F zero() { return 0.0f; }
@@ -212,6 +213,10 @@ namespace simd {
 // ---- AVX2 + F16C: 8 lanes -------------------------------------------------------------
 struct Avx2 {
   static constexpr int W = 8;
+  // 1- and 2-bit codes decode by table lookup (decode_table / decode_lut): vpermilps picks
+  // each lane's value from a 4-entry table by the low 2 bits of its index, so a code needs
+  // only a shift to be decoded (no mask, int-to-float conversion, multiply or blend).
+  static constexpr bool kDecodeLut = true;
   using F = __m256;
   using I = __m256i;
   static GZ_INLINE F zero() { return _mm256_setzero_ps(); }
@@ -365,6 +370,30 @@ struct Avx2 {
       return _mm256_and_si256(w, _mm256_set1_epi32(3));
     }
   }
+  // The decode table of one payload's block, the same 4 entries in each 128-bit half:
+  // 1 bit: [s, -s, s, -s] (index bit 0 = the sign bit); 2 bits: (c - 1) * s for c = 0..3,
+  // the very products the reference computes (core::fmul of the same operands).
+  template <int BITS>
+  static GZ_INLINE F decode_table(F s, F ns) {
+    if constexpr (BITS == 1) {
+      return _mm256_unpacklo_ps(s, ns);
+    } else {
+      return _mm256_mul_ps(_mm256_setr_ps(-1.0f, 0.0f, 1.0f, 2.0f, -1.0f, 0.0f, 1.0f, 2.0f), s);
+    }
+  }
+  // The 32 bits of codes at byte p, in every lane.
+  static GZ_INLINE I broadcast32(const uint8_t* p) {
+    return _mm256_set1_epi32(load_unaligned<int32_t>(p));
+  }
+  // Vector u of the codes in `word` (as broadcast32 loaded them): lane j's code shifted to
+  // bit 0 (the bits above it are ignored by the lookup), then looked up.
+  template <int BITS, int U>
+  static GZ_INLINE F decode_lut(I word, F table) {
+    constexpr int b = BITS, o = U * 8 * BITS;
+    const __m256i sh = _mm256_setr_epi32(o, o + b, o + 2 * b, o + 3 * b, o + 4 * b, o + 5 * b,
+                                         o + 6 * b, o + 7 * b);
+    return _mm256_permutevar_ps(table, _mm256_srlv_epi32(word, sh));
+  }
   static GZ_INLINE uint32_t unpack_signs(const uint8_t* codes, int64_t e) { return codes[e >> 3]; }
   // Lanes whose sign bit in the 1-bit section (element e on) is set take a, others b: the
   // byte shifted so that lane j's bit lands in the lane's sign bit, which blendv reads.
@@ -388,6 +417,7 @@ namespace simd {
 // ---- AVX-512 (F, BW, VL, DQ): 16 lanes --------------------------------------------------
 struct Avx512 {
   static constexpr int W = 16;
+  static constexpr bool kDecodeLut = false;  // see Avx2::decode_table
   using F = __m512;
   using I = __m512i;
   static GZ_INLINE F zero() { return _mm512_setzero_ps(); }
