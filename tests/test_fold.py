@@ -97,6 +97,7 @@ def fold_battery(rank: int, world: int) -> dict:
         comm.reset_auto()
         b = sequence(rank, world, "never", mixed, {})
         res["hand-over"] = (a, b)
+    res["reduce-scatter"] = reduce_scatter_fold(rank, world, last)
     # deviations after a steady state
     for spec, algo in CASES[:5]:
         for how in ("numel", "codec", "refused", "async", "everyone"):
@@ -139,6 +140,28 @@ def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int) ->
     gradzip.all_reduce(b, c, state=twin, algorithm=algo, key=KEY, verify="never")
     out["after"] = (a, b)
     out["everyone-result"] = x if how == "everyone" else None
+    return out
+
+
+def reduce_scatter_fold(rank: int, world: int, last: int) -> dict:
+    """gradzip.reduce_scatter's two-phase algorithm (phase 1 alone) folds too."""
+    out = {}
+    for verify in ("always", "never"):
+        st = gradzip.ErrorFeedback(seed=6)
+        seq = []
+        for i in range(5):
+            x = make_input(N * world, rank, i, tag=9)
+            o = torch.empty(N)
+            t: dict = {}
+            gradzip.reduce_scatter(o, x, codec("int4"), state=st, algorithm="alltoall",
+                                   verify=verify, timings=t)
+            seq.append((o, "verify" in t))
+        out[verify] = seq
+    x = make_input(N * world + (world if rank == last else 0), rank, 5, tag=9)
+    o = torch.zeros(N + (1 if rank == last else 0))
+    out["deviate"] = _catch(lambda: gradzip.reduce_scatter(o, x, codec("int4"),
+                                                          algorithm="alltoall"))
+    out["untouched"] = bool((o == 0).all())
     return out
 
 
@@ -240,6 +263,23 @@ def test_a_deviating_rank_stops_every_rank_and_changes_nothing(results, case, ho
         assert out["unchanged"] and out["residual"], r
         a, b = out["after"]  # as if the failed call had never been made
         assert torch.equal(a, b) if case[1] != "plain" else _plain_close(a, b, world, 5), r
+
+
+def test_reduce_scatter_folds(results):
+    world, res = results
+    for r in range(world):
+        rs = res[r]["reduce-scatter"]
+        # after the "never" calls the history still ends with the "always" ones: its
+        # predicted signature folds, the one after the deviation too
+        assert [v for _, v in rs["always"]] == [True, True, False, False, False]
+        for (a, _), (b, _) in zip(rs["always"], rs["never"]):
+            assert torch.equal(a, b)
+        etype, msg = rs["deviate"]
+        assert etype == "ValueError" and "gradzip.reduce_scatter" in msg, msg
+        wanted = "this rank's call" if r == world - 1 else \
+            f"rank(s) [{world - 1}] made a different call"
+        assert wanted in msg, msg
+        assert rs["untouched"]
 
 
 @pytest.mark.parametrize("case", CASES[:5], ids=lambda c: f"{c[0]}-{c[1]}")

@@ -22,7 +22,7 @@ GZ_INLINE typename V::F decode_vec(const uint8_t* row, int64_t e, typename V::F 
 // W payloads stay in NV registers while the loop runs over payloads, so each payload's
 // scale is broadcast once per NV vectors and the loop costs little per element.
 // VV is V, as a template parameter so that the lookup branch names members only the ISAs
-// with V::kDecodeLut have.
+// with V::lut_decodes(BITS) have.
 template <int BITS, int NV, typename OT, typename VV = V>
 GZ_INLINE void dense_tile(const DenseAccArgs& a, const float* sc, int64_t start, int64_t i,
                           int64_t code_off, OT* out) {
@@ -33,17 +33,18 @@ GZ_INLINE void dense_tile(const DenseAccArgs& a, const float* sc, int64_t start,
   F acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = V::zero();  // the reference's ((0 + d0) + d1) + ...
   const uint8_t* row = a.payloads + code_off;
-  // 1/2-bit codes by table lookup (V::kDecodeLut): one 32-bit load of codes serves
-  // kPer vectors; a tile of fewer vectors decodes as below.
+  // 1/2-bit codes by table lookup where the ISA does (V::lut_decodes): one 32-bit load of
+  // codes serves kPer vectors; a tile of fewer vectors decodes as below.
   constexpr int kPer = BITS <= 2 ? 32 / (W * BITS) : 0;
-  if constexpr (BITS <= 2 && VV::kDecodeLut && kPer > 0 && NV % kPer == 0) {
+  if constexpr (BITS <= 2 && VV::lut_decodes(BITS) && kPer > 0 && NV % kPer == 0) {
     for (int64_t w = 0; w < a.W; ++w, row += a.stride) {
       const F s = V::set1(sc[w]);
       const F table = VV::template decode_table<BITS>(s, V::neg(s));
       for (int v = 0; v < NV; v += kPer) {
         const typename VV::I word = VV::broadcast32(row + (i + v * W) * BITS / 8);
         acc[v] = V::add(acc[v], VV::template decode_lut<BITS, 0>(word, table));
-        acc[v + 1] = V::add(acc[v + 1], VV::template decode_lut<BITS, 1>(word, table));
+        if constexpr (kPer >= 2)
+          acc[v + 1] = V::add(acc[v + 1], VV::template decode_lut<BITS, 1>(word, table));
         if constexpr (kPer == 4) {
           acc[v + 2] = V::add(acc[v + 2], VV::template decode_lut<BITS, 2>(word, table));
           acc[v + 3] = V::add(acc[v + 3], VV::template decode_lut<BITS, 3>(word, table));

@@ -126,7 +126,7 @@ namespace simd {
 // ---- one lane ---------------------------------------------------------------------------
 struct Scalar {
   static constexpr int W = 1;
-  static constexpr bool kDecodeLut = false;  // see Avx2::decode_table
+  static constexpr bool lut_decodes(int) { return false; }  // see Avx2::decode_table
   using F = float;
   using I = uint32_t;
   static GZ_INLINE F zero() { return 0.0f; }
@@ -216,7 +216,7 @@ struct Avx2 {
   // 1- and 2-bit codes decode by table lookup (decode_table / decode_lut): vpermilps picks
   // each lane's value from a 4-entry table by the low 2 bits of its index, so a code needs
   // only a shift to be decoded (no mask, int-to-float conversion, multiply or blend).
-  static constexpr bool kDecodeLut = true;
+  static constexpr bool lut_decodes(int bits) { return bits <= 2; }
   using F = __m256;
   using I = __m256i;
   static GZ_INLINE F zero() { return _mm256_setzero_ps(); }
@@ -417,7 +417,9 @@ namespace simd {
 // ---- AVX-512 (F, BW, VL, DQ): 16 lanes --------------------------------------------------
 struct Avx512 {
   static constexpr int W = 16;
-  static constexpr bool kDecodeLut = false;  // see Avx2::decode_table
+  // 2-bit codes decode by table lookup as on AVX2 (Avx2::decode_table); 1-bit ones by a
+  // mask blend, which AVX-512 does in one instruction.
+  static constexpr bool lut_decodes(int bits) { return bits == 2; }
   using F = __m512;
   using I = __m512i;
   static GZ_INLINE F zero() { return _mm512_setzero_ps(); }
@@ -558,6 +560,24 @@ struct Avx512 {
           w, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
       return _mm512_and_si512(w, _mm512_set1_epi32(3));
     }
+  }
+  // See Avx2::decode_table (2 bits only here): the 4 entries in each 128-bit quarter.
+  template <int BITS>
+  static GZ_INLINE F decode_table(F s, F) {
+    static_assert(BITS == 2, "AVX-512 looks up 2-bit codes only");
+    return _mm512_mul_ps(_mm512_setr_ps(-1.0f, 0.0f, 1.0f, 2.0f, -1.0f, 0.0f, 1.0f, 2.0f,
+                                        -1.0f, 0.0f, 1.0f, 2.0f, -1.0f, 0.0f, 1.0f, 2.0f),
+                         s);
+  }
+  static GZ_INLINE I broadcast32(const uint8_t* p) {
+    return _mm512_set1_epi32(load_unaligned<int32_t>(p));
+  }
+  template <int BITS, int U>
+  static GZ_INLINE F decode_lut(I word, F table) {
+    static_assert(BITS == 2 && U == 0, "16 lanes of 2-bit codes fill one 32-bit word");
+    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                         28, 30);
+    return _mm512_permutevar_ps(table, _mm512_srlv_epi32(word, sh));
   }
   static GZ_INLINE uint32_t unpack_signs(const uint8_t* codes, int64_t e) {
     return load_unaligned<uint16_t>(codes + (e >> 3));

@@ -82,7 +82,9 @@ def all_reduce(
             Give distinct keys to distinct tensors of one shape.
         min_numel: with "auto", tensors with fewer elements take the plain all-reduce.
         verify: "auto", "always", "once" or "never": how often ranks check that they agree
-            (:mod:`gradzip.comm.agreement`).
+            (:mod:`gradzip.comm.agreement`; "always", the CPU default, rides inside the
+            call's own collectives once a group's calls repeat: :mod:`gradzip.comm.fold`).
+            Must be the same on every rank.
         seed: base of the stochastic-rounding seeds when ``state`` is None (with a state,
             its seed and step counter are used). Seeds always differ per rank.
         timings: if a dict, wall seconds of this call are added to its "verify", "compress",
