@@ -169,6 +169,14 @@ def error_battery(rank: int, world: int) -> dict:
         algorithm="alltoall" if rank == 0 else "allgather"))
     res["auto-threshold"] = _catch(lambda: gradzip.all_reduce(
         make_input(N, rank, 0), codec("int8"), min_numel=10**6 if rank == 0 else 0))
+    # "auto" probes alternate with the plain all-reduce: not the same as its algorithm fixed
+    fixed = comm.plan(codec("int8"), N, torch.float32, world, "auto", 0).algorithm
+    res["auto-vs-fixed"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0), codec("int8"), min_numel=0,
+        algorithm="auto" if rank == 0 else fixed))
+    res["pipeline"] = _catch(lambda: gradzip.all_reduce(
+        make_input(N, rank, 0), codec("int8"), algorithm="allgather",
+        pipeline=comm.Pipeline(min_numel=1024) if rank == last else comm.DEFAULT_PIPELINE))
     res["refused"] = _catch(lambda: gradzip.all_reduce(
         make_input(N, rank, 0).double() if rank == last else make_input(N, rank, 0),
         codec("int8")))
@@ -569,6 +577,8 @@ ERROR_EXPECT = {
     "dtype": ("ValueError", "ranks disagree on dtype"),
     "algorithm": ("ValueError", "ranks disagree on algorithm"),
     "auto-threshold": ("ValueError", "ranks disagree on algorithm"),
+    "auto-vs-fixed": ("ValueError", "ranks disagree on auto"),
+    "pipeline": ("ValueError", "ranks disagree on segments"),
     "version": ("ValueError", "ranks disagree on format version"),
     "corrupt-allgather": ("ValueError", "unsupported gradzip payload format version"),
     "corrupt-alltoall": ("ValueError", "unsupported gradzip payload format version|phase-2"),
