@@ -213,13 +213,14 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
     # A folded call may still learn that another rank deviated: it changes nothing of the
     # caller's until it knows (comm.fold), so it keeps what it must be able to restore.
     snapshot = state.snapshot(key) if folded and compressed and state is not None else None
-    hand_over = None
+    hand_over, drop_key = None, False
     with torch.no_grad():
         flat = _flat(tensor)
         out = None if r.op == "all_reduce" else _flat(r.output)
         if p.algorithm == "plain" and probe is not None and probe.tuner.choice is p:
-            if folded:
-                hand_over = _pending(state, key)
+            if folded:  # as _hand_over, once the call has completed
+                drop_key = state is not None and key in state
+                hand_over = state.pending(key) if drop_key else None
             else:
                 flat = _hand_over(state, key, flat, r.op)
         call = Call(flat, p, r.codec, r.group, rank, world, r.average,
@@ -242,7 +243,7 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
                     state.restore(key, snapshot)
                 raise deviated_error(r.who, e.deviated, fp) from None
             call.staging.release()  # every collective is done and every payload decoded
-            if hand_over is not None:
+            if drop_key:
                 state.drop(key)
             if written.data_ptr() != result.data_ptr() or not result.is_contiguous():
                 result.copy_(written.view(result.shape))
@@ -380,10 +381,6 @@ def _agree(mode: str, r: _Request, p: Plan | None, probe: Probe | None, world: i
     gs.predictor.agreed(Signature(fp, r.op, r.codec, r.tensor.numel(), r.tensor.dtype,
                                   r.average, world, probe is not None, p))
     return False, fp
-
-
-def _pending(state: ErrorFeedback | None, key: Hashable) -> torch.Tensor | None:
-    return state.pending(key) if state is not None and key in state else None
 
 
 def _hand_over(state: ErrorFeedback | None, key: Hashable, flat: torch.Tensor,
