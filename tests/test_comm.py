@@ -971,6 +971,62 @@ def segmented_battery(rank: int, world: int) -> dict:
     return out
 
 
+TOPK_SEG_CODECS = ("topk:0.05", "topk:40,values=bf16", "topk:0.03,values=int8,exact=false")
+
+
+def topk_segments_battery(rank: int, world: int) -> dict:
+    """Top-k through the all-gather with small pipeline segments, with error feedback."""
+    out = {}
+    pipe = comm.Pipeline(min_numel=2_000)
+    for spec in TOPK_SEG_CODECS:
+        st = gradzip.ErrorFeedback(seed=EF_SEED)
+        steps = []
+        for t in range(SEG_STEPS):
+            x = make_input(SEG_N, rank, t, tag=13)
+            gradzip.all_reduce(x, codec(spec), state=st, algorithm="allgather", key=KEY,
+                               pipeline=pipe, async_op=t == 1)
+            steps.append(x)
+        out[spec] = (steps, st.residual(KEY).clone())
+        out[(spec, "plan")] = comm.plan(codec(spec), SEG_N, torch.float32, world,
+                                        "allgather", pipeline=pipe)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_topk_allgather_selects_per_segment(world):
+    """Segment j of rank r: reference.topk_select of its slice with its share of k (split as
+    over the two-phase chunks) and seed (r, phase 0, chunk j); every segment decoded into its
+    slice; the residuals carry what each segment dropped."""
+    res = run_ranks(world, topk_segments_battery)
+    segs = comm.pipeline_segments(SEG_N, 1, comm.Pipeline(min_numel=2_000))
+    assert len(segs) == 4  # 12 345 // 2 000 = 6 segments, at most 4
+    for spec in TOPK_SEG_CODECS:
+        c = Codec(spec)
+        p = res[0][(spec, "plan")]
+        assert [s.chunks[0] for s in p.segments] == segs
+        ks = [s.ks[0] for s in p.segments]
+        if isinstance(c.k, int):  # a count, split in proportion (rounded up)
+            assert ks == [max(1, math.ceil(40 * (b - a) / SEG_N)) for a, b in segs]
+        else:
+            assert ks == [max(1, round(c.k * (b - a))) for a, b in segs]
+        worker = [torch.zeros(SEG_N) for _ in range(world)]
+        for t in range(SEG_STEPS):
+            xs = [make_input(SEG_N, r, t, tag=13) for r in range(world)]
+            want = torch.zeros(SEG_N)
+            for j, ((a, b), k) in enumerate(zip(segs, ks)):
+                seeds = [comm.stochastic_seed(EF_SEED, r, t, comm.key_hash(KEY), 0, j)
+                         for r in range(world)]
+                rows = torch.stack([ref_compress(c, xs[r][a:b], worker[r][a:b], seeds[r], k)
+                                    for r in range(world)])
+                part = torch.zeros(b - a)
+                reference.dequantize_accumulate(rows, part, 1.0 / world)
+                want[a:b] = part
+            for r in range(world):
+                assert torch.equal(res[r][spec][0][t], want), (spec, t, r)
+        for r in range(world):
+            assert torch.equal(res[r][spec][1], worker[r]), (spec, r)
+
+
 def test_pipeline_segments_layout():
     assert comm.pipeline_segments(100, 8) == [(0, 100)]
     pipe = comm.Pipeline(min_numel=30)
@@ -991,10 +1047,13 @@ def test_pipeline_segments_layout():
     assert [s.payload_bytes for s in g.segments] == [
         fmt.dense_payload_bytes(n, 8, 32) for n in (256, 256, 256, 232)]
     assert g.bytes_sent == 2 * sum(s.payload_bytes for s in g.segments)
-    # top-k is never cut into segments (k is selected over the whole tensor or chunk)
-    for algo in ("alltoall", "allgather"):
-        assert comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, algo,
-                         pipeline=pipe).segments == ()
+    # top-k: the two-phase algorithm re-selects per chunk and is never cut further; the
+    # all-gather cuts it like a dense codec, k split over the segments
+    assert comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "alltoall",
+                     pipeline=pipe).segments == ()
+    t = comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "allgather", pipeline=pipe)
+    assert [s.chunks[0] for s in t.segments] == comm.pipeline_segments(1000, 1, pipe)
+    assert sum(s.ks[0] for s in t.segments) == 100
     with pytest.raises(ValueError, match="min_numel"):
         comm.Pipeline(min_numel=0)
 

@@ -193,8 +193,8 @@ def _check_fold(call: Call, rows: torch.Tensor) -> None:
 
 def allgather(call: Call) -> Finish:
     """Every rank's payload to every rank, decoded by each (one compression per rank).
-    Segment by segment (dense codecs on large tensors): segment s+1 is compressed while s
-    is on the wire, and s is decoded while s+1 arrives."""
+    Segment by segment (large tensors): segment s+1 is compressed while s is on the wire,
+    and s is decoded while s+1 arrives."""
     flat, codec, world = call.flat, call.codec, call.world
     segs = call.plan.stages()
     worker = call.worker_residual()
@@ -203,7 +203,7 @@ def allgather(call: Call) -> Finish:
         a, b = sp.chunks[0]
         with call.timer("compress"):
             res = worker[a:b] if worker is not None else None
-            payload = codec.compress(flat[a:b], res, seed=call.seed(0, j),
+            payload = codec.compress(flat[a:b], res, seed=call.seed(0, j), k=sp.ks[0],
                                      out=call.staging.bytes(sp.payload_bytes))
         rows = call.staging.bytes(world, sp.payload_bytes)
         with call.timer("communicate"):
@@ -219,7 +219,8 @@ def allgather(call: Call) -> Finish:
             a, b = sp.chunks[0]
             with call.timer("decompress"):
                 if call.check_headers:
-                    problems = header_problems(gathered[j], [codec.header(b - a)] * world,
+                    problems = header_problems(gathered[j],
+                                               [codec.header(b - a, k=sp.ks[0])] * world,
                                                [sp.payload_bytes] * world)
                     if problems:
                         for w in works[j + 1 :] if wait else ():

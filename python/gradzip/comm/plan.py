@@ -15,9 +15,12 @@ chunks. Large tensors of dense codecs are first cut into pipeline segments (one 
 ``Pipeline.min_numel`` elements, at most ``Pipeline.max_segments``, at multiples of the
 block), each with chunks of its own; quantization is per block, so segments change the
 timing, never the numbers (with nearest rounding; stochastic rounding seeds each
-segment's compression on its own). ``"allgather"`` cuts dense codecs into the same
+segment's compression on its own). ``"allgather"`` cuts every codec into the same
 segments, each one payload and one all-gather, so segment s+1 is compressed while s is on
-the wire and s is decoded while s+1 arrives.
+the wire and s is decoded while s+1 arrives; top-k then selects per segment, k split over
+the segments as over the two-phase chunks, so for top-k the segments do change the numbers
+(a large tensor keeps the k largest of each segment, as the two-phase algorithm always has
+per chunk).
 
 Volumes (bytes one rank sends per call)
 ---------------------------------------
@@ -150,13 +153,15 @@ def _alltoall_plan(codec: Codec, numel: int, world: int, itemsize: int,
 
 def _allgather_plan(codec: Codec, numel: int, world: int, itemsize: int,
                     pipeline: Pipeline) -> Plan:
-    segs = [(0, numel)] if codec.is_sparse else pipeline_segments(numel, codec.alignment,
-                                                                 pipeline)
+    # Top-k selects per segment (k split over them as over the two-phase chunks), so that
+    # segment s+1 is selected while s is on the wire.
+    segs = pipeline_segments(numel, codec.alignment, pipeline)
     parts = []
     for a, b in segs:
-        size = codec.header(b - a).total_bytes
-        parts.append(Plan("allgather", numel, world, itemsize, ((a, b),), sizes=(size,),
-                          payload_bytes=size))
+        k = _chunk_k(codec, numel, b - a)
+        size = codec.header(b - a, k=k).total_bytes
+        parts.append(Plan("allgather", numel, world, itemsize, ((a, b),), ks=(k,),
+                          sizes=(size,), payload_bytes=size))
     if len(parts) == 1:
         return parts[0]
     return Plan("allgather", numel, world, itemsize,
