@@ -127,7 +127,8 @@ def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int) ->
 
     def call():
         r = gradzip.all_reduce(x, codec(spec_here), state=st, algorithm=algo,
-                               key="other" if resized else KEY, timings=t, async_op=how == "async" and not bad)
+                               key="other" if resized else KEY, timings=t,
+                               async_op=how == "async" and not bad)
         if how == "async" and not bad:
             r.wait()
 

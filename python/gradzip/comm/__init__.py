@@ -212,7 +212,8 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
     compressed = p.algorithm != "plain"
     # A folded call may still learn that another rank deviated: it changes nothing of the
     # caller's until it knows (comm.fold), so it keeps what it must be able to restore.
-    snapshot = state.snapshot(key) if folded and compressed and state is not None else None
+    restorable = folded and compressed and state is not None
+    snapshot = state.snapshot(key) if restorable else None
     hand_over, drop_key = None, False
     with torch.no_grad():
         flat = _flat(tensor)
@@ -239,7 +240,7 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
                 finish()
             except FoldMismatch as e:
                 call.staging.release()
-                if folded and compressed and state is not None:
+                if restorable:
                     state.restore(key, snapshot)
                 raise deviated_error(r.who, e.deviated, fp) from None
             call.staging.release()  # every collective is done and every payload decoded

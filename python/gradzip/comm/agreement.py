@@ -12,9 +12,9 @@ mismatch found by any rank reaches every rank (in the two-phase algorithm the ow
 bad chunk sends an empty header in phase 2), so all raise together.
 
 ``verify`` sets the cost: ``"always"`` (the default for CPU tensors) does both on every
-call (the first folded into the data once calls repeat); ``"once"`` (the default for CUDA tensors, where reading the fingerprint on the host
-would synchronise the stream) exchanges it on the first call of each (group, signature)
-and skips header checks; ``"never"`` skips both.
+call (the first folded into the data once calls repeat); ``"once"`` (the default for CUDA
+tensors, where reading the fingerprint on the host would synchronise the stream) exchanges
+it on the first call of each (group, signature) and skips header checks; ``"never"`` skips both.
 """
 
 from __future__ import annotations

@@ -404,5 +404,5 @@ ALGORITHM_FUNCTIONS: dict[tuple[str, str], Callable[[Call], Finish]] = {
     ("all_reduce", "alltoall"): alltoall, ("reduce_scatter", "plain"): plain_reduce_scatter,
     ("reduce_scatter", "alltoall"): alltoall_reduce_scatter}
 
-__all__ = ["ALGORITHM_FUNCTIONS", "Call", "Finish", "FoldMismatch", "PhaseTimer", "allgather", "alltoall",
-           "alltoall_reduce_scatter", "plain", "plain_reduce_scatter"]
+__all__ = ["ALGORITHM_FUNCTIONS", "Call", "Finish", "FoldMismatch", "PhaseTimer", "allgather",
+           "alltoall", "alltoall_reduce_scatter", "plain", "plain_reduce_scatter"]

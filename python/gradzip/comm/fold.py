@@ -106,7 +106,7 @@ class Predictor:
 
     def __init__(self) -> None:
         self.prev: tuple[int, ...] | None = None
-        self.next: dict[tuple[int, ...] | None, Signature] = {}
+        self.next: dict[tuple[int, ...], Signature] = {}  # fingerprint -> the call after it
 
     def expected(self) -> Signature | None:
         return self.next.get(self.prev) if self.prev is not None else None
@@ -173,15 +173,15 @@ def run_decoy(sig: Signature, run: Plan, group, rank: int, world: int,
         return flagged(buf[sig.numel:])
     segs = run.stages()
     if run.algorithm == "allgather":
-        works, first = [], None
+        gathered, works = [], []
         for sp in segs:
-            rows = staging.bytes(world, sp.payload_bytes)
-            works.append(all_gather(rows.view(-1), fill_poison(staging.bytes(sp.payload_bytes)),
-                                    group, async_op=True))
-            first = rows if first is None else first
+            gathered.append(staging.bytes(world, sp.payload_bytes))
+            works.append(all_gather(gathered[-1].view(-1),
+                                    fill_poison(staging.bytes(sp.payload_bytes)), group,
+                                    async_op=True))
         for w in works:
             w.wait()
-        return poisoned(first)
+        return poisoned(gathered[0])
     # alltoall (all-reduce: both phases; reduce-scatter: phase 1), in the order the
     # algorithm issues them: every phase-1 all-to-all, then one all-gather per segment
     recvs, works = [], []
