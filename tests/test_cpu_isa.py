@@ -161,3 +161,66 @@ def test_topk_select_and_sparse_accumulate_every_isa(isa):
             reference.dequantize_accumulate(rows, out_ref, 0.5)
             gradzip.dequantize_accumulate(rows, out_got, 0.5, backend="cpu")
             assert_bits_equal(out_got, out_ref, f"{isa} sparse accumulate {values}")
+
+
+def _topk_slow_path_input(case: str, n: int, seed: int) -> tuple[torch.Tensor, int]:
+    """Inputs that take topk_select's paths beyond the usual one (after a scan that may
+    already have written part of the residual), and k.
+
+    * "shortfall": the sampled positions hold the largest magnitudes, so far fewer than k
+      candidates pass the sampled threshold: exact mode's full radix select, approximate
+      mode's fill rule; a few huge and non-finite values where the sampler never looks.
+    * "over budget": half the magnitudes equal the largest, so the candidates outnumber
+      what the scan keeps (later chunks are scanned without keeping or writing anything).
+    * "huge": NaN at every sampled position, so the threshold lies above every finite key
+      and far fewer than k candidates pass it; values near FLT_MAX (bfloat16 rounds them
+      to inf, so their residual update needs the old residual) below it.
+    """
+    g = inputs.generator(seed)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    if case == "shortfall":
+        x = (1.0 + torch.rand(n, generator=g)) * sign
+        sampled = reference.sample_positions(n, seed)
+        x[sampled] = (100.0 + torch.rand(sampled.numel(), generator=g)) * sign[sampled]
+        free = torch.ones(n, dtype=torch.bool)
+        free[sampled] = False
+        spots = free.nonzero().flatten()[::9973][:6]
+        x[spots] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, -3.39e38,
+                                 2.0 ** 127])[: spots.numel()]
+        return x, n // 2
+    if case == "over budget":
+        return torch.where(torch.rand(n, generator=g) < 0.5, 2.0, 1.0) * sign, 1000
+    x = inputs.grad_like(n, seed=seed)
+    u = torch.rand(n, generator=g)
+    near_max, inf = u < 0.1, (u >= 0.1) & (u < 0.15)
+    x[near_max] = 3.4e38 * sign[near_max]
+    x[inf] = float("inf") * sign[inf]
+    x[reference.sample_positions(n, seed)] = float("nan")
+    return x, n // 2
+
+
+@pytest.mark.parametrize("case", ("shortfall", "over budget", "huge"))
+def test_topk_select_slow_paths_every_isa(case):
+    """topk_select's slow paths, where the scan may already have written the residual of
+    the entries it did not keep: bytes and residual bits equal the reference on every ISA
+    path, for every value format, both modes, float32 and bfloat16 input."""
+    n, seed = 2 * 2**16 + 777, 11
+    x32, k = _topk_slow_path_input(case, n, seed)
+    residual = (torch.zeros(n) if case == "over budget"
+                else inputs.residual_like(n, seed=5))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = x32.to(dtype)
+        for exact in (True, False):
+            for values in ("fp32", "bf16", "int8"):
+                r_ref = residual.clone()
+                want = reference.topk_select(x, k, r_ref, exact, values, seed)
+                for isa in ISAS:
+                    if not _supported(isa):
+                        continue
+                    ctx = f"{case} {isa} {dtype} exact={exact} values={values}"
+                    with isa_path(isa):
+                        r_got = residual.clone()
+                        got = gradzip.topk_select(x, k, r_got, exact, values, seed,
+                                                  backend="cpu")
+                    assert_payload_equal(got, want, ctx)
+                    assert_bits_equal(r_got, r_ref, ctx + " residual")

@@ -46,6 +46,24 @@ struct TopkArgs {
   Dtype x_dtype;
   float* residual;  // nullptr without error feedback
   int64_t n;
+  // x already holds v (float32), materialised after a fused scan; residual then holds the
+  // old residual wherever the write pass may still need it (see topk_select.cpp).
+  bool v_given = false;
+};
+
+// How a pass reads v: x alone, x + residual (error feedback), or x holding v with the
+// residual read only for its update (TopkArgs::v_given).
+constexpr int kTopkPlain = 0, kTopkEf = 1, kTopkVGiven = 2;
+
+// |v| >= 2**127 (and every non-finite v): the scan keeps these in its entry list even
+// below the threshold, so that no residual it overwrote is ever needed again (see
+// topk_select.cpp, "fused scan").
+constexpr uint32_t kTopkHugeKey = 0x7F000000u;
+
+// One entry the scan keeps: its offset in the chunk and v.
+struct TopkEntry {
+  uint32_t off;
+  float v;
 };
 
 // One level of the radix select over 31-bit magnitude keys: counts keys whose bits above
@@ -111,8 +129,12 @@ struct SparseAccArgs {
 #define GZ_DECLARE_CPU_KERNELS(NS)                                                          \
   namespace NS {                                                                          \
   void quantize_blocks(const QuantizeArgs& a, int64_t b0, int64_t b1);                    \
-  void topk_scan_chunk(const TopkArgs& a, int64_t c, uint32_t t, uint32_t* keys,           \
+  void topk_scan_chunk(const TopkArgs& a, int64_t c, uint32_t t, uint32_t keep,           \
+                       TopkEntry* entries, bool write_residual, int64_t* nentries,          \
                        int64_t* count, uint32_t* max_key);                                \
+  void topk_write_entries(const TopkArgs& a, int64_t c, const TopkEntry* entries,           \
+                          int64_t nentries, const TopkSelectRule& rule, int64_t tie_budget, \
+                          int64_t out_pos, const TopkOutput& o);                           \
   void topk_histogram_chunk(const TopkArgs& a, int64_t c, const RadixLevel& level,         \
                             uint32_t* hist);                                               \
   void topk_count_chunk(const TopkArgs& a, int64_t c, uint32_t T, int64_t* gt, int64_t* eq); \

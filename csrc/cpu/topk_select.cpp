@@ -2,16 +2,24 @@
 // residual update, byte-identical to gradzip.reference.topk_select.
 //
 // Both modes start from the reference's sampled threshold t (16384 strided-hash positions):
-//   1. scan: one pass reads v, counts the candidates key >= t per chunk and keeps their
-//      keys (about 1.3% of n), and the largest key;
+//   1. scan: one pass reads v, counts the candidates key >= t per chunk, keeps them as
+//      (offset, v) entries (about 1.3% of n), and finds the largest key. With error
+//      feedback and float32/bfloat16 values the scan is *fused* with the residual update:
+//      every entry it does not keep cannot be selected on the usual path, so it gets its
+//      unselected residual (v) at once, and the pass that follows touches only the kept
+//      entries: one read of x and of the residual and one write of the residual in all;
 //   2. select: the k-th largest key T and the tie rule (key == T entries go to the lowest
-//      indices) from a radix select over the kept keys (approximate mode: the reference's
-//      rule exactly; exact mode: t from a deeper sample rank, so that almost always at least
-//      k candidates pass it and the top-k lie among them). When that cannot work (too few
-//      candidates in exact mode, or more candidates than we keep), a radix select over all
-//      of v: three histogram passes and a counting pass (exact, never approximated);
-//   3. write: a second pass reads v, writes each chunk's entries at its prefix-sum slot, and
-//      the residual.
+//      indices) from a radix select over the kept entries (approximate mode: the
+//      reference's rule exactly; exact mode: t from a deeper sample rank, so that almost
+//      always at least k candidates pass it and the top-k lie among them);
+//   3. write: each chunk's selected entries at its prefix-sum slot, and the residual of
+//      the kept entries.
+// When that cannot work (too few candidates in exact mode, more candidates than we keep,
+// or the approximate rule's fill), the slow path: v is materialised (a fused scan already
+// overwrote part of the residual, but v and every old residual still needed can be
+// recovered, see below), then a radix select over all of v (three histogram passes and a
+// counting pass; exact, never approximated) or the fill rule, and a write pass over all
+// elements.
 // Results do not depend on the thread layout: chunks are fixed, and everything per chunk
 // is combined in chunk order.
 #include <ATen/ATen.h>
@@ -22,6 +30,7 @@
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -82,6 +91,7 @@ RadixResult radix_select(int64_t nchunks, int64_t k,
 // v = x + residual at one element, for the passes that read single elements (the sample,
 // the walk to the fill boundary) rather than whole chunks.
 float v_at(const TopkArgs& a, int64_t e) {
+  if (a.v_given) return static_cast<const float*>(a.x)[e];
   float v;
   switch (a.x_dtype) {
     case Dtype::kFloat: v = static_cast<const float*>(a.x)[e]; break;
@@ -106,8 +116,8 @@ uint32_t sample_threshold(const TopkArgs& a, uint32_t k1, int64_t rank) {
 }
 
 struct ChunkScan {
-  std::vector<uint32_t> keys;
-  int64_t count = 0;
+  std::vector<TopkEntry> entries;  // key >= keep, in index order (when stored)
+  int64_t count = 0;               // candidates: key >= t
   bool stored = false;
   uint32_t max_key = 0;
 };
@@ -146,36 +156,75 @@ void topk_select_into(const at::Tensor& x, int64_t k, const std::optional<at::Te
   const int64_t rank = exact ? std::min(s, (3 * k * s + 2 * n - 1) / (2 * n) + 64)
                              : core::approximate_rank(n, k);
   const uint32_t t = sample_threshold(a, k1, rank);
-  // Candidate keys kept in memory at most (beyond it: the full radix select).
+  // Entries kept in memory at most (beyond it: the slow path).
   const int64_t budget = std::min(n, 3 * k + 128 * (n / s) + 4096);
+  // The fused scan (see the top): error feedback, and values whose decode of a finite v
+  // below 2**127 is finite (int8's scale could be inf or NaN: its slow path needs every
+  // old residual). It also keeps the huge and non-finite v below t, whose residual the
+  // write may need.
+  const bool fuse = a.residual != nullptr && vf != format::kValueInt8;
+  const uint32_t keep = fuse ? std::min(t, kTopkHugeKey) : t;
   std::vector<ChunkScan> scans(static_cast<size_t>(nchunks));
   std::atomic<int64_t> kept{0};
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint32_t> buf(static_cast<size_t>(kTopkChunk));
+    std::unique_ptr<TopkEntry[]> buf(new TopkEntry[kTopkChunk]);
     for (int64_t c = c0; c < c1; ++c) {
       ChunkScan& cs = scans[static_cast<size_t>(c)];
       cs.stored = kept.load(std::memory_order_relaxed) < budget;
-      GZ_ISA_CALL(isa, topk_scan_chunk, a, c, t, cs.stored ? buf.data() : nullptr, &cs.count,
-                  &cs.max_key);
+      int64_t ne = 0;
+      GZ_ISA_CALL(isa, topk_scan_chunk, a, c, t, keep, cs.stored ? buf.get() : nullptr, fuse,
+                  &ne, &cs.count, &cs.max_key);
       if (cs.stored) {
-        cs.keys.assign(buf.begin(), buf.begin() + cs.count);
-        kept.fetch_add(cs.count, std::memory_order_relaxed);
+        cs.entries.assign(buf.get(), buf.get() + ne);
+        kept.fetch_add(ne, std::memory_order_relaxed);
       }
     }
   });
-  int64_t ncand = 0;
-  bool all_stored = true;
+  int64_t ncand = 0, nkept = 0;
+  bool all_stored = true, any_fused = false;
   uint32_t max_key = 0;
   for (const ChunkScan& cs : scans) {
     ncand += cs.count;
+    nkept += static_cast<int64_t>(cs.entries.size());
     all_stored = all_stored && cs.stored;
+    any_fused = any_fused || (fuse && cs.stored);
     max_key = std::max(max_key, cs.max_key);
+  }
+  // The usual path: the top-k lie among the kept entries (every entry not kept has a
+  // smaller key than each kept one), and the rule is the threshold rule.
+  const bool fill = !exact && ncand < k;
+  const bool list_path = !fill && all_stored && nkept >= k;
+  at::Tensor v_buf;
+  if (!list_path && any_fused) {
+    // Slow path after a fused scan: materialise v. In a fused chunk, the residual of an
+    // entry not kept is v (finite, below 2**127: any decode of it is finite, so its old
+    // residual is never needed again), and each kept entry still has its old residual
+    // and v in the entry. Other chunks: v = x + residual, nothing written yet.
+    v_buf = at::empty({n}, xc.options().dtype(at::kFloat));
+    float* V = v_buf.data_ptr<float>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const ChunkScan& cs = scans[static_cast<size_t>(c)];
+        const int64_t e0 = c * kTopkChunk, e1 = e0 + chunk_len(c);
+        if (cs.stored) {
+          std::memcpy(V + e0, a.residual + e0, static_cast<size_t>(e1 - e0) * sizeof(float));
+          for (const TopkEntry& en : cs.entries) V[e0 + en.off] = en.v;
+        } else {
+          for (int64_t e = e0; e < e1; ++e) V[e] = v_at(a, e);
+        }
+      }
+    });
+    // From here on v is read from V; the write pass reads the residual only as the old
+    // residual, which every element it may select or leave non-finite still holds.
+    a.x = V;
+    a.x_dtype = Dtype::kFloat;
+    a.v_given = true;
   }
 
   // ---- 2. the selection rule, and each chunk's share of the k slots ---------------------
   TopkSelectRule rule;
   std::vector<int64_t> take(static_cast<size_t>(nchunks)), ties(static_cast<size_t>(nchunks), 0);
-  if (!exact && ncand < k) {
+  if (fill) {
     // Reference: every candidate plus the lowest-index non-candidates up to k, i.e.
     // everything below fill_end (where the non-candidates number k - ncand) + candidates.
     const int64_t need = k - ncand;
@@ -206,16 +255,19 @@ void topk_select_into(const at::Tensor& x, int64_t k, const std::optional<at::Te
     rule.fill_end = 0;
     std::vector<int64_t> gt(static_cast<size_t>(nchunks)), eq(static_cast<size_t>(nchunks));
     RadixResult rr;
-    if (ncand >= k && all_stored) {
-      // The top-k lie among the candidates: select over the kept keys only.
+    if (list_path) {
+      // The top-k lie among the kept entries: select over them only.
       rr = radix_select(nchunks, k, [&](int64_t c, const RadixLevel& l, uint32_t* hist) {
-        for (uint32_t key : scans[static_cast<size_t>(c)].keys)
+        for (const TopkEntry& en : scans[static_cast<size_t>(c)].entries) {
+          const uint32_t key = core::magnitude_key(en.v);
           if (l.matches(key)) ++hist[l.bin(key)];
+        }
       });
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           int64_t g = 0, q = 0;
-          for (uint32_t key : scans[static_cast<size_t>(c)].keys) {
+          for (const TopkEntry& en : scans[static_cast<size_t>(c)].entries) {
+            const uint32_t key = core::magnitude_key(en.v);
             g += key > rr.T;
             q += key == rr.T;
           }
@@ -266,10 +318,19 @@ void topk_select_into(const at::Tensor& x, int64_t k, const std::optional<at::Te
     total += take[static_cast<size_t>(c)];
   }
   TORCH_CHECK(total == k, "gradzip topk_select: internal error, selected ", total, " of k=", k);
+  // Only the kept entries can be selected on the list path: unless the residual still
+  // needs v everywhere (error feedback without a fused scan), write from them alone.
+  const bool from_entries = list_path && (fuse || a.residual == nullptr);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      GZ_ISA_CALL(isa, topk_write_chunk, a, c, rule, ties[static_cast<size_t>(c)],
-                  start[static_cast<size_t>(c)], o);
+    for (int64_t c = c0; c < c1; ++c) {
+      const size_t cc = static_cast<size_t>(c);
+      if (from_entries)
+        GZ_ISA_CALL(isa, topk_write_entries, a, c, scans[cc].entries.data(),
+                    static_cast<int64_t>(scans[cc].entries.size()), rule, ties[cc], start[cc],
+                    o);
+      else
+        GZ_ISA_CALL(isa, topk_write_chunk, a, c, rule, ties[cc], start[cc], o);
+    }
   });
 }
 

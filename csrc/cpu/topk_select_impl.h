@@ -4,27 +4,28 @@
 // passes over memory: scan (candidates and max key), histogram and count (the exact
 // fallback) and write (payload entries and the residual).
 
-template <typename XT, bool EF>
+// v at element i: x (kTopkPlain, kTopkVGiven: x already holds v) or x + residual.
+template <typename XT, int MODE>
 GZ_INLINE typename V::F topk_load_v(const TopkArgs& a, int64_t i) {
   typename V::F v = V::load_x(static_cast<const XT*>(a.x) + i);
-  if constexpr (EF) v = V::add(v, V::load(a.residual + i));
+  if constexpr (MODE == kTopkEf) v = V::add(v, V::load(a.residual + i));
   return v;
 }
 
-template <typename XT, bool EF>
+template <typename XT, int MODE>
 GZ_INLINE float topk_scalar_v(const TopkArgs& a, int64_t i) {
   float v = to_float(static_cast<const XT*>(a.x)[i]);
-  if constexpr (EF) v = core::fadd(v, a.residual[i]);
+  if constexpr (MODE == kTopkEf) v = core::fadd(v, a.residual[i]);
   return v;
 }
 
 // Prefetches the x and residual lines kPrefetchAhead elements past element i, once per 16
 // elements (a cache line of float32): the scan and write passes stream both.
-template <typename XT, bool EF>
+template <typename XT, int MODE>
 GZ_INLINE void topk_prefetch(const TopkArgs& a, int64_t i) {
   if ((i & 15) != 0) return;
   __builtin_prefetch(static_cast<const XT*>(a.x) + i + kPrefetchAhead, 0, 3);
-  if constexpr (EF) __builtin_prefetch(a.residual + i + kPrefetchAhead, 0, 3);
+  if constexpr (MODE != kTopkPlain) __builtin_prefetch(a.residual + i + kPrefetchAhead, 0, 3);
 }
 
 GZ_INLINE int64_t chunk_end(const TopkArgs& a, int64_t c) {
@@ -32,74 +33,88 @@ GZ_INLINE int64_t chunk_end(const TopkArgs& a, int64_t c) {
   return e1 < a.n ? e1 : a.n;
 }
 
-// Candidates key >= t of chunk c: counted, their keys appended to `keys` (when not null,
-// room for kTopkChunk), and the chunk's largest key.
-template <typename XT, bool EF>
-void topk_scan_t(const TopkArgs& a, int64_t c, uint32_t t, uint32_t* keys, int64_t* count,
-                 uint32_t* max_key) {
+// Chunk c: counts the candidates key >= t and finds the largest key. With `entries` (room
+// for kTopkChunk), also keeps every entry key >= keep (keep <= t) as (offset, v). With
+// WRITE (error feedback only), the fused scan: every entry it does not keep gets its
+// unselected residual v now (finite: keep <= kTopkHugeKey), and the kept ones keep their
+// old residual for topk_write_entries.
+template <typename XT, int MODE, bool WRITE>
+void topk_scan_t(const TopkArgs& a, int64_t c, uint32_t t, uint32_t keep, TopkEntry* entries,
+                 int64_t* nentries, int64_t* count, uint32_t* max_key) {
   constexpr int W = V::W;
   const int64_t e0 = c * kTopkChunk, e1 = chunk_end(a, c);
   typename V::I m = V::set1i(0);
-  int64_t cnt = 0;
+  int64_t cnt = 0, ne = 0;
   int64_t i = e0;
-  alignas(64) uint32_t lanes[W];
+  alignas(64) float vs[W];
   for (; i + W <= e1; i += W) {
-    topk_prefetch<XT, EF>(a, i);
-    const typename V::I kk = V::key(topk_load_v<XT, EF>(a, i));
+    topk_prefetch<XT, MODE>(a, i);
+    const typename V::F v = topk_load_v<XT, MODE>(a, i);
+    const typename V::I kk = V::key(v);
     m = V::max_u32(m, kk);
-    const uint32_t sel = V::ge_u32_mask(kk, t);
+    cnt += __builtin_popcount(V::ge_u32_mask(kk, t));
+    if (!entries) continue;
+    const uint32_t sel = V::ge_u32_mask(kk, keep);
+    if constexpr (WRITE) {
+      if (!sel) {
+        V::store(a.residual + i, v);
+        continue;
+      }
+      V::store(a.residual + i, V::select(sel, V::load(a.residual + i), v));
+    }
     if (sel) {
-      if (keys) {
-        V::store(reinterpret_cast<float*>(lanes), V::from_bits(kk));
-        for (uint32_t s = sel; s; s &= s - 1) keys[cnt++] = lanes[__builtin_ctz(s)];
-      } else {
-        cnt += __builtin_popcount(sel);
+      V::store(vs, v);
+      for (uint32_t s = sel; s; s &= s - 1) {
+        const int j = __builtin_ctz(s);
+        entries[ne++] = {static_cast<uint32_t>(i - e0 + j), vs[j]};
       }
     }
   }
   uint32_t mk = V::reduce_max_u32(m);
   for (; i < e1; ++i) {
-    const uint32_t kk = core::magnitude_key(topk_scalar_v<XT, EF>(a, i));
+    const float v = topk_scalar_v<XT, MODE>(a, i);
+    const uint32_t kk = core::magnitude_key(v);
     mk = kk > mk ? kk : mk;
-    if (kk >= t) {
-      if (keys) keys[cnt] = kk;
-      ++cnt;
-    }
+    cnt += kk >= t;
+    if (!entries) continue;
+    if (kk >= keep) entries[ne++] = {static_cast<uint32_t>(i - e0), v};
+    else if constexpr (WRITE) a.residual[i] = v;
   }
+  *nentries = ne;
   *count = cnt;
   *max_key = mk;
 }
 
-template <typename XT, bool EF>
+template <typename XT, int MODE>
 void topk_histogram_t(const TopkArgs& a, int64_t c, const RadixLevel& level, uint32_t* hist) {
   constexpr int W = V::W;
   const int64_t e0 = c * kTopkChunk, e1 = chunk_end(a, c);
   alignas(64) uint32_t lanes[W];
   int64_t i = e0;
   for (; i + W <= e1; i += W) {
-    V::store(reinterpret_cast<float*>(lanes), V::from_bits(V::key(topk_load_v<XT, EF>(a, i))));
+    V::store(reinterpret_cast<float*>(lanes), V::from_bits(V::key(topk_load_v<XT, MODE>(a, i))));
     for (int j = 0; j < W; ++j)
       if (level.matches(lanes[j])) ++hist[level.bin(lanes[j])];
   }
   for (; i < e1; ++i) {
-    const uint32_t kk = core::magnitude_key(topk_scalar_v<XT, EF>(a, i));
+    const uint32_t kk = core::magnitude_key(topk_scalar_v<XT, MODE>(a, i));
     if (level.matches(kk)) ++hist[level.bin(kk)];
   }
 }
 
-template <typename XT, bool EF>
+template <typename XT, int MODE>
 void topk_count_t(const TopkArgs& a, int64_t c, uint32_t T, int64_t* gt, int64_t* eq) {
   constexpr int W = V::W;
   const int64_t e0 = c * kTopkChunk, e1 = chunk_end(a, c);
   int64_t g = 0, q = 0;
   int64_t i = e0;
   for (; i + W <= e1; i += W) {
-    const typename V::I kk = V::key(topk_load_v<XT, EF>(a, i));
+    const typename V::I kk = V::key(topk_load_v<XT, MODE>(a, i));
     g += __builtin_popcount(V::gt_u32_mask(kk, T));
     q += __builtin_popcount(V::eq_u32_mask(kk, T));
   }
   for (; i < e1; ++i) {
-    const uint32_t kk = core::magnitude_key(topk_scalar_v<XT, EF>(a, i));
+    const uint32_t kk = core::magnitude_key(topk_scalar_v<XT, MODE>(a, i));
     g += kk > T;
     q += kk == T;
   }
@@ -131,7 +146,7 @@ GZ_INLINE float topk_emit(const TopkOutput& o, int64_t pos, int64_t index, float
 // Final pass over chunk c: selects per `rule` (ties to the lowest index while
 // `tie_budget` lasts), writes the chunk's entries from payload slot `out_pos` on, and the
 // residual: v - decode for selected entries, v elsewhere (old residual where not finite).
-template <typename XT, bool EF>
+template <typename XT, int MODE>
 void topk_write_t(const TopkArgs& a, int64_t c, const TopkSelectRule& rule, int64_t tie_budget,
                   int64_t out_pos, const TopkOutput& o) {
   constexpr int W = V::W;
@@ -158,10 +173,10 @@ void topk_write_t(const TopkArgs& a, int64_t c, const TopkSelectRule& rule, int6
   };
   int64_t i = e0;
   for (; i + W <= e1; i += W) {
-    topk_prefetch<XT, EF>(a, i);
-    const F v = topk_load_v<XT, EF>(a, i);
+    topk_prefetch<XT, MODE>(a, i);
+    const F v = topk_load_v<XT, MODE>(a, i);
     const uint32_t sel = select_mask(V::key(v), i, W);
-    if constexpr (EF) {
+    if constexpr (MODE != kTopkPlain) {
       const F r_old = V::load(a.residual + i);
       // Unselected: v - 0 = v, kept only where finite.
       const F r_new = V::select(V::finite_mask(v), v, r_old);
@@ -188,7 +203,7 @@ void topk_write_t(const TopkArgs& a, int64_t c, const TopkSelectRule& rule, int6
     }
   }
   for (; i < e1; ++i) {
-    const float v = topk_scalar_v<XT, EF>(a, i);
+    const float v = topk_scalar_v<XT, MODE>(a, i);
     const uint32_t kk = core::magnitude_key(v);
     bool sel;
     if (rule.mode == TopkSelectRule::kFill) {
@@ -198,28 +213,74 @@ void topk_write_t(const TopkArgs& a, int64_t c, const TopkSelectRule& rule, int6
       if (kk == rule.T && tie_budget > 0) --tie_budget;
     }
     const float dec = sel ? topk_emit(o, pos++, i, v) : 0.0f;
-    if constexpr (EF) a.residual[i] = core::residual_update(v, dec, a.residual[i]);
+    if constexpr (MODE != kTopkPlain) a.residual[i] = core::residual_update(v, dec, a.residual[i]);
   }
+}
+
+// The list path's final pass over chunk c (threshold rule only): the kept entries are
+// the only ones the rule can select, so only they are visited. Writes the chunk's payload
+// entries from slot `out_pos` on and, after a fused scan, the kept entries' residuals.
+void topk_write_entries(const TopkArgs& a, int64_t c, const TopkEntry* entries, int64_t ne,
+                        const TopkSelectRule& rule, int64_t tie_budget, int64_t out_pos,
+                        const TopkOutput& o) {
+  const int64_t e0 = c * kTopkChunk;
+  int64_t pos = out_pos;
+  for (int64_t j = 0; j < ne; ++j) {
+    const int64_t i = e0 + entries[j].off;
+    const float v = entries[j].v;
+    const uint32_t kk = core::magnitude_key(v);
+    bool sel = kk > rule.T;
+    if (!sel && kk == rule.T && tie_budget > 0) {
+      sel = true;
+      --tie_budget;
+    }
+    if (sel) {
+      const float dec = topk_emit(o, pos++, i, v);
+      if (a.residual) a.residual[i] = core::residual_update(v, dec, a.residual[i]);
+    } else if (a.residual && core::is_finite(v)) {
+      a.residual[i] = v;  // unselected: v where finite, else the old residual stays
+    }
+  }
+}
+
+template <typename XT, int MODE>
+void topk_scan_fused_t(const TopkArgs& a, int64_t c, uint32_t t, uint32_t keep,
+                       TopkEntry* entries, int64_t* ne, int64_t* count, uint32_t* max_key) {
+  topk_scan_t<XT, MODE, MODE == kTopkEf>(a, c, t, keep, entries, ne, count, max_key);
+}
+template <typename XT, int MODE>
+void topk_scan_read_t(const TopkArgs& a, int64_t c, uint32_t t, uint32_t keep,
+                      TopkEntry* entries, int64_t* ne, int64_t* count, uint32_t* max_key) {
+  topk_scan_t<XT, MODE, false>(a, c, t, keep, entries, ne, count, max_key);
 }
 
 #define GZ_TOPK_DISPATCH(FN, ...)                                                        \
   do {                                                                                   \
+    if (a.v_given) {                                                                     \
+      FN<float, kTopkVGiven>(__VA_ARGS__);                                               \
+      break;                                                                             \
+    }                                                                                    \
     const bool ef = a.residual != nullptr;                                               \
     switch (a.x_dtype) {                                                                 \
       case Dtype::kFloat:                                                                \
-        ef ? FN<float, true>(__VA_ARGS__) : FN<float, false>(__VA_ARGS__);               \
+        ef ? FN<float, kTopkEf>(__VA_ARGS__) : FN<float, kTopkPlain>(__VA_ARGS__);       \
         break;                                                                           \
       case Dtype::kHalf:                                                                 \
-        ef ? FN<c10::Half, true>(__VA_ARGS__) : FN<c10::Half, false>(__VA_ARGS__);       \
+        ef ? FN<c10::Half, kTopkEf>(__VA_ARGS__) : FN<c10::Half, kTopkPlain>(__VA_ARGS__); \
         break;                                                                           \
       default:                                                                           \
-        ef ? FN<c10::BFloat16, true>(__VA_ARGS__) : FN<c10::BFloat16, false>(__VA_ARGS__); \
+        ef ? FN<c10::BFloat16, kTopkEf>(__VA_ARGS__)                                     \
+           : FN<c10::BFloat16, kTopkPlain>(__VA_ARGS__);                                 \
     }                                                                                    \
   } while (0)
 
-void topk_scan_chunk(const TopkArgs& a, int64_t c, uint32_t t, uint32_t* keys, int64_t* count,
-                     uint32_t* max_key) {
-  GZ_TOPK_DISPATCH(topk_scan_t, a, c, t, keys, count, max_key);
+// write_residual (error feedback only, entries given): the fused scan.
+void topk_scan_chunk(const TopkArgs& a, int64_t c, uint32_t t, uint32_t keep, TopkEntry* entries,
+                     bool write_residual, int64_t* nentries, int64_t* count, uint32_t* max_key) {
+  if (write_residual && entries)
+    GZ_TOPK_DISPATCH(topk_scan_fused_t, a, c, t, keep, entries, nentries, count, max_key);
+  else
+    GZ_TOPK_DISPATCH(topk_scan_read_t, a, c, t, keep, entries, nentries, count, max_key);
 }
 void topk_histogram_chunk(const TopkArgs& a, int64_t c, const RadixLevel& level, uint32_t* hist) {
   GZ_TOPK_DISPATCH(topk_histogram_t, a, c, level, hist);
