@@ -163,6 +163,28 @@ def test_topk_select_and_sparse_accumulate_every_isa(isa):
             assert_bits_equal(out_got, out_ref, f"{isa} sparse accumulate {values}")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_dequantize_sum_every_isa(isa):
+    """The overwriting decode (gradzip::_dequantize_sum: out is written, never read) on
+    every path: dense widths with whole and partial tiles, sparse value formats, every out
+    dtype, against the reference's zeroed out plus dequantize_accumulate."""
+    n = 3 * 2**14 + 4097 + 13
+    rows = {f"dense {bits}": torch.stack([
+        reference.quantize_pack(inputs.grad_like(n, seed=w), bits, 64, None, "nearest", w)
+        for w in range(3)]) for bits in (8, 4, 2, 1)}
+    rows.update({f"topk {values}": torch.stack([
+        reference.topk_select(inputs.grad_like(n, seed=w), n // 20, None, True, values, 0)
+        for w in range(3)]) for values in ("fp32", "bf16", "int8")})
+    with isa_path(isa):
+        for name, r in rows.items():
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                want = torch.zeros(n, dtype=dtype)
+                reference.dequantize_accumulate(r, want, -0.375)
+                got = torch.full((n,), float("nan"), dtype=dtype)
+                torch.ops.gradzip._dequantize_sum(r, got, -0.375)
+                assert_bits_equal(got, want, f"{isa} {name} {dtype}")
+
+
 def _topk_slow_path_input(case: str, n: int, seed: int) -> tuple[torch.Tensor, int]:
     """Inputs that take topk_select's paths beyond the usual one (after a scan that may
     already have written part of the residual), and k.

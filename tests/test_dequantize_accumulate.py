@@ -124,6 +124,31 @@ def test_matches_reference(target, codec, W, out_dtype, alpha, n):
                       f"alpha={alpha} n={n}", nan_equal=True)
 
 
+@pytest.mark.parametrize("target,codec,out_dtype", backends.product(
+    OP, [CODECS, OUT_DTYPES], keep_light=lambda c, od: od == OUT_DTYPES[CODECS.index(c) % 3]))
+def test_dequantize_into_equals_zero_then_accumulate(target, codec, out_dtype):
+    """The collectives' decode into their own buffers (gradzip.ops._dequantize_into; on CPU
+    one pass that never reads out): the reference's zeroed out plus dequantize_accumulate,
+    bit for bit, whatever out held before (NaN here); a negative alpha gives -0.0 where
+    the sum is +0.0 and the reference's +0.0 + -0.0 must come out +0.0."""
+    n = 4097 if target.fits(4097) else 1001
+    payloads = make_payloads(codec, n, 3, seed=7)
+    for alpha in (0.25, -0.5):
+        want = torch.zeros(n, dtype=out_dtype)
+        reference.dequantize_accumulate(torch.stack(payloads), want, alpha)
+        got = torch.full((n,), float("nan"), dtype=out_dtype, device=target.device)
+        ret = gradzip.ops._dequantize_into(torch.stack(payloads).to(target.device), got, alpha,
+                                           backend=target.backend)
+        assert ret is got
+        assert_bits_equal(got, want, f"{target} {codec_id(codec)} {out_dtype} alpha={alpha}")
+    # bad input is refused before out is written
+    before = got.clone()
+    with pytest.raises(ValueError, match="elements but the payloads hold"):
+        gradzip.ops._dequantize_into(torch.stack(payloads).to(target.device), got[:-1],
+                                     backend=target.backend)
+    assert_bits_equal(got, before, f"{target}: out modified by a refused call")
+
+
 @pytest.mark.parametrize("target,codec", backends.product(
     OP, [CODECS], light=False))
 def test_large_matches_reference(target, codec):

@@ -118,9 +118,10 @@ void accumulate_sparse(const SparseAccArgs& a, Isa isa) {
   });
 }
 
-}  // namespace
-
-void dequantize_accumulate_cpu(const at::Tensor& payloads, const at::Tensor& out, double alpha) {
+// overwrite: out = (+0) + alpha * sum, out never read (what zeroing it first would give,
+// in one pass instead of two).
+void dequantize_cpu(const at::Tensor& payloads, const at::Tensor& out, double alpha,
+                    bool overwrite) {
   checks::check_accumulate_args(payloads, out);
   const at::Tensor rows = payloads.stride(1) == 1 ? payloads : payloads.contiguous();
   const int64_t W = rows.size(0), length = rows.size(1);
@@ -145,6 +146,7 @@ void dequantize_accumulate_cpu(const at::Tensor& payloads, const at::Tensor& out
     a.out = out.data_ptr();
     a.out_dtype = dtype_of(out);
     a.alpha = alpha32;
+    a.overwrite = overwrite;
     const int64_t nb = format::num_blocks(n, h.block);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / h.block);
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
@@ -168,7 +170,18 @@ void dequantize_accumulate_cpu(const at::Tensor& payloads, const at::Tensor& out
   a.out = out.data_ptr();
   a.out_dtype = dtype_of(out);
   a.alpha = alpha32;
+  a.overwrite = overwrite;
   accumulate_sparse(a, isa);
+}
+
+}  // namespace
+
+void dequantize_accumulate_cpu(const at::Tensor& payloads, const at::Tensor& out, double alpha) {
+  dequantize_cpu(payloads, out, alpha, /*overwrite=*/false);
+}
+
+void dequantize_sum_cpu(const at::Tensor& payloads, const at::Tensor& out, double alpha) {
+  dequantize_cpu(payloads, out, alpha, /*overwrite=*/true);
 }
 
 }  // namespace cpu
@@ -176,4 +189,5 @@ void dequantize_accumulate_cpu(const at::Tensor& payloads, const at::Tensor& out
 
 TORCH_LIBRARY_IMPL(gradzip, CPU, m) {
   m.impl("dequantize_accumulate", &gradzip::cpu::dequantize_accumulate_cpu);
+  m.impl("_dequantize_sum", &gradzip::cpu::dequantize_sum_cpu);
 }

@@ -62,7 +62,8 @@ GZ_INLINE void dense_tile(const DenseAccArgs& a, const float* sc, int64_t start,
   const F alpha = V::set1(a.alpha);
   for (int v = 0; v < NV; ++v) {
     OT* o = out + start + i + v * W;
-    V::store_x(o, V::add(V::load_x(o), V::mul(alpha, acc[v])));
+    const F old = a.overwrite ? V::zero() : V::load_x(o);
+    V::store_x(o, V::add(old, V::mul(alpha, acc[v])));
   }
 }
 
@@ -82,7 +83,7 @@ void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc
       for (int64_t w = 0; w < a.W; ++w)
         prefetch_bytes(a.payloads + w * a.stride + code_off + kPrefetchAhead * BITS / 8,
                        len * BITS / 8);
-      prefetch_bytes(out + start + kPrefetchAhead, len * int64_t(sizeof(OT)));
+      if (!a.overwrite) prefetch_bytes(out + start + kPrefetchAhead, len * int64_t(sizeof(OT)));
     }
     int64_t i = 0;
     for (; i + kTile <= len; i += kTile) dense_tile<BITS, 8>(a, sc, start, i, code_off, out);
@@ -103,7 +104,7 @@ void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc
         acc = core::fadd(acc, d);
       }
       OT* o = out + start + i;
-      from_float(core::fadd(to_float(*o), core::fmul(a.alpha, acc)), o);
+      from_float(core::fadd(a.overwrite ? 0.0f : to_float(*o), core::fmul(a.alpha, acc)), o);
     }
   }
 }
@@ -134,10 +135,13 @@ void sparse_finish_t(const SparseAccArgs& a, const float* acc, int64_t e0, int64
   int64_t i = e0;
   for (; i + W <= e1; i += W) {
     OT* o = out + i;
-    V::store_x(o, V::add(V::load_x(o), V::mul(alpha, V::load(acc + (i - e0)))));
+    const typename V::F old = a.overwrite ? V::zero() : V::load_x(o);
+    V::store_x(o, V::add(old, V::mul(alpha, V::load(acc + (i - e0)))));
   }
-  for (; i < e1; ++i)
-    from_float(core::fadd(to_float(out[i]), core::fmul(a.alpha, acc[i - e0])), out + i);
+  for (; i < e1; ++i) {
+    const float old = a.overwrite ? 0.0f : to_float(out[i]);
+    from_float(core::fadd(old, core::fmul(a.alpha, acc[i - e0])), out + i);
+  }
 }
 
 void sparse_finish_range(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {

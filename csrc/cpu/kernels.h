@@ -110,6 +110,7 @@ struct DenseAccArgs {
   void* out;
   Dtype out_dtype;
   float alpha;
+  bool overwrite = false;  // out = (+0) + alpha * sum: out is written, never read
 };
 
 struct SparseAccArgs {
@@ -124,6 +125,7 @@ struct SparseAccArgs {
   void* out;
   Dtype out_dtype;
   float alpha;
+  bool overwrite = false;  // as DenseAccArgs::overwrite
 };
 
 #define GZ_DECLARE_CPU_KERNELS(NS)                                                          \

@@ -333,6 +333,14 @@ class Codec:
 
         return ops.dequantize_accumulate(payloads, out, alpha, backend=self.backend)
 
+    def decompress_into(self, payloads: torch.Tensor, out: torch.Tensor,
+                        alpha: float = 1.0) -> torch.Tensor:
+        """``out = alpha * sum_w decode(payloads[w])`` (``out``'s old contents unread):
+        the same bits as zeroing ``out`` and :meth:`decompress_accumulate`."""
+        from . import ops
+
+        return ops._dequantize_into(payloads, out, alpha, backend=self.backend)
+
 
 @functools.lru_cache(maxsize=256)
 def _parsed(spec: str) -> Codec:

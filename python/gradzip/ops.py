@@ -258,6 +258,26 @@ def dequantize_accumulate(
     return out
 
 
+def _dequantize_into(payloads: torch.Tensor, out: torch.Tensor, alpha: float = 1.0,
+                     backend: str = "auto") -> torch.Tensor:
+    """``out = alpha * sum_w decode(payloads[w])``: bit for bit ``out.zero_()`` followed by
+    :func:`dequantize_accumulate`, for the collectives' own buffers. On CPU one pass that
+    writes ``out`` without reading it; elsewhere exactly those two calls, after a check of
+    the headers (not on CUDA, where that would be a host sync: the collectives check the
+    headers they receive themselves, so only corrupt top-k indices behind a valid header
+    can leave ``out`` zeroed there)."""
+    rows = _checks.payload_rows(payloads)
+    _checks.check_accumulate(rows, out, alpha)
+    be = _resolve(backend, out.device)
+    if be == "cpu":
+        torch.ops.gradzip._dequantize_sum(rows, out, float(alpha))
+        return out
+    if out.device.type != "cuda":
+        _checks.check_accumulate_headers(rows, out)
+    out.zero_()
+    return dequantize_accumulate(rows, out, alpha, backend)
+
+
 def dequantize(
     payload: torch.Tensor,
     dtype: torch.dtype = torch.float32,
@@ -335,4 +355,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gradzip::dequantize_accumulate")
     def _dequantize_accumulate_fake(payloads, out, alpha):
+        _checks.check_accumulate_op(payloads, out, alpha)
+
+    @torch.library.register_fake("gradzip::_dequantize_sum")
+    def _dequantize_sum_fake(payloads, out, alpha):
         _checks.check_accumulate_op(payloads, out, alpha)

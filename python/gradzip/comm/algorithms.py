@@ -230,9 +230,7 @@ def allgather(call: Call) -> Finish:
                         raise mismatch_error(f"received payloads do not match this rank's "
                                              f"codec {codec.spec} for numel "
                                              f"{call.plan.numel}{where}", problems)
-                out = flat[a:b]
-                out.zero_()
-                codec.decompress_accumulate(gathered[j], out, call.alpha)
+                codec.decompress_into(gathered[j], flat[a:b], call.alpha)
 
     return Finish(works, decode)
 
@@ -288,9 +286,9 @@ def alltoall(call: Call) -> Finish:
                                                [my_size] * world)
                 if not problems:
                     rows = recvs[j][:, :my_size]
-                    acc = call.staging.floats(b - a, zero=True)
-                    codec.decompress_accumulate(rows if my_size == sp.payload_bytes
-                                                else rows.contiguous(), acc, call.alpha)
+                    acc = call.staging.floats(b - a)
+                    codec.decompress_into(rows if my_size == sp.payload_bytes
+                                          else rows.contiguous(), acc, call.alpha)
             if not problems:
                 with call.timer("compress"):
                     res = server[off : off + b - a] if server is not None else None
@@ -333,9 +331,7 @@ def alltoall(call: Call) -> Finish:
                             "were bad sends an empty header)", problems, "chunk of rank")
                 for i, ((s, e), size) in enumerate(zip(sp.chunks, sp.sizes)):
                     if e > s:
-                        out = flat[s:e]
-                        out.zero_()
-                        codec.decompress_accumulate(gathered[j][i : i + 1, :size], out, 1.0)
+                        codec.decompress_into(gathered[j][i : i + 1, :size], flat[s:e], 1.0)
 
     return Finish(gworks, decode)
 
@@ -393,8 +389,7 @@ def alltoall_reduce_scatter(call: Call) -> Finish:
                     raise mismatch_error(f"received payloads do not match this rank's codec "
                                          f"{codec.spec} for a shard of {shard}", problems,
                                          who="gradzip.reduce_scatter")
-            call.out.zero_()
-            codec.decompress_accumulate(recv, call.out, call.alpha)
+            codec.decompress_into(recv, call.out, call.alpha)
 
     return Finish(work, decode)
 

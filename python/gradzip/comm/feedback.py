@@ -81,9 +81,8 @@ def _decode(stored: torch.Tensor, storage: str, numel: int) -> torch.Tensor:
         return stored
     if storage == "bf16":
         return stored.to(torch.float32)
-    out = torch.zeros(numel, dtype=torch.float32, device=stored.device)
-    _INT8.decompress_accumulate(stored, out)
-    return out
+    return _INT8.decompress_into(stored, torch.empty(numel, dtype=torch.float32,
+                                                     device=stored.device))
 
 
 @dataclass
