@@ -999,7 +999,8 @@ def test_topk_allgather_selects_per_segment(world):
     slice; the residuals carry what each segment dropped."""
     res = run_ranks(world, topk_segments_battery)
     segs = comm.pipeline_segments(SEG_N, 1, comm.Pipeline(min_numel=2_000))
-    assert len(segs) == 4  # 12 345 // 2 000 = 6 segments, at most 4
+    # 12 345 // 2 000 = 6 segments, at most 4; the first and last cut in three (the ramp)
+    assert len(segs) == 8
     for spec in TOPK_SEG_CODECS:
         c = Codec(spec)
         p = res[0][(spec, "plan")]
@@ -1029,11 +1030,27 @@ def test_topk_allgather_selects_per_segment(world):
 
 def test_pipeline_segments_layout():
     assert comm.pipeline_segments(100, 8) == [(0, 100)]
-    pipe = comm.Pipeline(min_numel=30)
-    assert comm.pipeline_segments(100, 8, pipe) == [(0, 40), (40, 80), (80, 100)]  # 100 // 30
-    assert comm.pipeline_segments(70, 8, pipe) == [(0, 40), (40, 70)]  # 2 segments of 30+
-    assert comm.pipeline_segments(1000, 128, pipe) == [(0, 256), (256, 512), (512, 768),
+    flat = comm.Pipeline(min_numel=30, ramp=False)
+    assert comm.pipeline_segments(100, 8, flat) == [(0, 40), (40, 80), (80, 100)]  # 100 // 30
+    assert comm.pipeline_segments(70, 8, flat) == [(0, 40), (40, 70)]  # 2 segments of 30+
+    assert comm.pipeline_segments(1000, 128, flat) == [(0, 256), (256, 512), (512, 768),
                                                        (768, 1000)]  # at most 4
+    # The ramp: the first segment sent as 1/4, 1/4, 1/2 of its aligned units, the last as
+    # 1/2, 1/4, 1/4 (rounded down; empty pieces dropped), the middle ones as they were.
+    pipe = comm.Pipeline(min_numel=30)
+    # (0, 40): 5 units -> cuts after 1 and 2 units; (80, 100): 3 units -> after 1 and 2
+    assert comm.pipeline_segments(100, 8, pipe) == [(0, 8), (8, 16), (16, 40), (40, 80),
+                                                    (80, 88), (88, 96), (96, 100)]
+    # (40, 70): 4 units -> after 2 and 3
+    assert comm.pipeline_segments(70, 8, pipe) == [(0, 8), (8, 16), (16, 40), (40, 56),
+                                                   (56, 64), (64, 70)]
+    # 2 units per end segment: the quarter cut is empty
+    assert comm.pipeline_segments(1000, 128, pipe) == [(0, 128), (128, 256), (256, 512),
+                                                       (512, 768), (768, 896), (896, 1000)]
+    assert comm.pipeline_segments(1000, 1, pipe) == [
+        (0, 62), (62, 125), (125, 250), (250, 500), (500, 750), (750, 875), (875, 937),
+        (937, 1000)]
+    pipe = flat
     p = comm.plan(Codec("int8", block=32), 1000, torch.float32, 3, "alltoall", pipeline=pipe)
     assert len(p.segments) == 4 and p.payload_bytes == sum(s.payload_bytes
                                                            for s in p.segments)
@@ -1054,6 +1071,12 @@ def test_pipeline_segments_layout():
     t = comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "allgather", pipeline=pipe)
     assert [s.chunks[0] for s in t.segments] == comm.pipeline_segments(1000, 1, pipe)
     assert sum(s.ks[0] for s in t.segments) == 100
+    # ramped: each piece its own 10 % (rounded to nearest, ties to even)
+    t = comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "allgather",
+                  pipeline=comm.Pipeline(min_numel=30))
+    assert [s.ks[0] for s in t.segments] == [6, 6, 12, 25, 25, 12, 6, 6]
+    with pytest.raises(ValueError, match="ramp"):
+        comm.Pipeline(ramp=1)
     with pytest.raises(ValueError, match="min_numel"):
         comm.Pipeline(min_numel=0)
 
