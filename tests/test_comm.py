@@ -1075,7 +1075,7 @@ def test_pipeline_segments_layout():
     t = comm.plan(Codec("topk:0.1"), 1000, torch.float32, 3, "allgather",
                   pipeline=comm.Pipeline(min_numel=30))
     assert [s.ks[0] for s in t.segments] == [6, 6, 12, 25, 25, 12, 6, 6]
-    with pytest.raises(ValueError, match="ramp"):
+    with pytest.raises(TypeError, match="ramp"):
         comm.Pipeline(ramp=1)
     with pytest.raises(ValueError, match="min_numel"):
         comm.Pipeline(min_numel=0)

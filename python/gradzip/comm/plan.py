@@ -37,6 +37,7 @@ not move fewer bytes, for a single rank, or below ``min_numel`` elements.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ class Pipeline:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"Pipeline.{name} must be a positive int, got {v!r}")
         if not isinstance(self.ramp, bool):
-            raise ValueError(f"Pipeline.ramp must be a bool, got {self.ramp!r}")
+            raise TypeError(f"Pipeline.ramp must be a bool, got {self.ramp!r}")
 
 
 DEFAULT_PIPELINE = Pipeline()
@@ -136,7 +137,7 @@ def _cut(a: int, b: int, align: int, quarters: tuple[int, ...]) -> list[tuple[in
     """``[a, b)`` cut after the given quarters of its length (in units of ``align``)."""
     units = -(-(b - a) // align)
     cuts = [a] + [min(b, a + align * (units * q // 4)) for q in quarters] + [b]
-    return [(x, y) for x, y in zip(cuts, cuts[1:]) if y > x]
+    return [(x, y) for x, y in itertools.pairwise(cuts) if y > x]
 
 
 def _chunk_k(codec: Codec, numel: int, length: int) -> int | None:
