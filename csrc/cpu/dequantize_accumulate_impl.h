@@ -23,7 +23,9 @@ GZ_INLINE typename V::F decode_vec(const uint8_t* row, int64_t e, typename V::F 
 // scale is broadcast once per NV vectors and the loop costs little per element.
 // VV is V, as a template parameter so that the lookup branch names members only the ISAs
 // with V::lut_decodes(BITS) have.
-template <int BITS, int NV, typename OT, typename VV = V>
+// OVERWRITE (DenseAccArgs::overwrite) as a template parameter, so that the accumulating
+// form compiles exactly as it would without it.
+template <int BITS, int NV, typename OT, bool OVERWRITE, typename VV = V>
 GZ_INLINE void dense_tile(const DenseAccArgs& a, const float* sc, int64_t start, int64_t i,
                           int64_t code_off, OT* out) {
   constexpr int W = V::W;
@@ -62,12 +64,14 @@ GZ_INLINE void dense_tile(const DenseAccArgs& a, const float* sc, int64_t start,
   const F alpha = V::set1(a.alpha);
   for (int v = 0; v < NV; ++v) {
     OT* o = out + start + i + v * W;
-    const F old = a.overwrite ? V::zero() : V::load_x(o);
+    F old;
+    if constexpr (OVERWRITE) old = V::zero();
+    else old = V::load_x(o);
     V::store_x(o, V::add(old, V::mul(alpha, acc[v])));
   }
 }
 
-template <int BITS, typename OT>
+template <int BITS, typename OT, bool OVERWRITE>
 void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
   constexpr int W = V::W;
   constexpr int qmax = BITS > 1 ? (1 << (BITS - 1)) - 1 : 0;
@@ -83,12 +87,14 @@ void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc
       for (int64_t w = 0; w < a.W; ++w)
         prefetch_bytes(a.payloads + w * a.stride + code_off + kPrefetchAhead * BITS / 8,
                        len * BITS / 8);
-      if (!a.overwrite) prefetch_bytes(out + start + kPrefetchAhead, len * int64_t(sizeof(OT)));
+      if constexpr (!OVERWRITE) prefetch_bytes(out + start + kPrefetchAhead, len * int64_t(sizeof(OT)));
     }
     int64_t i = 0;
-    for (; i + kTile <= len; i += kTile) dense_tile<BITS, 8>(a, sc, start, i, code_off, out);
-    for (; i + 4 * W <= len; i += 4 * W) dense_tile<BITS, 4>(a, sc, start, i, code_off, out);
-    for (; i + W <= len; i += W) dense_tile<BITS, 1>(a, sc, start, i, code_off, out);
+    for (; i + kTile <= len; i += kTile)
+      dense_tile<BITS, 8, OT, OVERWRITE>(a, sc, start, i, code_off, out);
+    for (; i + 4 * W <= len; i += 4 * W)
+      dense_tile<BITS, 4, OT, OVERWRITE>(a, sc, start, i, code_off, out);
+    for (; i + W <= len; i += W) dense_tile<BITS, 1, OT, OVERWRITE>(a, sc, start, i, code_off, out);
     for (; i < len; ++i) {
       float acc = 0.0f;
       const uint8_t* row = a.payloads + code_off;
@@ -104,19 +110,25 @@ void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc
         acc = core::fadd(acc, d);
       }
       OT* o = out + start + i;
-      from_float(core::fadd(a.overwrite ? 0.0f : to_float(*o), core::fmul(a.alpha, acc)), o);
+      from_float(core::fadd(OVERWRITE ? 0.0f : to_float(*o), core::fmul(a.alpha, acc)), o);
     }
+  }
+}
+
+template <typename OT, bool OVERWRITE>
+void dense_accumulate_ow(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
+  switch (a.bits) {
+    case 8: dense_accumulate_t<8, OT, OVERWRITE>(a, b0, b1, sc); break;
+    case 4: dense_accumulate_t<4, OT, OVERWRITE>(a, b0, b1, sc); break;
+    case 2: dense_accumulate_t<2, OT, OVERWRITE>(a, b0, b1, sc); break;
+    default: dense_accumulate_t<1, OT, OVERWRITE>(a, b0, b1, sc); break;
   }
 }
 
 template <typename OT>
 void dense_accumulate_o(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
-  switch (a.bits) {
-    case 8: dense_accumulate_t<8, OT>(a, b0, b1, sc); break;
-    case 4: dense_accumulate_t<4, OT>(a, b0, b1, sc); break;
-    case 2: dense_accumulate_t<2, OT>(a, b0, b1, sc); break;
-    default: dense_accumulate_t<1, OT>(a, b0, b1, sc); break;
-  }
+  if (a.overwrite) dense_accumulate_ow<OT, true>(a, b0, b1, sc);
+  else dense_accumulate_ow<OT, false>(a, b0, b1, sc);
 }
 
 void dense_accumulate_blocks(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
@@ -127,21 +139,29 @@ void dense_accumulate_blocks(const DenseAccArgs& a, int64_t b0, int64_t b1, floa
   }
 }
 
-template <typename OT>
-void sparse_finish_t(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {
+template <typename OT, bool OVERWRITE>
+void sparse_finish_ow(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {
   constexpr int W = V::W;
   OT* out = static_cast<OT*>(a.out);
   const typename V::F alpha = V::set1(a.alpha);
   int64_t i = e0;
   for (; i + W <= e1; i += W) {
     OT* o = out + i;
-    const typename V::F old = a.overwrite ? V::zero() : V::load_x(o);
+    typename V::F old;
+    if constexpr (OVERWRITE) old = V::zero();
+    else old = V::load_x(o);
     V::store_x(o, V::add(old, V::mul(alpha, V::load(acc + (i - e0)))));
   }
   for (; i < e1; ++i) {
-    const float old = a.overwrite ? 0.0f : to_float(out[i]);
+    const float old = OVERWRITE ? 0.0f : to_float(out[i]);
     from_float(core::fadd(old, core::fmul(a.alpha, acc[i - e0])), out + i);
   }
+}
+
+template <typename OT>
+void sparse_finish_t(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {
+  if (a.overwrite) sparse_finish_ow<OT, true>(a, acc, e0, e1);
+  else sparse_finish_ow<OT, false>(a, acc, e0, e1);
 }
 
 void sparse_finish_range(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {
