@@ -48,7 +48,7 @@ TORCH_LIBRARY(gradzip, m) {
   m.def("dequantize_accumulate(Tensor payloads, Tensor(a!) out, float alpha) -> ()");
   // out = alpha * sum_w decode(payloads[w]), out written but never read: bit for bit what
   // out.zero_() and dequantize_accumulate give, in one pass. Private (the collectives'
-  // decode into a buffer they own); CPU only, elsewhere Python zeroes and accumulates.
+  // decode into a buffer they own); CPU and CUDA kernels (Triton: Python zeroes first).
   m.def("_dequantize_sum(Tensor payloads, Tensor(a!) out, float alpha) -> ()");
   // JSON: what this binary was compiled with.
   m.def("_build_info() -> str", &gradzip::build_info);

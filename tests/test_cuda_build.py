@@ -643,6 +643,26 @@ def test_emulated_dequantize_accumulate_matches_reference(emu, codec):
                 assert_bits_equal(out, want, f"out n={n} w={w} {dtype}")
 
 
+@pytest.mark.parametrize("codec", ["dense8", "dense1", "topk_fp32", "topk_int8"])
+def test_emulated_dequantize_sum_matches_reference(emu, codec):
+    """The CUDA kernels' overwriting form (gradzip::_dequantize_sum): out (prefilled with
+    NaN) becomes the reference's zeroed out plus the accumulation, bit for bit; a corrupt
+    payload is refused before out is written."""
+    for n in (1, 1000, 5000):
+        rows = torch.stack([_payload(codec, n, 10 * n + i) for i in range(3)])
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            want = reference.dequantize_accumulate(rows, torch.zeros(n, dtype=dtype), -0.3)
+            out = torch.full((n,), float("nan"), dtype=dtype)
+            emu._dequantize_sum(rows, out, -0.3)
+            assert_bits_equal(out, want, f"out n={n} {dtype}")
+    bad = rows[0].clone()
+    bad[0] ^= 1
+    out = torch.full((n,), float("nan"))
+    with pytest.raises(ValueError, match="magic"):
+        emu._dequantize_sum(bad.unsqueeze(0), out, 1.0)
+    assert bool(out.isnan().all()), "out was written despite a corrupt payload"
+
+
 def test_emulated_dequantize_accumulate_rejects_corrupt_payloads(emu):
     n, k = 5000, 100
     good = reference.topk_select(torch.randn(n, generator=torch.Generator().manual_seed(0)), k)

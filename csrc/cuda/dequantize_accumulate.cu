@@ -42,6 +42,7 @@ struct AccumulateArgs {
   int64_t n;
   bool out_vec;
   float alpha;
+  bool overwrite;  // out = (+0) + alpha * acc: out written, never read (_dequantize_sum)
   // dense
   int log2_block;
   int64_t codes_offset;
@@ -128,12 +129,18 @@ __device__ __forceinline__ uint16_t from_float16(float f) {
   return ODT == kF16 ? core::float_to_half_bits(f) : core::float_to_bf16_bits(f);
 }
 
-// out = to_out_dtype(float32(out) + alpha * acc), as reference.dequantize_accumulate.
+// out = to_out_dtype(float32(out) + alpha * acc), as reference.dequantize_accumulate
+// (float32(out) taken as +0 without reading out when a.overwrite).
 template <int ODT>
 __device__ __forceinline__ void update_out8(const AccumulateArgs& a, int64_t e0, int nv,
                                             const float (&acc)[kVec]) {
   float o[kVec];
-  load_out8<ODT>(a, e0, nv, o);
+  if (a.overwrite) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) o[i] = 0.0f;
+  } else {
+    load_out8<ODT>(a, e0, nv, o);
+  }
 #pragma unroll
   for (int i = 0; i < kVec; ++i) o[i] = core::nan_fadd(o[i], core::nan_fmul(a.alpha, acc[i]));
   if constexpr (ODT == kF32) {
@@ -291,8 +298,9 @@ void launch_sparse(DType odt, const AccumulateArgs& a, cudaStream_t s) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void dequantize_accumulate_cuda(const at::Tensor& payloads_in, const at::Tensor& out,
-                                double alpha) {  // same C++ signature as the CPU kernel
+// overwrite: out = (+0) + alpha * sum with out never read, the bits of zeroing it first.
+void dequantize_cuda(const at::Tensor& payloads_in, const at::Tensor& out, double alpha,
+                     bool overwrite) {
   checks::check_accumulate_args(payloads_in, out);
   TORCH_CHECK_VALUE(on_device(out), "out must be a CUDA tensor for the CUDA kernel, got ",
                     out.device());
@@ -340,6 +348,7 @@ void dequantize_accumulate_cuda(const at::Tensor& payloads_in, const at::Tensor&
   a.n = n;
   a.out_vec = aligned16(a.out);
   a.alpha = static_cast<float>(alpha);
+  a.overwrite = overwrite;
   a.ntiles = ceil_div(n, kTile);
   TORCH_CHECK_VALUE(a.ntiles <= 0x7FFFFFFF, "out of ", n, " elements is too large");
   const DType odt = dtype_of(out);
@@ -367,8 +376,18 @@ void dequantize_accumulate_cuda(const at::Tensor& payloads_in, const at::Tensor&
   else launch_sparse<4>(odt, a, s);
 }
 
+void dequantize_accumulate_cuda(const at::Tensor& payloads, const at::Tensor& out,
+                                double alpha) {  // same C++ signature as the CPU kernel
+  dequantize_cuda(payloads, out, alpha, /*overwrite=*/false);
+}
+
+void dequantize_sum_cuda(const at::Tensor& payloads, const at::Tensor& out, double alpha) {
+  dequantize_cuda(payloads, out, alpha, /*overwrite=*/true);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace gradzip
 
 GZ_REGISTER_CUDA_OP("dequantize_accumulate", &gradzip::cuda::dequantize_accumulate_cuda)
+GZ_REGISTER_CUDA_OP("_dequantize_sum", &gradzip::cuda::dequantize_sum_cuda)

@@ -261,19 +261,17 @@ def dequantize_accumulate(
 def _dequantize_into(payloads: torch.Tensor, out: torch.Tensor, alpha: float = 1.0,
                      backend: str = "auto") -> torch.Tensor:
     """``out = alpha * sum_w decode(payloads[w])``: bit for bit ``out.zero_()`` followed by
-    :func:`dequantize_accumulate`, for the collectives' own buffers. On CPU one pass that
-    writes ``out`` without reading it; elsewhere exactly those two calls, after a check of
-    the headers (not on CUDA, where that would be a host sync: the collectives check the
-    headers they receive themselves, so only corrupt top-k indices behind a valid header
-    can leave ``out`` zeroed there)."""
+    :func:`dequantize_accumulate`, for the collectives' own buffers. The C++ CPU and CUDA
+    kernels do it in one pass that writes ``out`` without reading it (refusing bad payloads
+    before writing anything); the Triton and reference backends check the headers, then
+    zero and accumulate."""
     rows = _checks.payload_rows(payloads)
     _checks.check_accumulate(rows, out, alpha)
     be = _resolve(backend, out.device)
-    if be == "cpu":
+    if be in ("cpu", "cuda"):
         torch.ops.gradzip._dequantize_sum(rows, out, float(alpha))
         return out
-    if out.device.type != "cuda":
-        _checks.check_accumulate_headers(rows, out)
+    _checks.check_accumulate_headers(rows, out)
     out.zero_()
     return dequantize_accumulate(rows, out, alpha, backend)
 
