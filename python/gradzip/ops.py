@@ -242,20 +242,7 @@ def dequantize_accumulate(
         ValueError: a truncated or corrupt payload, wrong magic or version, payloads of
             mixed codecs or numels, or ``out`` of the wrong size.
     """
-    rows = _checks.payload_rows(payloads)
-    _checks.check_accumulate(rows, out, alpha)
-    be = _resolve(backend, out.device)
-    if be in ("cpu", "cuda"):
-        torch.ops.gradzip.dequantize_accumulate(rows, out, float(alpha))
-        return out
-    header = _checks.check_accumulate_headers(rows, out)
-    if be == "triton":
-        _triton().dequantize_accumulate(rows, out, float(alpha), header=header)
-        return out
-    o = out.detach().cpu()
-    _reference().dequantize_accumulate(rows.cpu(), o, float(alpha))
-    out.copy_(o)
-    return out
+    return _decode_payloads(payloads, out, alpha, backend, overwrite=False)
 
 
 def _dequantize_into(payloads: torch.Tensor, out: torch.Tensor, alpha: float = 1.0,
@@ -265,15 +252,31 @@ def _dequantize_into(payloads: torch.Tensor, out: torch.Tensor, alpha: float = 1
     kernels do it in one pass that writes ``out`` without reading it (refusing bad payloads
     before writing anything); the Triton and reference backends check the headers, then
     zero and accumulate."""
+    return _decode_payloads(payloads, out, alpha, backend, overwrite=True)
+
+
+def _decode_payloads(payloads, out: torch.Tensor, alpha: float, backend: str,
+                     overwrite: bool) -> torch.Tensor:
+    """:func:`dequantize_accumulate` (``overwrite=False``) and :func:`_dequantize_into`:
+    the checks and the backend dispatch, once."""
     rows = _checks.payload_rows(payloads)
     _checks.check_accumulate(rows, out, alpha)
     be = _resolve(backend, out.device)
     if be in ("cpu", "cuda"):
-        torch.ops.gradzip._dequantize_sum(rows, out, float(alpha))
+        op = torch.ops.gradzip._dequantize_sum if overwrite else \
+            torch.ops.gradzip.dequantize_accumulate
+        op(rows, out, float(alpha))
         return out
-    _checks.check_accumulate_headers(rows, out)
-    out.zero_()
-    return dequantize_accumulate(rows, out, alpha, backend)
+    header = _checks.check_accumulate_headers(rows, out)
+    if overwrite:
+        out.zero_()  # after the header check, so a refused call leaves out as it was
+    if be == "triton":
+        _triton().dequantize_accumulate(rows, out, float(alpha), header=header)
+        return out
+    o = out.detach().cpu()
+    _reference().dequantize_accumulate(rows.cpu(), o, float(alpha))
+    out.copy_(o)
+    return out
 
 
 def dequantize(
