@@ -28,7 +28,7 @@ replaced by ``gradzip.optim.CompressedAdamW`` with the same hyperparameters, att
 the DDP model: exact AdamW for its warm-up, then the frozen-variance compressed momentum;
 options after ``+``: ``raw`` (the raw momentum travels, as in DeepSpeed's 1-bit Adam),
 ``allgather``, ``warmup<N>`` (default ``--opt-warmup``), ``refresh<N>``
-(``variance_refresh``), e.g. ``gz-opt:topk:0.01+refresh50``). Every method starts from the same initial weights, sees the same
+(``variance_refresh``), ``block<N>`` (the codec's block size), e.g. ``gz-opt:topk:0.01+refresh50``). Every method starts from the same initial weights, sees the same
 batches in the same order on every rank (seeded per rank), and has the same schedule; the
 compressing methods (PowerSGD and gradzip) run the same number of uncompressed warm-up
 steps (``--compress-warmup``).
@@ -391,9 +391,11 @@ def opt_method(method: str, cfg: dict) -> tuple[str, dict]:
             kw["warmup_steps"] = int(o[len("warmup"):])
         elif o.startswith("refresh") and o[len("refresh"):].isdigit():
             kw["variance_refresh"] = int(o[len("refresh"):])
+        elif o.startswith("block") and o[len("block"):].isdigit():
+            kw["block"] = int(o[len("block"):])
         else:
             raise ValueError(f"unknown gz-opt option {o!r} in {method!r} (raw, allgather, "
-                             "warmup<N>, refresh<N>)")
+                             "warmup<N>, refresh<N>, block<N>)")
     return spec, kw
 
 
@@ -408,8 +410,9 @@ def build_optimizer(task, method: str, model, cfg: dict, warmup: int | None = No
     spec, kw = opt_method(method, cfg)
     if warmup is not None:
         kw["warmup_steps"] = warmup
+    codec = gradzip.Codec(spec, block=kw.pop("block", None))
     opt = gradzip.optim.CompressedAdamW(model.parameters(), **task.adam_args(cfg),
-                                        codec=gradzip.Codec(spec), **kw)
+                                        codec=codec, **kw)
     opt.attach(model)
     return opt
 

@@ -364,8 +364,14 @@ def errors_battery(rank: int, world: int) -> dict:
     out["bad-storage"] = catch(lambda: gradzip.fsdp.enable(build(mesh), "int8",
                                                            residual_storage="fp16"))
     net = build(mesh)
-    state = gradzip.fsdp.enable(net, "int8" if rank == 0 else "int4", min_numel=0)
-    out["codec-differs"] = catch(lambda: backward(net, rank, 0))
+    out["codec-differs"] = catch(lambda: gradzip.fsdp.enable(
+        net, "int8" if rank == 0 else "int4", min_numel=0))
+    # refused on one rank only: its peers raise too instead of waiting for it
+    out["one-rank-refuses"] = catch(lambda: gradzip.fsdp.enable(
+        build(mesh), "int8", residual_storage="fp16" if rank == 0 else "int8"))
+    out["param-groups"] = catch(lambda: gradzip.fsdp.enable(two_param_groups(mesh, world),
+                                                            "int8"))
+    state = gradzip.fsdp.enable(build(mesh), "int8", min_numel=0)
     out["bad-op"] = catch(lambda: state.reduce_scatter_shards(
         "layers.0", torch.empty(4), torch.ones(4 * world), None, dist.ReduceOp.MAX))
     # the group still works afterwards
@@ -383,9 +389,123 @@ def test_errors():
         assert e["not-fsdp"][0] == "ValueError" and "fully_shard" in e["not-fsdp"][1]
         assert e["nothing"][0] == "ValueError" and "nothing to compress" in e["nothing"][1]
         assert e["bad-storage"][0] == "ValueError" and "residual_storage" in e["bad-storage"][1]
-        assert e["codec-differs"] is not None and "disagree" in e["codec-differs"][1], e
+        assert e["codec-differs"][0] == "ValueError", e
+        assert "ranks 0 and 1 share a group but disagree on codec (\"Codec('int8')\" vs " \
+            "\"Codec('int4')\")" in e["codec-differs"][1], e
+        assert e["one-rank-refuses"][0] == "ValueError", e
+        assert "residual_storage" in e["one-rank-refuses"][1], e
+        if r > 0:
+            assert "failed on rank(s) [0]" in e["one-rank-refuses"][1], e
+        assert e["param-groups"][0] == "ValueError", e
+        assert "has 2 parameter groups" in e["param-groups"][1], e
         assert e["bad-op"][0] == "ValueError" and "cannot honour" in e["bad-op"][1]
         assert torch.equal(e["still-works"], torch.full((8,), float(world)))
+
+
+def two_param_groups(mesh, world: int) -> nn.Module:
+    """A model whose root FSDP module has two parameter groups: the last layer's weight is
+    sharded on another mesh (1-rank groups) through ``shard_placement_fn``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_common import (
+        FSDPMeshInfo,
+        ShardPlacementResult,
+    )
+    from torch.distributed.tensor import Shard
+
+    alone = init_device_mesh("cpu", (world, 1), mesh_dim_names=("x", "alone"))["alone"]
+    info = FSDPMeshInfo(alone, shard_mesh_dim=0)
+    net = Net()
+    last = net.layers[-1].weight
+
+    def placement(p):
+        return ShardPlacementResult(placement=Shard(0), mesh_info=info) if p is last else None
+
+    fully_shard(net, mesh=mesh, shard_placement_fn=placement)
+    return net
+
+
+def layout_battery(rank: int, world: int) -> dict:
+    """Replica layouts that cannot work, on a 2 x 2 mesh: every rank raises in enable."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    def catch(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001  (the parent checks type and message)
+            return type(e).__name__, str(e)
+        return None
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    group = mesh["replicate"].get_group()
+    out = {}
+    # rank 1 forgets its replicate group (its shard peer and its replica give theirs)
+    out["one-without"] = catch(lambda: gradzip.fsdp.enable(
+        build(mesh["shard"]), "int8", replicate_group=None if rank == 1 else group))
+    # the whole world as the replicate group: it would sum different shards together
+    out["mixes-shards"] = catch(lambda: gradzip.fsdp.enable(
+        build(mesh["shard"]), "int8", reduce_scatter=False, replicate_group=dist.group.WORLD))
+    # native HSDP (2-D mesh): FSDP already all-reduces across replicas
+    out["native-hsdp"] = catch(lambda: gradzip.fsdp.enable(build(mesh), "int8",
+                                                           replicate_group=group))
+    # a layout that fits still works after all this
+    net = build(mesh["shard"])
+    gradzip.fsdp.enable(net, "int8", replicate_group=group, min_numel=0)
+    backward(net, rank, 0)
+    out["grads-finite"] = all(bool(torch.isfinite(g).all()) for g in full_grads(net))
+    return out
+
+
+def test_layouts_that_do_not_fit():
+    world = 4
+    res = run_ranks(world, layout_battery)
+    for r in range(world):
+        e = res[r]
+        assert e["one-without"][0] == "ValueError", e
+        assert "rank 3 gives replicate_group [1, 3] but rank 1 gives none" in \
+            e["one-without"][1], e
+        assert "ranks 0 and 1 share a group but disagree on replicate_group (True vs " \
+            "False)" in e["one-without"][1], e
+        assert e["mixes-shards"][0] == "ValueError", e
+        assert "replicate_group [0, 1, 2, 3] joins rank 0 (shard [0] of [2]) and rank 1 " \
+            "(shard [1] of [2])" in e["mixes-shards"][1], e
+        assert e["native-hsdp"][0] == "ValueError", e
+        assert "2-D (HSDP) mesh" in e["native-hsdp"][1], e
+        assert e["grads-finite"], e
+
+
+def die_in_backward(rank: int, world: int) -> dict:
+    """The last rank exits inside gradzip's reduce-scatter during FSDP's backward; the
+    others must raise (not hang) within the process group's timeout."""
+    import os
+    import time
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    net = build(init_device_mesh("cpu", (world,)))
+    gradzip.fsdp.enable(net, "int8", min_numel=0)
+    if rank == world - 1:
+        def die(*a, **kw):
+            os._exit(3)
+
+        pytest.MonkeyPatch().setattr(comm, "reduce_scatter", die)
+    t0 = time.monotonic()
+    try:
+        backward(net, rank, 0)
+        err = None
+    except Exception as e:  # noqa: BLE001  (the parent checks it)
+        err = type(e).__name__, str(e)
+    return {"error": err, "elapsed": time.monotonic() - t0}
+
+
+def test_dead_rank_in_backward_raises_within_timeout():
+    timeout = 20.0
+    world = 3
+    res = run_ranks(world, die_in_backward, pg_timeout=timeout, deadline=90,
+                    allow_exit=(world - 1,))
+    for r in range(world - 1):
+        assert res[r]["error"] is not None, res[r]
+        assert res[r]["elapsed"] < timeout + 10, res[r]
 
 
 def codec_error(spec: str, g: torch.Tensor) -> float:

@@ -41,6 +41,14 @@ compression error:
 The comm runs on FSDP's reduce-scatter stream and the hook on its all-reduce stream; every
 kernel and collective gradzip issues goes on the current stream.
 
+Layout: :func:`enable` is collective over the default process group. Every rank sends its
+settings and group layout once (``all_gather_object``) and every rank checks all of them,
+so a rank whose codec or options differ from a peer's, a ``replicate_group`` that some of
+its members do not give, or one that would join *different* shards (e.g. the whole world
+as the replicate group of a sharded model: it would sum unrelated shards, silently) is the
+same ``ValueError`` on every rank before anything is installed; so is an argument one rank
+alone refuses.
+
 Agreement: ``verify="once"`` by default, on CPU too (``gradzip.all_reduce`` checks every
 call on CPU). The ranks exchange the fingerprint of each module's reduction on its first
 call (a codec, option or layout that differs between ranks is the same ``ValueError``
@@ -281,6 +289,109 @@ def _make_comm(base):
     return CompressedReduceScatter
 
 
+def _agree_on_layout(settings: dict, shard_groups: list, replicate_group,
+                     local: Exception | None = None) -> None:
+    """One ``all_gather_object`` over the default group: every rank's settings and groups.
+    Each rank then checks the whole layout (the same data everywhere, so the same verdict
+    everywhere): ranks that share a shard group or a replicate group must have the same
+    settings, a replicate group must be named the same by all its members, and it must hold
+    one rank per replica of the *same* shard (the same index in shard groups of the same
+    size) - anything else would all-reduce different shards together, silently."""
+    groups = []
+    for g in shard_groups:
+        if all(g is not h for h in groups):
+            groups.append(g)
+    mine = {"error": None if local is None else f"{type(local).__name__}: {local}",
+            "settings": settings,
+            "shards": [(tuple(dist.get_process_group_ranks(g)), dist.get_rank(g))
+                       for g in groups],
+            "replicas": None if replicate_group is None
+            else tuple(dist.get_process_group_ranks(replicate_group))}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if local is not None:
+        raise local
+    failed = [r for r, info in enumerate(every) if info["error"]]
+    if failed:
+        raise ValueError(f"gradzip.fsdp.enable failed on rank(s) {failed}: "
+                         f"{every[failed[0]]['error']}")
+    problems = []
+    for r, info in enumerate(every):
+        peers = {q for ranks, _ in info["shards"] for q in ranks}
+        for q in sorted(peers | set(info["replicas"] or ())):
+            differ = [k for k in info["settings"] if info["settings"][k]
+                      != every[q]["settings"].get(k)]
+            if q > r and differ:
+                problems.append(f"ranks {r} and {q} share a group but disagree on "
+                                + ", ".join(f"{k} ({info['settings'][k]!r} vs "
+                                            f"{every[q]['settings'].get(k)!r})"
+                                            for k in differ))
+        if info["replicas"] is None:
+            continue
+        for q in info["replicas"]:
+            theirs = every[q]["replicas"]
+            if theirs != info["replicas"]:
+                problems.append(f"rank {r} gives replicate_group {list(info['replicas'])} "
+                                f"but rank {q} gives "
+                                f"{'none' if theirs is None else list(theirs)}")
+            elif q > r and [(len(ranks), i) for ranks, i in every[q]["shards"]] != \
+                    [(len(ranks), i) for ranks, i in info["shards"]]:
+                problems.append(
+                    f"replicate_group {list(info['replicas'])} joins rank {r} (shard "
+                    f"{[i for _, i in info['shards']]} of {[len(g) for g, _ in info['shards']]})"
+                    f" and rank {q} (shard {[i for _, i in every[q]['shards']]} of "
+                    f"{[len(g) for g, _ in every[q]['shards']]}): a replicate group must "
+                    "hold one rank per replica of the same shard")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError("gradzip.fsdp.enable: the ranks' layouts do not fit together: "
+                         + "; ".join(dict.fromkeys(problems[:3])) + more)
+
+
+def _checked(model, codec, replicate_group, reduce_scatter, residual_storage, warmup_steps,
+             algorithm, min_numel, verify, seed, FSDPModule) -> tuple[Codec, list]:
+    """:func:`enable`'s checks of this rank's arguments and model: (codec, [(name, FSDP
+    module)])."""
+    codec = as_codec(codec)
+    _checks.check_bool(reduce_scatter, "reduce_scatter")
+    _checks.check_choice(residual_storage, RESIDUAL_STORAGES, "residual_storage")
+    _checks.check_nonnegative_int(warmup_steps, "warmup_steps")
+    _checks.check_nonnegative_int(min_numel, "min_numel")
+    _checks.check_choice(verify, comm.VERIFY_MODES, "verify")
+    _checks.check_seed(seed)
+    allowed = {"auto", "alltoall", "plain"} if reduce_scatter else set(comm.ALGORITHMS)
+    if replicate_group is not None:
+        allowed &= set(comm.ALGORITHMS)
+    _checks.check_choice(algorithm, sorted(allowed), "algorithm")
+    if not reduce_scatter and replicate_group is None:
+        raise ValueError("gradzip.fsdp.enable: nothing to compress: give replicate_group "
+                         "(custom HSDP) and/or reduce_scatter=True")
+    if replicate_group is not None and dist.get_rank(replicate_group) < 0:
+        raise ValueError("gradzip.fsdp.enable: this rank is not in replicate_group")
+    modules = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, FSDPModule) and _param_group(m) is not None]
+    if not modules:
+        raise ValueError("gradzip.fsdp.enable: no FSDP module with parameters in the model; "
+                         "call it after torch.distributed.fsdp.fully_shard")
+    for name, m in modules:
+        n = len(m._get_fsdp_state()._fsdp_param_groups)
+        if n > 1:
+            raise ValueError(f"gradzip.fsdp.enable: FSDP module {name or '<root>'} has {n} "
+                             "parameter groups (per-parameter meshes); torch's custom "
+                             "reduce-scatter and all-reduce hook support one")
+        if replicate_group is not None and _param_group(m)._all_reduce_hook is not None:
+            raise ValueError(f"gradzip.fsdp.enable: FSDP module {name or '<root>'} already "
+                             "has an all-reduce hook")
+        if replicate_group is not None and \
+                getattr(_param_group(m).mesh_info, "replicate_process_group", None) is not None:
+            raise ValueError(f"gradzip.fsdp.enable: FSDP module {name or '<root>'} is "
+                             "sharded on a 2-D (HSDP) mesh, so FSDP already all-reduces it "
+                             "across replicas and a replicate_group would reduce it twice: "
+                             "give replicate_group only with a 1-D mesh (custom HSDP), or "
+                             "compress FSDP's reduce-scatter alone")
+    return codec, modules
+
+
 def enable(
     model: nn.Module,
     codec: Codec | str,
@@ -318,41 +429,34 @@ def enable(
 
     Raises:
         ValueError: no FSDP module in ``model``, a module with several parameter groups
-            (torch's custom comms do not support them), nothing to enable, a replicate
-            group this rank is not in, bad arguments. The same on every rank, since every
-            rank sees the same model.
+            (torch's custom comms do not support them), a ``replicate_group`` for a model
+            already on a 2-D (HSDP) mesh, nothing to enable, a replicate group this rank
+            is not in, bad arguments; and, on every rank together, ranks whose layouts do
+            not fit: peers (in a shard or replicate group) with different settings, a
+            replicate group that some of its members do not give, or one that joins
+            different shards.
+
+    ``enable`` is collective over the default process group: every rank of the job calls
+    it once (one small ``all_gather_object`` of the settings and group layout).
     """
     FSDPModule, ReduceScatter = _fsdp_api()
-    codec = as_codec(codec)
-    _checks.check_bool(reduce_scatter, "reduce_scatter")
-    _checks.check_choice(residual_storage, RESIDUAL_STORAGES, "residual_storage")
-    _checks.check_nonnegative_int(warmup_steps, "warmup_steps")
-    _checks.check_nonnegative_int(min_numel, "min_numel")
-    _checks.check_choice(verify, comm.VERIFY_MODES, "verify")
-    _checks.check_seed(seed)
-    allowed = {"auto", "alltoall", "plain"} if reduce_scatter else set(comm.ALGORITHMS)
-    if replicate_group is not None:
-        allowed &= set(comm.ALGORITHMS)
-    _checks.check_choice(algorithm, sorted(allowed), "algorithm")
-    if not reduce_scatter and replicate_group is None:
-        raise ValueError("gradzip.fsdp.enable: nothing to compress: give replicate_group "
-                         "(custom HSDP) and/or reduce_scatter=True")
-    if replicate_group is not None and dist.get_rank(replicate_group) < 0:
-        raise ValueError("gradzip.fsdp.enable: this rank is not in replicate_group")
-    modules = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, FSDPModule) and _param_group(m) is not None]
-    if not modules:
-        raise ValueError("gradzip.fsdp.enable: no FSDP module with parameters in the model; "
-                         "call it after torch.distributed.fsdp.fully_shard")
-    for name, m in modules:
-        n = len(m._get_fsdp_state()._fsdp_param_groups)
-        if n > 1:
-            raise ValueError(f"gradzip.fsdp.enable: FSDP module {name or '<root>'} has {n} "
-                             "parameter groups (per-parameter meshes); torch's custom "
-                             "reduce-scatter and all-reduce hook support one")
-        if replicate_group is not None and _param_group(m)._all_reduce_hook is not None:
-            raise ValueError(f"gradzip.fsdp.enable: FSDP module {name or '<root>'} already "
-                             "has an all-reduce hook")
+    # A rank whose arguments or model are refused still takes part in the exchange below,
+    # so that every rank raises instead of its peers waiting for it.
+    try:
+        codec, modules = _checked(model, codec, replicate_group, reduce_scatter,
+                                  residual_storage, warmup_steps, algorithm, min_numel,
+                                  verify, seed, FSDPModule)
+        local = None
+    except (TypeError, ValueError) as e:
+        local, modules = e, []
+    settings = {"codec": repr(codec), "reduce_scatter": reduce_scatter,
+                "residual_storage": residual_storage, "warmup_steps": warmup_steps,
+                "algorithm": algorithm, "min_numel": min_numel, "verify": verify,
+                "replicate_group": replicate_group is not None,
+                "modules": [name for name, _ in modules]}
+    _agree_on_layout(settings, [_param_group(m).mesh_info.shard_process_group
+                                for _, m in modules],
+                     replicate_group if local is None else None, local)
     state = FSDPCompressionState(codec, reduce_scatter, replicate_group, residual_storage,
                                  warmup_steps, algorithm, min_numel, verify, seed)
     comm_class = _make_comm(ReduceScatter)
