@@ -143,6 +143,15 @@ GZ_INLINE float topk_emit(const TopkOutput& o, int64_t pos, int64_t index, float
   }
 }
 
+// The threshold rule for one entry's key: above T always, equal to T while the tie budget
+// lasts (callers walk upwards, so ties go to the lowest indices).
+inline bool topk_threshold_takes(uint32_t key, uint32_t T, int64_t& tie_budget) {
+  if (key > T) return true;
+  if (key != T || tie_budget <= 0) return false;
+  --tie_budget;
+  return true;
+}
+
 // Final pass over chunk c: selects per `rule` (ties to the lowest index while
 // `tie_budget` lasts), writes the chunk's entries from payload slot `out_pos` on, and the
 // residual: v - decode for selected entries, v elsewhere (old residual where not finite).
@@ -205,13 +214,9 @@ void topk_write_t(const TopkArgs& a, int64_t c, const TopkSelectRule& rule, int6
   for (; i < e1; ++i) {
     const float v = topk_scalar_v<XT, MODE>(a, i);
     const uint32_t kk = core::magnitude_key(v);
-    bool sel;
-    if (rule.mode == TopkSelectRule::kFill) {
-      sel = kk >= rule.T || i < rule.fill_end;
-    } else {
-      sel = kk > rule.T || (kk == rule.T && tie_budget > 0);
-      if (kk == rule.T && tie_budget > 0) --tie_budget;
-    }
+    const bool sel = rule.mode == TopkSelectRule::kFill
+                         ? kk >= rule.T || i < rule.fill_end
+                         : topk_threshold_takes(kk, rule.T, tie_budget);
     const float dec = sel ? topk_emit(o, pos++, i, v) : 0.0f;
     if constexpr (MODE != kTopkPlain) a.residual[i] = core::residual_update(v, dec, a.residual[i]);
   }
@@ -228,13 +233,7 @@ void topk_write_entries(const TopkArgs& a, int64_t c, const TopkEntry* entries, 
   for (int64_t j = 0; j < ne; ++j) {
     const int64_t i = e0 + entries[j].off;
     const float v = entries[j].v;
-    const uint32_t kk = core::magnitude_key(v);
-    bool sel = kk > rule.T;
-    if (!sel && kk == rule.T && tie_budget > 0) {
-      sel = true;
-      --tie_budget;
-    }
-    if (sel) {
+    if (topk_threshold_takes(core::magnitude_key(v), rule.T, tie_budget)) {
       const float dec = topk_emit(o, pos++, i, v);
       if (a.residual) a.residual[i] = core::residual_update(v, dec, a.residual[i]);
     } else if (a.residual && core::is_finite(v)) {
