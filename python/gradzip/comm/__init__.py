@@ -33,7 +33,7 @@ from .buffers import Staging
 from .collectives import completed
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
 from .fold import Signature, decoy_error, deviated_error, fold_plan, run_decoy
-from .groups import all_group_states, group_state
+from .groups import GroupState, all_group_states, group_state, rank_and_world
 from .plan import (
     ALGORITHMS,
     DEFAULT_MIN_NUMEL,
@@ -181,14 +181,14 @@ class _Request:
 
 def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
     """The steps of one collective call, the same for both operations."""
-    rank, world = _check_arguments(r)
+    rank, world, gs = _check_arguments(r)
     tensor, state = r.tensor, r.state
     timer = PhaseTimer(r.timings)
     # 1. Plan. A rank that refuses its input still takes part in the agreement below, so
     #    that its peers raise too instead of waiting for it in the next collective.
     local_error = _input_error(r, world)
     p = None if local_error else _plan(r, world)
-    probe = _auto_probe(p, r, world)
+    probe = _auto_probe(p, r, world, gs)
     # 2. Residuals, for a call that will compress.
     compresses = p is not None and p.algorithm != "plain" and not (probe and probe.plain)
     key = r.key
@@ -201,7 +201,6 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
         except ValueError as e:
             local_error = e
     # 3. Agreement: every rank raises together (folded into step 4 once calls repeat).
-    gs = group_state(r.group)
     mode = resolve_mode(r.verify, tensor.device)
     folded, fp = _agree(mode, r, p, probe, world, rank, local_error, timer, gs)
     if tensor.numel() == 0:
@@ -264,8 +263,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1) if t.is_contiguous() else t.detach().contiguous().view(-1)
 
 
-def _check_arguments(r: _Request) -> tuple[int, int]:
-    """Arguments that are wrong on this rank alone, before any collective: (rank, world)."""
+def _check_arguments(r: _Request) -> tuple[int, int, GroupState]:
+    """Arguments that are wrong on this rank alone, before any collective: (rank, world,
+    the group's state)."""
     for name, t in (("tensor", r.tensor), ("output", r.output)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{r.who}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -283,10 +283,11 @@ def _check_arguments(r: _Request) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{r.who} needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")
-    world, rank = dist.get_world_size(r.group), dist.get_rank(r.group)
+    gs = group_state(r.group)
+    rank, world = rank_and_world(r.group, gs)
     if rank < 0 or world < 1:
         raise ValueError("this process is not a member of the given process group")
-    return rank, world
+    return rank, world, gs
 
 
 def _input_error(r: _Request, world: int) -> Exception | None:
@@ -321,11 +322,11 @@ def _plan(r: _Request, world: int) -> Plan:
     return reduce_scatter_plan(r.codec, numel, dtype, world, r.algorithm, r.min_numel)
 
 
-def _auto_probe(p: Plan | None, r: _Request, world: int) -> Probe | None:
+def _auto_probe(p: Plan | None, r: _Request, world: int, gs: GroupState) -> Probe | None:
     """With "auto" and a compressed plan: this call's probe of its signature's tuner."""
     if p is None or r.algorithm != "auto" or p.algorithm == "plain":
         return None
-    tuners = group_state(r.group).tuners
+    tuners = gs.tuners
     tkey = tuner_key(r.op, r.codec.spec, r.tensor.numel(), r.tensor.dtype, r.average, world)
     tuner = tuners.get(tkey)
     if tuner is None or tuner.compressed != p:

@@ -49,16 +49,25 @@ class PhaseTimer:
     def __init__(self, sink: dict[str, float] | None) -> None:
         self.sink = sink
 
-    @contextlib.contextmanager
     def __call__(self, name: str):
-        if self.sink is None:
-            yield
-            return
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sink[name] = self.sink.get(name, 0.0) + time.perf_counter() - t0
+        # Without a dict, one shared do-nothing context (every call enters several phases).
+        return _NO_PHASE if self.sink is None else _Phase(self.sink, name)
+
+
+class _Phase:
+    __slots__ = ("name", "sink", "t0")
+
+    def __init__(self, sink: dict[str, float], name: str) -> None:
+        self.sink, self.name = sink, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.sink[self.name] = self.sink.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+_NO_PHASE = contextlib.nullcontext()
 
 
 @dataclass

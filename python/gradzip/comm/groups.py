@@ -25,6 +25,7 @@ class GroupState:
     predictor: Predictor = field(default_factory=Predictor)  # verify="always": the history
     tuners: dict = field(default_factory=dict)  # signature -> autotune.Tuner
     buffers: BufferPool = field(default_factory=BufferPool)  # CPU staging, across calls
+    rank_world: tuple[int, int] | None = None  # this process's (rank, size) in the group
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -37,6 +38,14 @@ def group_state(group: dist.ProcessGroup | None) -> GroupState:
     if state is None:
         state = _STATES[pg] = GroupState()
     return state
+
+
+def rank_and_world(group: dist.ProcessGroup | None, state: GroupState) -> tuple[int, int]:
+    """(rank, size) of this process in ``group``, asked of torch.distributed once per group
+    (they never change; the lookups cost more than the rest of a small call's checks)."""
+    if state.rank_world is None:
+        state.rank_world = dist.get_rank(group), dist.get_world_size(group)
+    return state.rank_world
 
 
 def all_group_states() -> list[GroupState]:
