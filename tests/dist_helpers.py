@@ -76,6 +76,29 @@ def _worker(rank: int, world: int, port: int, pg_timeout: float, fn, args, resul
         results.put((rank, "error", traceback.format_exc()))
 
 
+def catch(fn) -> tuple[str, str] | None:
+    """(exception type name, message) of what ``fn()`` raises, or None: how a rank reports
+    an expected error to the parent, which checks type and message."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001  (the parent checks type and message)
+        return type(e).__name__, str(e)
+    return None
+
+
+def assert_survivors_raise(world: int, fn, timeout: float = 20.0) -> None:
+    """Run ``fn`` (which returns {"error": catch(...), "elapsed": seconds}) on ``world``
+    ranks whose last rank exits midway: every other rank must raise torch.distributed's
+    error, not hang, within the process group's ``timeout`` (plus 10 s of slack for the
+    machine)."""
+    res = run_ranks(world, fn, pg_timeout=timeout, deadline=90, allow_exit=(world - 1,))
+    assert res[world - 1] is None  # it exited without reporting
+    for r in range(world - 1):
+        err, elapsed = res[r]["error"], res[r]["elapsed"]
+        assert err is not None and err[0] in ("RuntimeError", "DistBackendError"), (r, err)
+        assert elapsed < timeout + 10, (r, elapsed)
+
+
 def run_ranks(world: int, fn, *args, pg_timeout: float = PG_TIMEOUT_S,
               deadline: float = DEADLINE_S, allow_exit: tuple[int, ...] = ()) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` Gloo ranks; return the results by rank.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gradzip
 import pytest
 import torch
-from dist_helpers import TEST_BACKEND, run_ranks
+from dist_helpers import TEST_BACKEND, catch, run_ranks
 from gradzip import Codec, comm
 from gradzip.comm import autotune, fold
 
@@ -31,14 +31,6 @@ def codec(spec: str) -> Codec:
 def make_input(n: int, rank: int, step: int, tag: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(7919 * rank + 104_729 * step + 31 * tag + n)
     return torch.randn(n, generator=g) * (1 + step)
-
-
-def _catch(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001  (the parent checks type and message)
-        return (type(e).__name__, str(e))
-    return None
 
 
 def _settle_on(kind: str):
@@ -132,7 +124,7 @@ def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int) ->
         if how == "async" and not bad:
             r.wait()
 
-    out = {"error": _catch(call), "verify": "verify" in t,
+    out = {"error": catch(call), "verify": "verify" in t,
            "unchanged": torch.equal(x, before) if how != "everyone" else None,
            "residual": _same(st.pending(KEY), pending) and st.step(KEY) == step}
     # the group goes on, and the failed call left no trace in the numbers
@@ -160,7 +152,7 @@ def reduce_scatter_fold(rank: int, world: int, last: int) -> dict:
         out[verify] = seq
     x = make_input(N * world + (world if rank == last else 0), rank, 5, tag=9)
     o = torch.zeros(N + (1 if rank == last else 0))
-    out["deviate"] = _catch(lambda: gradzip.reduce_scatter(o, x, codec("int4"),
+    out["deviate"] = catch(lambda: gradzip.reduce_scatter(o, x, codec("int4"),
                                                           algorithm="alltoall"))
     out["untouched"] = bool((o == 0).all())
     return out

@@ -26,7 +26,7 @@ import gradzip.optim
 import pytest
 import torch
 import torch.distributed as dist
-from dist_helpers import TEST_BACKEND, run_ranks
+from dist_helpers import TEST_BACKEND, catch, run_ranks
 from gradzip import Codec, reference
 from gradzip.optim import CompressedAdamW
 from torch import nn
@@ -383,38 +383,30 @@ def manual_run(rank, world, none_on: str, steps=6, warmup=2):
             "a_step": int(opt.state[a]["step"].item())}
 
 
-def _catch(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001  (the parent checks type and message)
-        return type(e).__name__, str(e)
-    return None
-
-
 def error_cases(rank, world) -> dict:
     out = {}
     # attach twice; on a model that has a hook; parameters that do not match
     model, opt = build("sign")
-    out["twice"] = _catch(lambda: opt.attach(model))
+    out["twice"] = catch(lambda: opt.attach(model))
     other = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     other.register_comm_hook(gradzip.ddp.CompressionState("int8"), gradzip.ddp.compress_hook)
     opt2 = CompressedAdamW(other.parameters(), codec=codec("sign"))
-    out["hooked"] = _catch(lambda: opt2.attach(other))
+    out["hooked"] = catch(lambda: opt2.attach(other))
     third = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     opt3 = CompressedAdamW(list(third.parameters())[:-1], codec=codec("sign"))
-    out["params"] = _catch(lambda: opt3.attach(third))
+    out["params"] = catch(lambda: opt3.attach(third))
     # ranks that disagree on the codec or on the warm-up: every rank raises in attach
     m4 = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     o4 = CompressedAdamW(m4.parameters(), codec=codec("sign" if rank == 0 else "int4"))
-    out["codec"] = _catch(lambda: o4.attach(m4))
+    out["codec"] = catch(lambda: o4.attach(m4))
     m5 = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     o5 = CompressedAdamW(m5.parameters(), codec=codec("sign"), warmup_steps=3 + (rank == 1))
-    out["warmup"] = _catch(lambda: o5.attach(m5))
+    out["warmup"] = catch(lambda: o5.attach(m5))
     # without DDP the first reduce_gradients() (or step()) checks the same
     p6 = nn.Parameter(torch.zeros(100))
     o6 = CompressedAdamW([p6], codec=codec("sign"), warmup_steps=2 * (rank + 1))
     p6.grad = torch.ones(100)
-    out["warmup-manual"] = _catch(o6.reduce_gradients)
+    out["warmup-manual"] = catch(o6.reduce_gradients)
     # a checkpoint of another step loaded on one rank: the next backward raises everywhere
     model, opt = build("sign")
     saved = []
@@ -424,17 +416,17 @@ def error_cases(rank, world) -> dict:
     m7, o7 = build("sign")
     o7.load_state_dict(saved[3] if rank == 0 else saved[4])
     x, y = batch(rank, 0)
-    out["out-of-step"] = _catch(lambda: nn.functional.mse_loss(m7(x), y).backward())
+    out["out-of-step"] = catch(lambda: nn.functional.mse_loss(m7(x), y).backward())
     # sparse gradients after warm-up (rank 0 only) and in warm-up
     p8, q8 = nn.Parameter(torch.zeros(50)), nn.Parameter(torch.zeros(50))
     o8 = CompressedAdamW([p8, q8], codec=codec("sign"), warmup_steps=0)
     p8.grad = torch.ones(50)
     q8.grad = torch.ones(50).to_sparse() if rank == 0 else torch.ones(50)
-    out["sparse"] = _catch(o8.step)
+    out["sparse"] = catch(o8.step)
     out["sparse-params"] = (p8.detach().clone(), o8.steps_taken)
     o9 = CompressedAdamW([p8], codec=codec("sign"), warmup_steps=5)
     p8.grad = torch.ones(50).to_sparse()
-    out["sparse-warmup"] = _catch(o9.step)
+    out["sparse-warmup"] = catch(o9.step)
     return out
 
 

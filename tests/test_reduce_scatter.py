@@ -14,9 +14,9 @@ import re
 import gradzip
 import pytest
 import torch
-from dist_helpers import run_ranks
+from dist_helpers import catch, run_ranks
 from gradzip import Codec, comm, reference
-from test_comm import CODECS, _catch, codec, make_input, ref_compress
+from test_comm import CODECS, codec, make_input, ref_compress
 
 pytestmark = pytest.mark.distributed
 
@@ -151,23 +151,23 @@ def error_battery(rank: int, world: int) -> dict:
     last = world - 1
     n = world * SHARD
     res = {}
-    res["codec"] = _catch(lambda: gradzip.reduce_scatter(
+    res["codec"] = catch(lambda: gradzip.reduce_scatter(
         torch.empty(SHARD), make_input(n, rank, 0), codec("int8" if rank == last else "int4"),
         algorithm="alltoall"))
-    res["sizes"] = _catch(lambda: gradzip.reduce_scatter(
+    res["sizes"] = catch(lambda: gradzip.reduce_scatter(
         torch.empty(SHARD + (rank == last)), make_input(n, rank, 0), codec("int4"),
         algorithm="alltoall"))
-    res["dtype"] = _catch(lambda: gradzip.reduce_scatter(
+    res["dtype"] = catch(lambda: gradzip.reduce_scatter(
         torch.empty(SHARD, dtype=torch.float16 if rank == last else torch.float32),
         make_input(n, rank, 0), codec("int4"), algorithm="alltoall"))
-    res["algorithm"] = _catch(lambda: gradzip.reduce_scatter(
+    res["algorithm"] = catch(lambda: gradzip.reduce_scatter(
         torch.empty(SHARD), make_input(n, rank, 0), codec("int4"),
         algorithm="plain" if rank == last else "alltoall"))
     x = make_input(n, rank, 0)
-    res["aliased"] = _catch(lambda: gradzip.reduce_scatter(
+    res["aliased"] = catch(lambda: gradzip.reduce_scatter(
         x[:SHARD] if rank == last else torch.empty(SHARD), x, codec("int4"),
         algorithm="alltoall"))
-    res["bad-algorithm"] = _catch(lambda: gradzip.reduce_scatter(
+    res["bad-algorithm"] = catch(lambda: gradzip.reduce_scatter(
         torch.empty(SHARD), make_input(n, rank, 0), codec("int4"), algorithm="allgather"))
     real = Codec.compress
 
@@ -179,7 +179,7 @@ def error_battery(rank: int, world: int) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         if rank == last:
             mp.setattr(Codec, "compress", corrupt)
-        res["corrupt"] = _catch(lambda: gradzip.reduce_scatter(
+        res["corrupt"] = catch(lambda: gradzip.reduce_scatter(
             torch.empty(SHARD), make_input(n, rank, 0), codec("int4"), algorithm="alltoall"))
     y = torch.empty(SHARD)
     gradzip.reduce_scatter(y, make_input(n, rank, 0, tag=28), codec("int8"),
