@@ -431,6 +431,9 @@ def layout_battery(rank: int, world: int) -> dict:
     # the whole world as the replicate group: it would sum different shards together
     out["mixes-shards"] = catch(lambda: gradzip.fsdp.enable(
         build(mesh["shard"]), "int8", reduce_scatter=False, replicate_group=dist.group.WORLD))
+    # a DeviceMesh where a process group belongs
+    out["mesh-not-group"] = catch(lambda: gradzip.fsdp.enable(
+        build(mesh["shard"]), "int8", replicate_group=mesh["replicate"]))
     # native HSDP (2-D mesh): FSDP already all-reduces across replicas
     out["native-hsdp"] = catch(lambda: gradzip.fsdp.enable(build(mesh), "int8",
                                                            replicate_group=group))
@@ -455,6 +458,9 @@ def test_layouts_that_do_not_fit():
         assert e["mixes-shards"][0] == "ValueError", e
         assert "replicate_group [0, 1, 2, 3] joins rank 0 (shard [0] of [2]) and rank 1 " \
             "(shard [1] of [2])" in e["mixes-shards"][1], e
+        assert e["mesh-not-group"][0] == "TypeError", e
+        assert "replicate_group must be a torch.distributed.ProcessGroup" in \
+            e["mesh-not-group"][1] and "got DeviceMesh" in e["mesh-not-group"][1], e
         assert e["native-hsdp"][0] == "ValueError", e
         assert "2-D (HSDP) mesh" in e["native-hsdp"][1], e
         assert e["grads-finite"], e

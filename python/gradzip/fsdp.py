@@ -366,6 +366,10 @@ def _checked(model, codec, replicate_group, reduce_scatter, residual_storage, wa
     if not reduce_scatter and replicate_group is None:
         raise ValueError("gradzip.fsdp.enable: nothing to compress: give replicate_group "
                          "(custom HSDP) and/or reduce_scatter=True")
+    if replicate_group is not None and not isinstance(replicate_group, dist.ProcessGroup):
+        raise TypeError("gradzip.fsdp.enable: replicate_group must be a torch.distributed."
+                        "ProcessGroup (e.g. mesh['replicate'].get_group()), got "
+                        f"{type(replicate_group).__name__}")
     if replicate_group is not None and dist.get_rank(replicate_group) < 0:
         raise ValueError("gradzip.fsdp.enable: this rank is not in replicate_group")
     modules = [(name, m) for name, m in model.named_modules()
@@ -447,7 +451,7 @@ def enable(
                                   residual_storage, warmup_steps, algorithm, min_numel,
                                   verify, seed, FSDPModule)
         local = None
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  (re-raised unchanged after the exchange)
         local, modules = e, []
     settings = {"codec": repr(codec), "reduce_scatter": reduce_scatter,
                 "residual_storage": residual_storage, "warmup_steps": warmup_steps,
