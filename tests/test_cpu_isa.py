@@ -11,6 +11,7 @@ below, at or above 2^126, where v - decode can overflow)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import backends
 import gradzip
@@ -183,6 +184,53 @@ def test_dequantize_sum_every_isa(isa):
                 got = torch.full((n,), float("nan"), dtype=dtype)
                 torch.ops.gradzip._dequantize_sum(r, got, -0.375)
                 assert_bits_equal(got, want, f"{isa} {name} {dtype}")
+
+
+# Large enough (>= 4 MiB of float32 out) for the overwriting decode's streaming stores
+# (csrc/cpu/dequantize_accumulate.cpp, kStreamMinBytes), with a partial last block and a
+# tail shorter than a vector.
+STREAM_N = 2**20 + 4099
+
+
+@functools.cache
+def _stream_case(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(payload rows, the reference's zeroed out plus dequantize_accumulate with alpha
+    -0.375). Payloads come from the C++ kernels (they are only this test's input); the
+    expectation from the reference."""
+    n = STREAM_N
+    xs = [inputs.grad_like(n, seed=w) for w in range(3)]
+    if name.startswith("dense"):
+        bits, block = (int(v) for v in name.split()[1:])
+        rows = torch.stack([gradzip.quantize_pack(x, bits, block, backend="cpu") for x in xs])
+    else:
+        values = name.split()[1]
+        rows = torch.stack([gradzip.topk_select(x, n // 50, values=values, backend="cpu")
+                            for x in xs])
+    want = torch.zeros(n)
+    reference.dequantize_accumulate(rows, want, -0.375)
+    return rows, want
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", ["dense 8 128", "dense 4 32", "dense 2 64", "dense 1 4096",
+                                  "topk fp32", "topk int8"])
+def test_dequantize_sum_large_out_every_isa(isa, name):
+    """The overwriting decode into a float32 out of >= 4 MiB, which it writes with
+    streaming stores where every vector store is aligned (dense: a 64-byte aligned out;
+    sparse: after a scalar head): an aligned out, and one
+    starting 4 bytes past an aligned address (dense: the ordinary stores; sparse: the
+    head), both bit-identical to the reference."""
+    rows, want = _stream_case(name)
+    with isa_path(isa):
+        got = torch.full((STREAM_N,), float("nan"))
+        assert got.data_ptr() % 64 == 0
+        torch.ops.gradzip._dequantize_sum(rows, got, -0.375)
+        assert_bits_equal(got, want, f"{isa} {name} aligned")
+        base = torch.full((STREAM_N + 16,), float("nan"))
+        shifted = base[1:STREAM_N + 1]
+        torch.ops.gradzip._dequantize_sum(rows, shifted, -0.375)
+        assert_bits_equal(shifted, want, f"{isa} {name} shifted by 4 bytes")
+        assert torch.isnan(base[0]) and torch.isnan(base[STREAM_N + 1:]).all()
 
 
 def _topk_slow_path_input(case: str, n: int, seed: int) -> tuple[torch.Tensor, int]:

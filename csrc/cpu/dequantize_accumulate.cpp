@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "core/checks.h"
@@ -28,6 +29,10 @@ namespace {
 
 // Elements of out per sparse task: the fp32 range buffer (64 KiB) stays in L2.
 constexpr int64_t kSparseRange = int64_t(1) << 14;
+// An overwriting decode into a float32 out of at least this many bytes writes it with
+// streaming stores (DenseAccArgs::stream, SparseAccArgs::stream): an out this large does not stay in cache for
+// whoever reads it next, and the stores then need no read of each line first.
+constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
 
 GZ_INLINE int64_t index_at(const SparseAccArgs& a, const uint8_t* idx, int64_t j) {
   return a.index64 ? load_unaligned<int64_t>(idx + 8 * j)
@@ -147,6 +152,9 @@ void dequantize_cpu(const at::Tensor& payloads, const at::Tensor& out, double al
     a.out_dtype = dtype_of(out);
     a.alpha = alpha32;
     a.overwrite = overwrite;
+    a.stream = overwrite && a.out_dtype == Dtype::kFloat &&
+               n * int64_t(sizeof(float)) >= kStreamMinBytes && h.block % 16 == 0 &&
+               reinterpret_cast<uintptr_t>(a.out) % 64 == 0;
     const int64_t nb = format::num_blocks(n, h.block);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / h.block);
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
@@ -171,6 +179,8 @@ void dequantize_cpu(const at::Tensor& payloads, const at::Tensor& out, double al
   a.out_dtype = dtype_of(out);
   a.alpha = alpha32;
   a.overwrite = overwrite;
+  a.stream = overwrite && a.out_dtype == Dtype::kFloat &&
+             n * int64_t(sizeof(float)) >= kStreamMinBytes;
   accumulate_sparse(a, isa);
 }
 

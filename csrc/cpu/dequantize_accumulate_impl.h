@@ -25,7 +25,9 @@ GZ_INLINE typename V::F decode_vec(const uint8_t* row, int64_t e, typename V::F 
 // with V::lut_decodes(BITS) have.
 // OVERWRITE (DenseAccArgs::overwrite) as a template parameter, so that the accumulating
 // form compiles exactly as it would without it.
-template <int BITS, int NV, typename OT, bool OVERWRITE, typename VV = V>
+// STREAM (DenseAccArgs::stream; float out, OVERWRITE only): the aligned vector stores are
+// streaming stores.
+template <int BITS, int NV, typename OT, bool OVERWRITE, bool STREAM = false, typename VV = V>
 GZ_INLINE void dense_tile(const DenseAccArgs& a, const float* sc, int64_t start, int64_t i,
                           int64_t code_off, OT* out) {
   constexpr int W = V::W;
@@ -67,11 +69,12 @@ GZ_INLINE void dense_tile(const DenseAccArgs& a, const float* sc, int64_t start,
     F old;
     if constexpr (OVERWRITE) old = V::zero();
     else old = V::load_x(o);
-    V::store_x(o, V::add(old, V::mul(alpha, acc[v])));
+    if constexpr (STREAM) V::stream(o, V::add(old, V::mul(alpha, acc[v])));
+    else V::store_x(o, V::add(old, V::mul(alpha, acc[v])));
   }
 }
 
-template <int BITS, typename OT, bool OVERWRITE>
+template <int BITS, typename OT, bool OVERWRITE, bool STREAM = false>
 void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
   constexpr int W = V::W;
   constexpr int qmax = BITS > 1 ? (1 << (BITS - 1)) - 1 : 0;
@@ -91,10 +94,11 @@ void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc
     }
     int64_t i = 0;
     for (; i + kTile <= len; i += kTile)
-      dense_tile<BITS, 8, OT, OVERWRITE>(a, sc, start, i, code_off, out);
+      dense_tile<BITS, 8, OT, OVERWRITE, STREAM>(a, sc, start, i, code_off, out);
     for (; i + 4 * W <= len; i += 4 * W)
-      dense_tile<BITS, 4, OT, OVERWRITE>(a, sc, start, i, code_off, out);
-    for (; i + W <= len; i += W) dense_tile<BITS, 1, OT, OVERWRITE>(a, sc, start, i, code_off, out);
+      dense_tile<BITS, 4, OT, OVERWRITE, STREAM>(a, sc, start, i, code_off, out);
+    for (; i + W <= len; i += W)
+      dense_tile<BITS, 1, OT, OVERWRITE, STREAM>(a, sc, start, i, code_off, out);
     for (; i < len; ++i) {
       float acc = 0.0f;
       const uint8_t* row = a.payloads + code_off;
@@ -113,20 +117,24 @@ void dense_accumulate_t(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc
       from_float(core::fadd(OVERWRITE ? 0.0f : to_float(*o), core::fmul(a.alpha, acc)), o);
     }
   }
+  if constexpr (STREAM) V::stream_fence();
 }
 
-template <typename OT, bool OVERWRITE>
+template <typename OT, bool OVERWRITE, bool STREAM = false>
 void dense_accumulate_ow(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
   switch (a.bits) {
-    case 8: dense_accumulate_t<8, OT, OVERWRITE>(a, b0, b1, sc); break;
-    case 4: dense_accumulate_t<4, OT, OVERWRITE>(a, b0, b1, sc); break;
-    case 2: dense_accumulate_t<2, OT, OVERWRITE>(a, b0, b1, sc); break;
-    default: dense_accumulate_t<1, OT, OVERWRITE>(a, b0, b1, sc); break;
+    case 8: dense_accumulate_t<8, OT, OVERWRITE, STREAM>(a, b0, b1, sc); break;
+    case 4: dense_accumulate_t<4, OT, OVERWRITE, STREAM>(a, b0, b1, sc); break;
+    case 2: dense_accumulate_t<2, OT, OVERWRITE, STREAM>(a, b0, b1, sc); break;
+    default: dense_accumulate_t<1, OT, OVERWRITE, STREAM>(a, b0, b1, sc); break;
   }
 }
 
 template <typename OT>
 void dense_accumulate_o(const DenseAccArgs& a, int64_t b0, int64_t b1, float* sc) {
+  if constexpr (std::is_same_v<OT, float>) {
+    if (a.stream) return dense_accumulate_ow<float, true, true>(a, b0, b1, sc);
+  }
   if (a.overwrite) dense_accumulate_ow<OT, true>(a, b0, b1, sc);
   else dense_accumulate_ow<OT, false>(a, b0, b1, sc);
 }
@@ -158,8 +166,27 @@ void sparse_finish_ow(const SparseAccArgs& a, const float* acc, int64_t e0, int6
   }
 }
 
+// The overwrite of a float32 out too large to stay in cache: the same values, written with
+// streaming stores, which skip reading each line before writing it (measured on the AVX-512
+// machine, 64 MiB: 23 GB/s against 8 GB/s for ordinary stores).
+void sparse_finish_stream(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {
+  constexpr int W = V::W;
+  float* out = static_cast<float*>(a.out);
+  const typename V::F alpha = V::set1(a.alpha);
+  int64_t i = e0;
+  auto one = [&](int64_t j) { out[j] = core::fadd(0.0f, core::fmul(a.alpha, acc[j - e0])); };
+  for (; i < e1 && reinterpret_cast<uintptr_t>(out + i) % (W * sizeof(float)) != 0; ++i) one(i);
+  for (; i + W <= e1; i += W)
+    V::stream(out + i, V::add(V::zero(), V::mul(alpha, V::load(acc + (i - e0)))));
+  for (; i < e1; ++i) one(i);
+  V::stream_fence();
+}
+
 template <typename OT>
 void sparse_finish_t(const SparseAccArgs& a, const float* acc, int64_t e0, int64_t e1) {
+  if constexpr (std::is_same_v<OT, float>) {
+    if (a.stream) return sparse_finish_stream(a, acc, e0, e1);
+  }
   if (a.overwrite) sparse_finish_ow<OT, true>(a, acc, e0, e1);
   else sparse_finish_ow<OT, false>(a, acc, e0, e1);
 }

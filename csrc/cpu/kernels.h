@@ -111,6 +111,9 @@ struct DenseAccArgs {
   Dtype out_dtype;
   float alpha;
   bool overwrite = false;  // out = (+0) + alpha * sum: out is written, never read
+  // overwrite of a large float32 out whose base is 64-byte aligned (blocks are powers of
+  // two >= 32): every vector store is aligned, so they can be streaming stores
+  bool stream = false;
 };
 
 struct SparseAccArgs {
@@ -126,6 +129,8 @@ struct SparseAccArgs {
   Dtype out_dtype;
   float alpha;
   bool overwrite = false;  // as DenseAccArgs::overwrite
+  // overwrite of a large float32 out: streaming stores (see kStreamMinBytes)
+  bool stream = false;
 };
 
 #define GZ_DECLARE_CPU_KERNELS(NS)                                                          \

@@ -134,6 +134,11 @@ struct Scalar {
   static GZ_INLINE I set1i(uint32_t a) { return a; }
   static GZ_INLINE F load(const float* p) { return *p; }
   static GZ_INLINE void store(float* p, F v) { *p = v; }
+  // Streaming (non-temporal) store of a full vector at an address aligned to W floats:
+  // write-only, no read of the line first, not kept in cache. Callers end with
+  // stream_fence(). The scalar form is a plain store.
+  static GZ_INLINE void stream(float* p, F v) { *p = v; }
+  static GZ_INLINE void stream_fence() {}
   template <typename T>
   static GZ_INLINE F load_x(const T* p) { return to_float(*p); }
   template <typename T>
@@ -224,6 +229,8 @@ struct Avx2 {
   static GZ_INLINE I set1i(uint32_t a) { return _mm256_set1_epi32(static_cast<int>(a)); }
   static GZ_INLINE F load(const float* p) { return _mm256_loadu_ps(p); }
   static GZ_INLINE void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static GZ_INLINE void stream(float* p, F v) { _mm256_stream_ps(p, v); }
+  static GZ_INLINE void stream_fence() { _mm_sfence(); }
   static GZ_INLINE F load_x(const float* p) { return _mm256_loadu_ps(p); }
   static GZ_INLINE F load_x(const c10::Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -427,6 +434,8 @@ struct Avx512 {
   static GZ_INLINE I set1i(uint32_t a) { return _mm512_set1_epi32(static_cast<int>(a)); }
   static GZ_INLINE F load(const float* p) { return _mm512_loadu_ps(p); }
   static GZ_INLINE void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static GZ_INLINE void stream(float* p, F v) { _mm512_stream_ps(p, v); }
+  static GZ_INLINE void stream_fence() { _mm_sfence(); }
   static GZ_INLINE F load_x(const float* p) { return _mm512_loadu_ps(p); }
   static GZ_INLINE F load_x(const c10::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
