@@ -30,8 +30,9 @@ namespace {
 // Elements of out per sparse task: the fp32 range buffer (64 KiB) stays in L2.
 constexpr int64_t kSparseRange = int64_t(1) << 14;
 // An overwriting decode into a float32 out of at least this many bytes writes it with
-// streaming stores (DenseAccArgs::stream, SparseAccArgs::stream): an out this large does not stay in cache for
-// whoever reads it next, and the stores then need no read of each line first.
+// streaming stores (DenseAccArgs::stream, SparseAccArgs::stream): an out this large does
+// not stay in cache for whoever reads it next, and the stores then need no read of each
+// line first.
 constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
 
 GZ_INLINE int64_t index_at(const SparseAccArgs& a, const uint8_t* idx, int64_t j) {

@@ -345,7 +345,7 @@ def _agree_on_layout(settings: dict, shard_groups: list, replicate_group,
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ValueError("gradzip.fsdp.enable: the ranks' layouts do not fit together: "
-                         + "; ".join(dict.fromkeys(problems[:3])) + more)
+                         + "; ".join(problems[:3]) + more)
 
 
 def _checked(model, codec, replicate_group, reduce_scatter, residual_storage, warmup_steps,
