@@ -43,7 +43,17 @@ def _settle_on(kind: str):
     return settle
 
 
-def sequence(rank: int, world: int, verify: str, calls: list[tuple], events: dict) -> list:
+# Cut N-sized tensors into 4 segments, 8 ramp pieces: a folded all-gather keeps only the
+# pieces it compressed before its first piece came back (feedback.Journal)
+SEGMENTED = comm.Pipeline(min_numel=N // 4)
+# The deviation cases beyond CASES: (codec, algorithm, residual storage, pipeline, numel)
+PIECEWISE = [("topk:0.05", "fp32", SEGMENTED, N), ("sign", "int8", SEGMENTED, N),
+             ("int8", "bf16", SEGMENTED, N),
+             ("int4", "fp32", comm.DEFAULT_PIPELINE, fold.FOLD_MAX_BYTES // 4 + 64)]
+
+
+def sequence(rank: int, world: int, verify: str, calls: list[tuple], events: dict,
+             pipeline: comm.Pipeline = comm.DEFAULT_PIPELINE) -> list:
     """Run ``calls`` ((codec, algorithm, numel, tag, async)) with one ErrorFeedback; per
     call the result, whether it recorded verify time, and the pending residual."""
     st = gradzip.ErrorFeedback(seed=3)
@@ -52,7 +62,8 @@ def sequence(rank: int, world: int, verify: str, calls: list[tuple], events: dic
         x = make_input(n, rank, i, tag)
         t: dict = {}
         r = gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo, key=(KEY, n),
-                               verify=verify, timings=t, async_op=is_async)
+                               verify=verify, timings=t, async_op=is_async,
+                               pipeline=pipeline)
         if is_async:
             assert r.wait() is x
         out.append((x, "verify" in t, st.pending((KEY, n))))
@@ -89,28 +100,41 @@ def fold_battery(rank: int, world: int) -> dict:
         comm.reset_auto()
         b = sequence(rank, world, "never", mixed, {})
         res["hand-over"] = (a, b)
+    # segmented all-gathers fold too, at any size
+    calls = [("topk:0.05", "allgather", N, 3, i % 2 == 1) for i in range(8)]
+    res["segmented"] = (sequence(rank, world, "always", calls, {}, SEGMENTED),
+                        sequence(rank, world, "never", calls, {}, SEGMENTED))
     res["reduce-scatter"] = reduce_scatter_fold(rank, world, last)
     # deviations after a steady state
     for spec, algo in CASES[:5]:
         for how in ("numel", "codec", "refused", "async", "everyone"):
             res[("deviate", spec, algo, how)] = deviate(rank, world, spec, algo, how, last)
+    for spec, storage, pipe, n in PIECEWISE:
+        for how in ("numel", "async"):
+            res[("deviate", spec, storage, n, how)] = deviate(
+                rank, world, spec, "allgather", how, last, storage=storage, pipeline=pipe,
+                n=n)
     return res
 
 
-def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int) -> dict:
-    st = gradzip.ErrorFeedback(seed=4)
-    twin = gradzip.ErrorFeedback(seed=4)  # the same calls without the failed one, unchecked
+def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int, *,
+            storage: str = "fp32", pipeline: comm.Pipeline = comm.DEFAULT_PIPELINE,
+            n: int = N) -> dict:
+    st = gradzip.ErrorFeedback(seed=4, storage=storage)
+    # the same calls without the failed one, unchecked
+    twin = gradzip.ErrorFeedback(seed=4, storage=storage)
     c = codec(spec)
     for state, verify in ((twin, "never"), (st, "always")):  # "never" forgets the history
         for i in range(4):
-            x = make_input(N, rank, i)
-            gradzip.all_reduce(x, c, state=state, algorithm=algo, key=KEY, verify=verify)
+            x = make_input(n, rank, i)
+            gradzip.all_reduce(x, c, state=state, algorithm=algo, key=KEY, verify=verify,
+                               pipeline=pipeline)
     # the next call, as this rank makes it
-    x = make_input(N, rank, 4)
+    x = make_input(n, rank, 4)
     bad = rank == last or how == "everyone"
     resized = bad and how in ("numel", "everyone", "async")
     if resized:
-        x = make_input(N + 7, rank, 4)
+        x = make_input(n + 7, rank, 4)
     elif bad and how == "refused":
         x = x.double()
     spec_here = ("int2" if spec != "int2" else "int4") if bad and how == "codec" else spec
@@ -120,7 +144,7 @@ def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int) ->
     def call():
         r = gradzip.all_reduce(x, codec(spec_here), state=st, algorithm=algo,
                                key="other" if resized else KEY, timings=t,
-                               async_op=how == "async" and not bad)
+                               async_op=how == "async" and not bad, pipeline=pipeline)
         if how == "async" and not bad:
             r.wait()
 
@@ -128,9 +152,10 @@ def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int) ->
            "unchanged": torch.equal(x, before) if how != "everyone" else None,
            "residual": _same(st.pending(KEY), pending) and st.step(KEY) == step}
     # the group goes on, and the failed call left no trace in the numbers
-    a, b = make_input(N, rank, 5), make_input(N, rank, 5)
-    gradzip.all_reduce(a, c, state=st, algorithm=algo, key=KEY)
-    gradzip.all_reduce(b, c, state=twin, algorithm=algo, key=KEY, verify="never")
+    a, b = make_input(n, rank, 5), make_input(n, rank, 5)
+    gradzip.all_reduce(a, c, state=st, algorithm=algo, key=KEY, pipeline=pipeline)
+    gradzip.all_reduce(b, c, state=twin, algorithm=algo, key=KEY, verify="never",
+                       pipeline=pipeline)
     out["after"] = (a, b)
     out["everyone-result"] = x if how == "everyone" else None
     return out
@@ -200,6 +225,42 @@ def _plain_close(x: torch.Tensor, y: torch.Tensor, world: int, step: int) -> boo
     n = x.numel()
     mags = torch.stack([make_input(n, q, step).double().abs() for q in range(world)]).mean(0)
     return bool(((x.double() - y.double()).abs() <= 4 * world * 2.0**-24 * mags).all())
+
+
+def test_segmented_all_gathers_fold_and_change_nothing(results):
+    """Pipelined all-gathers fold (at any size, journaling the residual piece by piece)
+    with the numbers of unchecked calls."""
+    world, res = results
+    for r in range(world):
+        folded, never = res[r]["segmented"]
+        assert [v for _, v, _ in folded] == [True] * 2 + [False] * 6, r
+        for (x, _, p), (y, _, q) in zip(folded, never):
+            assert torch.equal(x, y) and _eq(p, q), r
+
+
+@pytest.mark.parametrize("case", PIECEWISE, ids=lambda c: f"{c[0]}-{c[1]}-{c[3]}")
+@pytest.mark.parametrize("how", ["numel", "async"])
+def test_a_deviating_rank_leaves_a_segmented_all_gather_untouched(results, case, how):
+    """A folded all-gather cut into pieces (or above the size the other algorithms fold
+    at) learns of the deviation only when its first piece comes back: every piece it
+    compressed before is restored (fp32 residuals: from the journal's copies; compact
+    ones: the stored tensor was never written), so the next calls run as if the failed
+    one had never been made."""
+    world, res = results
+    spec, storage, _, n = case
+    last = world - 1
+    for r in range(world):
+        out = res[r][("deviate", spec, storage, n, how)]
+        etype, msg = out["error"]
+        if r == last:
+            assert etype == "ValueError" and "this rank's call" in msg, msg
+        else:
+            assert etype in ("ValueError", "RuntimeError"), msg
+            assert f"rank(s) [{last}] made a different call" in msg, msg
+            assert not out["verify"], r  # it was folded: no explicit check
+        assert out["unchanged"] and out["residual"], r
+        a, b = out["after"]
+        assert torch.equal(a, b), r
 
 
 def test_a_cycle_of_signatures_folds_from_its_second_round(results):
@@ -298,11 +359,13 @@ def test_signatures_and_plans_are_pure():
                          False, p)
     assert fold.fold_plan(big, {}) is None
     numel = fold.FOLD_MAX_BYTES // 4
-    for n, folds in ((numel, True), (numel + 1, False)):
-        for algo in ("plain", "allgather"):
+    # the plain and two-phase calls copy what they must restore: a size limit; the
+    # all-gather journals only the pieces it sends before the verdict: any size
+    for n, limited in ((numel, True), (numel + 1, False), (64 * numel, False)):
+        for algo in ("plain", "alltoall", "allgather"):
             p = comm.plan(c, n, torch.float32, 4, algo)
             s = fold.Signature((1,), "all_reduce", c, n, torch.float32, True, 4, False, p)
-            assert (fold.fold_plan(s, {}) is p) == folds
+            assert (fold.fold_plan(s, {}) is p) == (limited or algo == "allgather"), (n, algo)
     tiny = comm.plan(c, 10, torch.float32, 4, "alltoall")  # empty chunks
     assert fold.fold_plan(fold.Signature((1,), "all_reduce", c, 10, torch.float32, True, 4,
                                          False, tiny), {}) is None

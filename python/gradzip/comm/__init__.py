@@ -211,8 +211,9 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
     compressed = p.algorithm != "plain"
     # A folded call may still learn that another rank deviated: it changes nothing of the
     # caller's until it knows (comm.fold), so it keeps what it must be able to restore.
-    restorable = folded and compressed and state is not None
-    snapshot = state.snapshot(key) if restorable else None
+    journal = None
+    if folded and compressed and state is not None:
+        journal = state.journal(key, whole=p.algorithm != "allgather")
     hand_over, drop_key = None, False
     with torch.no_grad():
         flat = _flat(tensor)
@@ -227,7 +228,7 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
                     state if compressed else None, key,
                     state.seed if state is not None and compressed else r.seed,
                     mode == "always", timer, out, Staging(gs.buffers, tensor.device),
-                    fold=folded, hand_over=hand_over)
+                    fold=folded, hand_over=hand_over, journal=journal)
         finish = ALGORITHM_FUNCTIONS[r.op, p.algorithm](call)
     # 5. Complete: decode, copy back into a non-contiguous tensor, stop the probe's clock.
     result = r.output
@@ -239,8 +240,8 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
                 finish()
             except FoldMismatch as e:
                 call.staging.release()
-                if restorable:
-                    state.restore(key, snapshot)
+                if journal is not None:
+                    journal.restore()
                 raise deviated_error(r.who, e.deviated, fp) from None
             call.staging.release()  # every collective is done and every payload decoded
             if drop_key:

@@ -37,7 +37,7 @@ from ..codecs import Codec
 from .agreement import header_problems, mismatch_error
 from .buffers import Staging
 from .collectives import all_gather, all_reduce_sum, all_to_all, reduce_scatter_sum
-from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
+from .feedback import ErrorFeedback, Journal, ServerLayout, key_hash, stochastic_seed
 from .fold import flagged, poisoned
 from .plan import Plan
 
@@ -93,6 +93,7 @@ class Call:
     # deviated are looked for in what arrives, and nothing is written before they are
     fold: bool = False
     hand_over: torch.Tensor | None = None  # plain after compression: what it held back
+    journal: Journal | None = None  # a folded call: what to restore if a rank deviated
 
     def __post_init__(self) -> None:
         if self.staging is None:
@@ -200,6 +201,13 @@ def _check_fold(call: Call, rows: torch.Tensor) -> None:
             raise FoldMismatch(deviated)
 
 
+def _came_back_clean(work, rows: torch.Tensor) -> bool:
+    """A folded call's first collective is done and carries no decoy mark (so every rank
+    runs this call: comm.fold). CPU only: on the GPU, reading the rows would wait for the
+    stream."""
+    return not rows.is_cuda and work.is_completed() and not poisoned(rows)
+
+
 def allgather(call: Call) -> Finish:
     """Every rank's payload to every rank, decoded by each (one compression per rank).
     Segment by segment (large tensors): segment s+1 is compressed while s is on the wire,
@@ -207,16 +215,23 @@ def allgather(call: Call) -> Finish:
     flat, codec, world = call.flat, call.codec, call.world
     segs = call.plan.stages()
     worker = call.worker_residual()
+    journal = call.journal
     gathered, works = [], []
     for j, sp in enumerate(segs):
         a, b = sp.chunks[0]
+        if journal is not None and journal.open:
+            if j > 0 and _came_back_clean(works[0], gathered[0]):
+                journal.close()  # nobody deviated: the call stands
+            else:
+                journal.save(a, b, worker)
         with call.timer("compress"):
             res = worker[a:b] if worker is not None else None
             payload = codec.compress(flat[a:b], res, seed=call.seed(0, j), k=sp.ks[0],
                                      out=call.staging.bytes(sp.payload_bytes))
         rows = call.staging.bytes(world, sp.payload_bytes)
         with call.timer("communicate"):
-            works.append(all_gather(rows.view(-1), payload, call.group, async_op=True))
+            works.append(all_gather(rows.view(-1), payload, call.group, async_op=True,
+                                      staging=call.staging))
         gathered.append(rows)
     call.store_worker_residual()
 
@@ -313,7 +328,8 @@ def alltoall(call: Call) -> Finish:
         phase1_problems += problems
         g = call.staging.bytes(world, sp.payload_bytes)
         with call.timer("communicate"):
-            gworks.append(all_gather(g.view(-1), gathered_in, call.group, async_op=True))
+            gworks.append(all_gather(g.view(-1), gathered_in, call.group, async_op=True,
+                                      staging=call.staging))
         gathered.append(g)
 
     def decode(wait: bool) -> None:

@@ -1,7 +1,8 @@
 """The few ``torch.distributed`` calls gradzip makes, in the form that works on Gloo and NCCL.
 
-Only ``all_gather_into_tensor``, ``all_to_all_single`` and ``all_reduce(SUM)`` carry
-gradzip's payloads (and an ``all_to_all_single`` its agreement checks), on every backend: Gloo emulates ``reduce_scatter`` with an all-reduce
+Only ``all_gather_into_tensor`` (NCCL; Gloo: an ``all_to_all_single``, see
+:func:`all_gather`), ``all_to_all_single`` and ``all_reduce(SUM)`` carry gradzip's
+payloads and its agreement checks. Gloo emulates ``reduce_scatter`` with an all-reduce
 (twice the traffic) and has no ``ReduceOp.AVG``. The uncompressed reduce-scatter uses the
 backend's own where it is native (NCCL).
 """
@@ -18,19 +19,32 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) \
     or dist.reduce_scatter_tensor
 
 
-def all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
-    """``out`` (W * inp.numel()) = every rank's ``inp``, in rank order."""
-    return _all_gather_single(out, inp, group=group, async_op=async_op)
+def all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool, staging=None):
+    """``out`` (W * inp.numel()) = every rank's ``inp``, in rank order.
+
+    On the GPU (NCCL) the backend's all-gather. On the CPU (Gloo) one ``all_to_all_single``
+    of ``inp`` repeated W times (in a buffer of ``staging``, a :class:`.buffers.Staging`,
+    when given): every rank sends to every other at once, where Gloo's all-gather is a ring
+    of W-1 steps, each waiting for the previous hop's receiver to be scheduled and forward
+    it. With 4 ranks on 2 cores that wait is what a compressed call loses: the small
+    agreement message took 2.1-2.8 ms against 3.7 (2 ranks: 0.10 against 0.22 ms), and
+    a 64 MiB top-k 1 % all-reduce on the 1 Gbit/s link, whose pieces each wait for the
+    slowest rank, about 6 ms of 150 (docs/results.md). The copies cost W payloads of
+    memory traffic, far below what the wire takes for them."""
+    if inp.is_cuda:
+        return _all_gather_single(out, inp, group=group, async_op=async_op)
+    world = out.numel() // max(inp.numel(), 1)
+    if staging is None:
+        send = inp.repeat(world)
+    else:
+        send = staging.bytes(world, inp.numel())
+        send.copy_(inp.view(1, -1).expand(world, -1))
+    return dist.all_to_all_single(out, send.view(-1), group=group, async_op=async_op)
 
 
 def all_gather_small(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    """``out`` (W * inp.numel()) = every rank's ``inp``, in rank order, for the few bytes of
-    an agreement: one ``all_to_all_single`` of ``inp`` repeated W times. Every rank sends
-    to every other at once, one message latency, where Gloo's all-gather is a ring of W-1
-    (measured with 4 Gloo ranks on 2 cores, 128 bytes: about 2.1-2.8 ms against 3.7; with
-    2 ranks 0.10 against 0.22 ms). Blocking."""
-    world = out.numel() // max(inp.numel(), 1)
-    dist.all_to_all_single(out, inp.repeat(world), group=group)
+    """:func:`all_gather` of the few bytes of an agreement, blocking."""
+    all_gather(out, inp, group, async_op=False)
 
 
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):

@@ -116,6 +116,58 @@ class _Slot:
         self.layout = None
 
 
+class Journal:
+    """What one call changes of a key's residuals, kept so that it can be put back: a call
+    whose agreement check is folded into its collectives (:mod:`.fold`) learns only after
+    it has started that another rank made a different call, and must then leave no trace.
+
+    ``whole``: everything (worker and server residual, step) is copied at once. Otherwise
+    only the worker residual changes (the all-gather algorithm), and lazily: the call
+    passes each piece to :meth:`save` just before compressing it, until :meth:`close` (the
+    first collective came back clean, so the call stands); with compact storage nothing needs
+    copying at all, as :meth:`ErrorFeedback.store` replaces the stored tensor instead of
+    writing into it. So a large call copies only the pieces it compressed before its first
+    piece had made the round trip, not the whole residual."""
+
+    def __init__(self, fb: ErrorFeedback, key: Hashable, whole: bool) -> None:
+        self._fb, self._key = fb, key
+        slot = fb._slots.get(key)
+        self._old: _Slot | None = None
+        if slot is not None:
+            self._old = _Slot(worker=slot.worker, numel=slot.numel, server=slot.server,
+                              layout=slot.layout, step=slot.step)
+            if whole:
+                self._old.worker = None if slot.worker is None else slot.worker.clone()
+                self._old.server = None if slot.server is None else slot.server.clone()
+        self._copies: list[tuple[int, torch.Tensor]] = []
+        # whether save() must still copy: an fp32 worker residual updated in place
+        self.open = not whole and self._old is not None and self._old.worker is not None \
+            and fb.storage == "fp32"
+        self._closed = False
+
+    def save(self, start: int, stop: int, worker: torch.Tensor) -> None:
+        """``worker[start:stop]`` (the live float32 worker residual) is about to change."""
+        if self.open:
+            self._copies.append((start, worker[start:stop].clone()))
+
+    def close(self) -> None:
+        """The call stands: nothing more to keep."""
+        self.open, self._closed = False, True
+        self._copies.clear()
+
+    def restore(self) -> None:
+        """Put the key back as it was when the journal started."""
+        if self._closed:
+            raise RuntimeError("gradzip internal error: a closed journal cannot restore")
+        old = self._old
+        if old is None:
+            self._fb._slots.pop(self._key, None)
+            return
+        for start, copy in self._copies:
+            old.worker[start : start + copy.numel()].copy_(copy)
+        self._fb._slots[self._key] = old
+
+
 class ErrorFeedback:
     """Residual memory for :func:`gradzip.all_reduce`, reused across calls.
 
@@ -255,21 +307,10 @@ class ErrorFeedback:
             slot.layout = layout
         return slot.server
 
-    def snapshot(self, key: Hashable) -> _Slot | None:
-        """A copy of everything ``key`` holds (residuals, step), for :meth:`restore`."""
-        slot = self._slots.get(key)
-        if slot is None:
-            return None
-        return _Slot(worker=None if slot.worker is None else slot.worker.clone(),
-                     numel=slot.numel, server=None if slot.server is None else
-                     slot.server.clone(), layout=slot.layout, step=slot.step)
-
-    def restore(self, key: Hashable, snap: _Slot | None) -> None:
-        """Put ``key`` back as :meth:`snapshot` found it (a call that updated it failed)."""
-        if snap is None:
-            self._slots.pop(key, None)
-        else:
-            self._slots[key] = snap
+    def journal(self, key: Hashable, *, whole: bool) -> Journal:
+        """Start keeping what a call is about to change of ``key``, for
+        :meth:`Journal.restore` (see :class:`Journal`)."""
+        return Journal(self, key, whole)
 
     # ---- changing keys -------------------------------------------------------------------
     def set_residual(self, key: Hashable, worker: torch.Tensor, step: int = 0) -> None:

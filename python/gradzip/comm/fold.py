@@ -51,16 +51,21 @@ from the same call made with ``verify="never"``; every rank still gets the same 
 
 What qualifies: the predicted signature's collectives must show every rank's mark to every
 rank (no empty chunk in the two-phase algorithm's first segment), ``"auto"`` must have
-settled on an algorithm for it (probe calls alternate and time themselves), and it must be
-small enough: a folded call copies what it must be able to restore (the plain all-reduce
-works in a copy with the flag slots, one more pass over the tensor; the compressed ones keep
-a copy of the residual they update). On the unshaped loopback, where the all-reduce itself
-is memory copies, that pass costs more than the explicit round trip above a few MiB
-(4 Gloo ranks on 2 cores, plain all-reduce against ``dist.all_reduce``: folded 1.18x /
-1.27x / 1.46x at 1 / 2 / 4 MiB, explicit 1.63x / 1.45x / 1.30x), hence
-:data:`FOLD_MAX_BYTES`. The limit is a function of the signature alone (not of whether this
-rank passed a residual state, which ranks need not agree on), so every rank applies it
-alike.
+settled on an algorithm for it (probe calls alternate and time themselves), and the plain
+and two-phase calls must be small enough: a folded call copies what it must be able to
+restore (the plain all-reduce works in a copy with the flag slots, one more pass over the
+tensor; the two-phase one keeps a copy of the worker and server residuals). On the unshaped
+loopback, where the all-reduce itself is memory copies, that pass costs more than the
+explicit round trip above a few MiB (4 Gloo ranks on 2 cores, plain all-reduce against
+``dist.all_reduce``: folded 1.18x / 1.27x / 1.46x at 1 / 2 / 4 MiB, explicit 1.63x / 1.45x
+/ 1.30x), hence :data:`FOLD_MAX_BYTES`. The all-gather algorithm folds at every size: it
+updates only the worker residual, piece by piece, and its first piece's all-gather brings
+the verdict, so it copies only the pieces it compresses before that piece has come back
+(:class:`.feedback.Journal`; nothing at all with compact residual storage). On the 1 Gbit/s
+link a 64 MiB top-k 1 % call no longer starts with the explicit round trip (which, with 4
+ranks on 2 cores, held every rank's first piece back by 6-18 ms). The limit is a function
+of the signature alone (not of whether this rank passed a residual state, which ranks need
+not agree on), so every rank applies it alike.
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ class Predictor:
 def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
     """The plan a predicted call will run if its check can be folded, else None. A pure
     function of what every rank agreed on, so every rank gets the same answer."""
-    if sig is None or sig.numel == 0 or sig.numel * sig.dtype.itemsize > FOLD_MAX_BYTES:
+    if sig is None or sig.numel == 0:
         return None
     run = sig.planned
     if sig.auto and run.algorithm != "plain":
@@ -140,6 +145,8 @@ def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
         if tuner is None or tuner.choice is None or tuner.compressed != run:
             return None
         run = tuner.choice
+    if run.algorithm != "allgather" and sig.numel * sig.dtype.itemsize > FOLD_MAX_BYTES:
+        return None
     if sig.op == "reduce_scatter":
         return run if run.algorithm == "alltoall" else None
     if run.algorithm == "alltoall" and any(b <= a for a, b in run.stages()[0].chunks):
@@ -178,7 +185,7 @@ def run_decoy(sig: Signature, run: Plan, group, rank: int, world: int,
             gathered.append(staging.bytes(world, sp.payload_bytes))
             works.append(all_gather(gathered[-1].view(-1),
                                     fill_poison(staging.bytes(sp.payload_bytes)), group,
-                                    async_op=True))
+                                    async_op=True, staging=staging))
         for w in works:
             w.wait()
         return poisoned(gathered[0])
@@ -197,7 +204,7 @@ def run_decoy(sig: Signature, run: Plan, group, rank: int, world: int,
         if sig.op == "all_reduce":
             g = staging.bytes(world, sp.payload_bytes)
             gworks.append(all_gather(g.view(-1), fill_poison(staging.bytes(sp.payload_bytes)),
-                                     group, async_op=True))
+                                     group, async_op=True, staging=staging))
     for w in gworks:
         w.wait()
     return poisoned(recvs[0])
