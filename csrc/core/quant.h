@@ -222,14 +222,29 @@ GZ_HOST_DEVICE float block_abs_sum(Load load, int64_t len) {
 
 // ---- approximate top-k sampling (reference.sample_positions / approximate_rank) ------
 constexpr int64_t kSampleSize = 16384;
+constexpr int kSampleShift = 14;
+static_assert((int64_t(1) << kSampleShift) == kSampleSize, "kSampleShift: log2(kSampleSize)");
 
 GZ_HOST_DEVICE int64_t sample_count(int64_t n) { return n < kSampleSize ? n : kSampleSize; }
 
+// Stratum j of s is [floor(j*n/s), floor((j+1)*n/s)). Every term is non-negative, so the
+// full sample (s == kSampleSize, a power of two) divides by shifting, and a stratum of
+// fewer than 2^32 elements (n < 2^46) takes the hash modulo in 32 bits: the same values
+// as the plain 64-bit divisions (a fifth of a small top-k call's time on CPU).
 GZ_HOST_DEVICE int64_t sample_position(int64_t n, uint32_t k1, int64_t j) {
   const int64_t s = sample_count(n);
-  const int64_t start = j * n / s;
-  const int64_t size = (j + 1) * n / s - start;
-  return start + static_cast<int64_t>(hash32(k1, static_cast<uint64_t>(j))) % size;
+  int64_t start, stop;
+  if (s == kSampleSize) {
+    start = (j * n) >> kSampleShift;
+    stop = ((j + 1) * n) >> kSampleShift;
+  } else {
+    start = j * n / s;
+    stop = (j + 1) * n / s;
+  }
+  const int64_t size = stop - start;
+  const uint32_t h = hash32(k1, static_cast<uint64_t>(j));
+  if (size <= 0xFFFFFFFFll) return start + static_cast<int64_t>(h % static_cast<uint32_t>(size));
+  return start + static_cast<int64_t>(h) % size;
 }
 
 GZ_HOST_DEVICE int64_t approximate_rank(int64_t n, int64_t k) {

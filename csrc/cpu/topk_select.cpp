@@ -101,6 +101,23 @@ float v_at(const TopkArgs& a, int64_t e) {
   return a.residual ? core::fadd(v, a.residual[e]) : v;
 }
 
+// The rank-th largest (1-based) of `keys` (magnitude keys, < 2^31), reordering them: a
+// histogram of the top 11 bits finds the bin that holds it, and only that bin's keys are
+// ordered (std::nth_element over the whole sample took half of a small top-k call).
+uint32_t kth_largest_key(std::vector<uint32_t>& keys, int64_t rank) {
+  constexpr int kShift = 20;  // 31-bit keys: bins of the top 11 bits
+  std::vector<int64_t> hist(size_t(1) << (31 - kShift), 0);
+  for (const uint32_t key : keys) ++hist[key >> kShift];
+  uint32_t bin = static_cast<uint32_t>(hist.size() - 1);
+  int64_t above = 0;  // keys in bins above `bin`
+  for (; bin > 0 && above + hist[bin] < rank; --bin) above += hist[bin];
+  const auto end = std::partition(keys.begin(), keys.end(),
+                                  [bin](uint32_t key) { return (key >> kShift) == bin; });
+  const auto nth = keys.begin() + (rank - above - 1);
+  std::nth_element(keys.begin(), nth, end, std::greater<uint32_t>());
+  return *nth;
+}
+
 // k-th largest key of the reference's sample (positions from core::sample_position).
 uint32_t sample_threshold(const TopkArgs& a, uint32_t k1, int64_t rank) {
   const int64_t s = core::sample_count(a.n);
@@ -111,8 +128,7 @@ uint32_t sample_threshold(const TopkArgs& a, uint32_t k1, int64_t rank) {
       keys[static_cast<size_t>(j)] = core::magnitude_key(v_at(a, p));
     }
   });
-  std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end(), std::greater<uint32_t>());
-  return keys[static_cast<size_t>(rank - 1)];
+  return kth_largest_key(keys, rank);
 }
 
 struct ChunkScan {
