@@ -35,6 +35,12 @@ constexpr int64_t kSparseRange = int64_t(1) << 14;
 // line first.
 constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
 
+// Whether an overwriting decode of n elements into an out of this dtype streams its stores
+// (the dense path also needs aligned vector stores, see DenseAccArgs::stream).
+bool streams_out(bool overwrite, Dtype out_dtype, int64_t n) {
+  return overwrite && out_dtype == Dtype::kFloat && n * int64_t(sizeof(float)) >= kStreamMinBytes;
+}
+
 GZ_INLINE int64_t index_at(const SparseAccArgs& a, const uint8_t* idx, int64_t j) {
   return a.index64 ? load_unaligned<int64_t>(idx + 8 * j)
                    : static_cast<int64_t>(load_unaligned<int32_t>(idx + 4 * j));
@@ -153,8 +159,7 @@ void dequantize_cpu(const at::Tensor& payloads, const at::Tensor& out, double al
     a.out_dtype = dtype_of(out);
     a.alpha = alpha32;
     a.overwrite = overwrite;
-    a.stream = overwrite && a.out_dtype == Dtype::kFloat &&
-               n * int64_t(sizeof(float)) >= kStreamMinBytes && h.block % 16 == 0 &&
+    a.stream = streams_out(overwrite, a.out_dtype, n) && h.block % 16 == 0 &&
                reinterpret_cast<uintptr_t>(a.out) % 64 == 0;
     const int64_t nb = format::num_blocks(n, h.block);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / h.block);
@@ -180,8 +185,7 @@ void dequantize_cpu(const at::Tensor& payloads, const at::Tensor& out, double al
   a.out_dtype = dtype_of(out);
   a.alpha = alpha32;
   a.overwrite = overwrite;
-  a.stream = overwrite && a.out_dtype == Dtype::kFloat &&
-             n * int64_t(sizeof(float)) >= kStreamMinBytes;
+  a.stream = streams_out(overwrite, a.out_dtype, n);
   accumulate_sparse(a, isa);
 }
 
