@@ -350,7 +350,7 @@ class Bench:
         if auto:
             from gradzip import comm
 
-            n_warm = max(cfg["warmup"], 2 * comm.AUTO_PROBES + 1)
+            n_warm = max(cfg["warmup"], 3 * comm.AUTO_PROBES + 1)  # up to 3 kinds
         else:
             n_warm = cfg["warmup"]
         warm = [self.timed(call) for _ in range(n_warm)]

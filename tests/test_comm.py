@@ -713,7 +713,7 @@ def fresh_group_battery(rank: int, world: int) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(comm.autotune.Clock, "seconds",
                    lambda self: 0.01 if self.kind == "plain" else 0.05)
-        for step in range(comm.AUTO_FIRST_LOOK + 1):
+        for step in range(3 * comm.AUTO_FIRST_LOOK_ROUNDS + 1):  # past the first look
             gradzip.all_reduce(make_input(AUTO_TUNE_N, rank, step), codec("int8"), group=g1)
     out = {"settled": comm.auto_choice(AUTO_TUNE_N, codec("int8"), group=g1),
            "default": comm.auto_choice(AUTO_TUNE_N, codec("int8"))}
@@ -813,7 +813,7 @@ def test_large_tensor_matches_simulation():
 # ---------------------------------------------------------------------------------------
 
 AUTO_TUNE_N = 20_000
-AUTO_TUNE_CALLS = 2 * comm.AUTO_PROBES + 4
+AUTO_TUNE_CALLS = 3 * comm.AUTO_PROBES + 4  # past the last look of three kinds
 
 
 def auto_tune_battery(rank: int, world: int, fake: dict) -> dict:
@@ -821,8 +821,7 @@ def auto_tune_battery(rank: int, world: int, fake: dict) -> dict:
     (kind: the call's algorithm), so the decision is known in advance; everything else,
     collectives included, is real."""
     mp = pytest.MonkeyPatch()  # undone below, before the process returns its results
-    mp.setattr(comm.autotune.Clock, "seconds",
-               lambda self: fake[rank]["plain" if self.kind == "plain" else "gz"])
+    mp.setattr(comm.autotune.Clock, "seconds", lambda self: fake[rank][self.kind])
     out = {}
     st = gradzip.ErrorFeedback(seed=EF_SEED)
     outs, choices = [], []
@@ -844,28 +843,42 @@ def _settled_at(choices) -> int | None:
     return next((i for i, c in enumerate(choices) if c is not None), None)
 
 
-@pytest.mark.parametrize("case", ["plain-clearly", "gz-clearly", "gz-narrowly", "ranks-differ"])
+@pytest.mark.parametrize("case", ["plain-clearly", "alltoall-clearly", "allgather-clearly",
+                                  "alltoall-narrowly", "ranks-differ", "compressed-tie"])
 def test_auto_measures_and_settles(case):
     world = 3
-    fake = {"plain-clearly": [{"plain": 0.01, "gz": 0.05}] * world,
-            "gz-clearly": [{"plain": 0.05, "gz": 0.01}] * world,
-            "gz-narrowly": [{"plain": 0.012, "gz": 0.010}] * world,
+    # int8 on 3 ranks: "auto" plans the two-phase algorithm and times the all-gather too
+    assert [c.algorithm for c in comm.auto_candidates(
+        Codec("int8"), AUTO_TUNE_N, torch.float32, world)] == ["alltoall", "allgather"]
+
+    def same(plain, alltoall, allgather):
+        return [{"plain": plain, "alltoall": alltoall, "allgather": allgather}] * world
+
+    fake = {"plain-clearly": same(0.01, 0.05, 0.04),
+            "alltoall-clearly": same(0.05, 0.01, 0.03),
+            "allgather-clearly": same(0.05, 0.03, 0.01),
+            "alltoall-narrowly": same(0.012, 0.010, 0.011),
             # rank 0 alone finds plain much faster; the rank-average decides for all
-            "ranks-differ": [{"plain": 0.010, "gz": 0.020}, {"plain": 0.030, "gz": 0.010},
-                             {"plain": 0.030, "gz": 0.010}]}[case]
+            "ranks-differ": [same(0.010, 0.020, 0.030)[0]] + same(0.030, 0.010, 0.020)[1:],
+            # equal compressed times: the all-gather (one compression), at the last look
+            "compressed-tie": same(0.012, 0.010, 0.010)}[case]
+    want_algo = {"plain-clearly": "plain", "allgather-clearly": "allgather",
+                 "compressed-tie": "allgather"}.get(case, "alltoall")
+    # settled at the first look (after 4 calls of each of the 3 kinds) when one kind is >=
+    # AUTO_CLEAR faster than both others, else at the last probe; the same on every rank
+    first, last = 3 * comm.AUTO_FIRST_LOOK_ROUNDS, 3 * comm.AUTO_PROBES
+    want_at = last if case in ("alltoall-narrowly", "compressed-tie") else first
     res = run_ranks(world, auto_tune_battery, fake)
-    want_algo = "plain" if case == "plain-clearly" else comm.plan(
-        Codec("int8"), AUTO_TUNE_N, torch.float32, world, "auto").algorithm
-    # settled at the first look (call AUTO_FIRST_LOOK) when one kind is >= AUTO_CLEAR faster, else at the
-    # last probe; the same on every rank
-    want_at = 2 * comm.AUTO_PROBES if case == "gz-narrowly" else comm.AUTO_FIRST_LOOK
     for r in range(world):
         ch = res[r]["choices"]
         assert _settled_at(ch) == want_at, (r, ch)
         assert all(c["algorithm"] == want_algo for c in ch[want_at:]), (r, ch[want_at:])
         t = ch[-1]
-        assert t["compressed_s"] == pytest.approx(sum(f["gz"] for f in fake) / world)
-        assert t["plain_s"] == pytest.approx(sum(f["plain"] for f in fake) / world)
+        for kind in ("plain", "alltoall", "allgather"):
+            assert t["times_s"][kind] == pytest.approx(sum(f[kind] for f in fake) / world)
+        fastest = min(("alltoall", "allgather"), key=lambda k: (t["times_s"][k], k))
+        assert t["compressed_algorithm"] == fastest
+        assert t["plain_s"] == t["times_s"]["plain"]
         assert res[r]["after_reset"] is None
     for step in range(AUTO_TUNE_CALLS):
         assert _all_equal([res[r]["outs"][step] for r in range(world)]), step

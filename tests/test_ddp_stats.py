@@ -86,15 +86,24 @@ def test_compressed_calls_are_the_compressions_that_ran(run):
             for b in st["buckets"]:
                 assert counts.get(b["numel"], 0) == b["compressed_calls"], (b, counts)
         else:
-            assert sum(counts.values()) == (WORLD + 1) * compressed, counts
+            # "auto" times both compressed algorithms (int4 on 3 ranks: comm.autotune)
+            gathered = sum(b["calls_by_algorithm"].get("allgather", 0) for b in st["buckets"])
+            assert gathered == 0 or algorithm == "auto"
+            assert sum(counts.values()) == (WORLD + 1) * (compressed - gathered) + gathered, \
+                counts
+        for b in st["buckets"]:
+            assert sum(b["calls_by_algorithm"].values()) == b["calls"], b
+            assert b["calls"] - b["calls_by_algorithm"].get("plain", 0) == \
+                b["compressed_calls"], b
         if algorithm == "auto":
             for b in st["buckets"]:
                 if b["numel"] >= MIN_NUMEL and b["calls"] > b["warmup_calls"]:
-                    # 10 calls after warm-up: auto settled at its first look (call 8) or
-                    # is still measuring; either way it has probed both kinds
-                    assert 0 < b["compressed_calls"] < b["calls"] - b["warmup_calls"]
-                    assert b["auto"] is None or b["auto"]["algorithm"] in ("plain",
-                                                                           "alltoall")
+                    # 10 calls after warm-up: auto is still measuring (its first look comes
+                    # at call 12 of three kinds) and has probed each kind
+                    assert b["auto"] is None, b
+                    assert b["calls_by_algorithm"]["alltoall"] > 0, b
+                    assert b["calls_by_algorithm"]["allgather"] > 0, b
+                    assert b["calls_by_algorithm"]["plain"] > b["warmup_calls"], b
 
 
 def test_bytes_sent_against_real_payload_sizes(run):
@@ -102,14 +111,14 @@ def test_bytes_sent_against_real_payload_sizes(run):
     for st, _, _ in res:
         total = 0
         for b in st["buckets"]:
-            n, plain = b["numel"], b["calls"] - b["compressed_calls"]
-            if algorithm in ("alltoall", "auto") and b["compressed_calls"]:
+            n, by = b["numel"], b["calls_by_algorithm"]
+            want = by.get("plain", 0) * _ring_bytes(n) + \
+                by.get("allgather", 0) * (WORLD - 1) * _payload_bytes(n)
+            if by.get("alltoall"):
                 chunk = -(-n // 128) // WORLD * 128 + 128 * (-(-n // 128) % WORLD > 0)
                 chunks = [min(chunk, max(0, n - i * chunk)) for i in range(WORLD)]
-                per_call = 2 * (WORLD - 1) * max(_payload_bytes(c) for c in chunks if c)
-            else:
-                per_call = (WORLD - 1) * _payload_bytes(n)
-            want = plain * _ring_bytes(n) + b["compressed_calls"] * per_call
+                want += by["alltoall"] * 2 * (WORLD - 1) * max(_payload_bytes(c)
+                                                               for c in chunks if c)
             assert b["bytes_sent"] == want, (algorithm, b)
             assert b["uncompressed_bytes"] == b["calls"] * _ring_bytes(n)
             total += want

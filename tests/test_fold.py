@@ -37,7 +37,7 @@ def _settle_on(kind: str):
     """Make "auto" settle at its first look, on ``kind``, the same on every rank (the
     measured choice depends on timing; what is tested here does not)."""
     def settle(self, device, group, final):
-        self.choice = self.plain if kind == "plain" else self.compressed
+        self.choice = self.plain if kind == "plain" else self.planned
         self.times = (1.0, 1.0)
         return True
     return settle
@@ -72,6 +72,21 @@ def sequence(rank: int, world: int, verify: str, calls: list[tuple], events: dic
     return out
 
 
+STEADY_CALLS = 16
+
+
+def steady_numel(case_index: int) -> int:
+    """A numel of its own per case of CASES (an earlier case's history would predict it)."""
+    return 5000 + 101 * case_index
+
+
+def first_look(spec: str, numel: int, world: int) -> int:
+    """The call at which "auto" first compares (it times 2 or 3 kinds: comm.autotune)."""
+    p = comm.plan(codec(spec), numel, torch.float32, world, "auto")
+    return autotune.Tuner(p, comm.auto_candidates(codec(spec), numel, torch.float32,
+                                                  world)).first_look
+
+
 def fold_battery(rank: int, world: int) -> dict:
     res: dict = {}
     last = world - 1
@@ -79,7 +94,7 @@ def fold_battery(rank: int, world: int) -> dict:
         mp.setattr(autotune.Tuner, "_settle", _settle_on("compressed"))
         for j, (spec, algo) in enumerate(CASES):
             # a numel of its own per case (an earlier case's history would predict it)
-            calls = [(spec, algo, 5000 + 101 * j, 0, i % 2 == 1) for i in range(12)]
+            calls = [(spec, algo, steady_numel(j), 0, i % 2 == 1) for i in range(STEADY_CALLS)]
             comm.reset_auto()
             folded = sequence(rank, world, "always", calls, {})
             comm.reset_auto()
@@ -93,7 +108,7 @@ def fold_battery(rank: int, world: int) -> dict:
     # the folded plain call adds what compression held back (and then forgets it)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(autotune.Tuner, "_settle", _settle_on("plain"))
-        mixed = [("int8", "auto", 5000, 2, False)] * 10 + \
+        mixed = [("int8", "auto", 5000, 2, False)] * (first_look("int8", 5000, world) + 2) + \
             [("int4", "allgather", 5000, 2, False), ("int8", "auto", 5000, 2, False)] * 3
         comm.reset_auto()
         a = sequence(rank, world, "always", mixed, {})
@@ -204,9 +219,12 @@ def test_steady_calls_fold_and_change_nothing(results, case):
     for r in range(world):
         folded, never = res[r][("steady", *case)]
         # the first call checks explicitly, the second too (it has no history yet); "auto"
-        # settles at call 8, so its calls fold from then on; every other call folds
-        start = 2 if case[1] != "auto" else autotune.AUTO_FIRST_LOOK + 1
-        assert [v for _, v, _ in folded] == [True] * start + [False] * (12 - start), r
+        # settles at its first look (call 8 or 12), so its calls fold from then on; every
+        # other call folds
+        start = 2 if case[1] != "auto" else \
+            first_look(case[0], steady_numel(CASES.index(case)), world) + 1
+        assert start < STEADY_CALLS
+        assert [v for _, v, _ in folded] == [True] * start + [False] * (STEADY_CALLS - start), r
         assert not any(v for _, v, _ in never)
         for i, ((x, _, p), (y, _, q)) in enumerate(zip(folded, never)):
             assert _eq(p, q)
@@ -275,13 +293,14 @@ def test_a_cycle_of_signatures_folds_from_its_second_round(results):
 def test_folded_plain_hands_over_what_compression_held_back(results):
     world, res = results
     seqs = [res[r]["hand-over"] for r in range(world)]
+    settled = first_look("int8", 5000, world)  # plain from this call on, folded from the next
     for r in range(world):
         a, b = seqs[r]
         assert [v for _, v, _ in a[-4:]] == [False] * 4  # the last calls folded
         assert a[-1][2] is None  # the plain call took the residual over
         for i, ((x, _, p), (y, _, q)) in enumerate(zip(a, b)):
             assert _eq(p, q)
-            if i % 2 == 1 and i >= 9:  # folded plain ("auto" settled): sums of x_r + owed_r
+            if i > settled and (i - settled) % 2 == 1:  # folded plain: sums of x_r + owed_r
                 owed = [make_input(5000, w, i, 2).double() + (
                     0 if seqs[w][1][i - 1][2] is None else seqs[w][1][i - 1][2].double())
                     for w in range(world)]

@@ -46,6 +46,7 @@ see :meth:`CompressionState.param_hook`.
 
 # No "from __future__ import annotations": DDP's register_comm_hook compares the hook's
 # annotations with the real dist.GradBucket / torch.futures.Future[torch.Tensor] objects.
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -218,6 +219,7 @@ class _CallRecord:
     warmup: int = 0  # plain calls because of warmup_steps
     small: int = 0  # plain calls because of min_numel
     algorithm: str = ""  # of the last call
+    by_algorithm: Counter = field(default_factory=Counter)  # calls per algorithm
     bytes_sent: int = 0
     uncompressed_bytes: int = 0  # what the plain all-reduce of the same calls sends
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall seconds
@@ -358,8 +360,14 @@ class CompressionState:
         return out
 
     def _compressed_algorithm(self, tensor: torch.Tensor) -> str:
-        return comm.plan(self.codec, tensor.numel(), tensor.dtype, self._world_size(),
-                         self.algorithm, 0).algorithm
+        world = self._world_size()
+        if self.algorithm == "auto":  # "auto" may time more than one compressed algorithm
+            ran = comm.last_auto_algorithm(tensor.numel(), self.codec, tensor.dtype,
+                                           self.process_group, True, world)
+            if ran is not None and ran != "plain":
+                return ran
+        return comm.plan(self.codec, tensor.numel(), tensor.dtype, world, self.algorithm,
+                         0).algorithm
 
     def _record(self, key: Hashable, tensor: torch.Tensor, params: int,
                 index: int | None) -> _CallRecord:
@@ -375,6 +383,7 @@ class CompressionState:
         world = self._world_size()
         rec.calls += calls
         rec.algorithm = algorithm
+        rec.by_algorithm[algorithm] += calls
         if why:
             setattr(rec, why, getattr(rec, why) + calls)
         plain = _plain_bytes(tensor.numel(), tensor.dtype, world)
@@ -521,7 +530,8 @@ class CompressionState:
         iteration's),
         ``params``, ``numel``, ``calls``, ``compressed_calls``, ``warmup_calls``,
         ``small_calls`` (plain because of ``warmup_steps`` / ``min_numel``), ``algorithm``
-        (of the last call: "plain", "allgather" or "alltoall"), ``auto`` (with
+        (of the last call: "plain", "allgather" or "alltoall"), ``calls_by_algorithm``
+        (how many calls ran each of them: "auto" may time both compressed ones), ``auto`` (with
         ``algorithm="auto"``: what it settled on, see :func:`gradzip.comm.auto_choice`;
         None while measuring), ``bytes_sent``, ``uncompressed_bytes`` and the seconds.
 
@@ -548,6 +558,7 @@ class CompressionState:
             sent, plain = rec.bytes_sent, rec.uncompressed_bytes
             traced = int(self._traced_calls[key[1]]) if key[0] == "param" and \
                 key[1] in self._traced_calls else 0
+            by_algorithm = rec.by_algorithm
             if traced:
                 # counted in the graph; the traced path's algorithm is fixed per parameter
                 algo = self._param_algorithm(rec.numel, rec.dtype)
@@ -556,6 +567,7 @@ class CompressionState:
                     self.codec, rec.numel, rec.dtype, world, algo, 0).bytes_sent
                 calls += traced
                 rec.algorithm = algo
+                by_algorithm = rec.by_algorithm + Counter({algo: traced})
                 compressed += traced if algo != "plain" else 0
                 small += traced if rec.numel < self.min_numel else 0
                 sent, plain = sent + traced * per, plain + traced * one
@@ -568,7 +580,8 @@ class CompressionState:
                    "current": key[0] != "bucket" or key in current,
                    "params": rec.params, "numel": rec.numel, "calls": calls,
                    "compressed_calls": compressed, "warmup_calls": rec.warmup,
-                   "small_calls": small, "algorithm": rec.algorithm, "auto": auto,
+                   "small_calls": small, "algorithm": rec.algorithm,
+                   "calls_by_algorithm": dict(by_algorithm), "auto": auto,
                    "bytes_sent": sent, "uncompressed_bytes": plain}
             for ph in phases:
                 row[f"{ph}_s"] = rec.seconds.get(ph, 0.0)
@@ -630,6 +643,7 @@ class CompressionState:
         for r in self._records.values():
             r.close()
             r.calls = r.compressed = r.warmup = r.small = r.bytes_sent = 0
+            r.by_algorithm.clear()
             r.uncompressed_bytes = 0
             r.seconds = {}
         for counter in self._traced_calls.values():

@@ -28,7 +28,7 @@ from .agreement import (
     resolve_mode,
 )
 from .algorithms import ALGORITHM_FUNCTIONS, Call, FoldMismatch, PhaseTimer
-from .autotune import AUTO_CLEAR, AUTO_FIRST_LOOK, AUTO_PROBES, Probe, Tuner, tuner_key
+from .autotune import AUTO_CLEAR, AUTO_FIRST_LOOK_ROUNDS, AUTO_PROBES, Probe, Tuner, tuner_key
 from .buffers import Staging
 from .collectives import completed
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
@@ -42,6 +42,7 @@ from .plan import (
     Pipeline,
     Plan,
     alltoall_chunks,
+    auto_candidates,
     pipeline_segments,
     plan,
     reduce_scatter_plan,
@@ -213,7 +214,9 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
     # caller's until it knows (comm.fold), so it keeps what it must be able to restore.
     journal = None
     if folded and compressed and state is not None:
-        journal = state.journal(key, whole=p.algorithm != "allgather")
+        # the all-gather changes the worker residual piece by piece, unless it must first
+        # take a two-phase call's server residual in
+        journal = state.journal(key, whole=p.algorithm != "allgather" or state.has_server(key))
     hand_over, drop_key = None, False
     with torch.no_grad():
         flat = _flat(tensor)
@@ -330,8 +333,10 @@ def _auto_probe(p: Plan | None, r: _Request, world: int, gs: GroupState) -> Prob
     tuners = gs.tuners
     tkey = tuner_key(r.op, r.codec.spec, r.tensor.numel(), r.tensor.dtype, r.average, world)
     tuner = tuners.get(tkey)
-    if tuner is None or tuner.compressed != p:
-        tuner = tuners[tkey] = Tuner(p)
+    if tuner is None or tuner.planned != p:
+        candidates = (p,) if r.op != "all_reduce" else auto_candidates(
+            r.codec, r.tensor.numel(), r.tensor.dtype, world, r.min_numel, r.pipeline)
+        tuner = tuners[tkey] = Tuner(p, candidates)
     return tuner.begin(r.tensor.device)
 
 
@@ -405,8 +410,9 @@ def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | Non
     """What ``algorithm="auto"`` settled on for this signature (``op``: "all_reduce" or
     "reduce_scatter", whose numel is the input's), or None while it is still measuring (or
     never saw it). Returns ``{"algorithm": ..., "compressed_algorithm": ...,
-    "compressed_s": ..., "plain_s": ...}`` with the rank-averaged median times it compared
-    (seconds)."""
+    "compressed_s": ..., "plain_s": ..., "times_s": {algorithm: seconds}}``: what it
+    settled on, the fastest compressed candidate and the rank-averaged median times it
+    compared (seconds; None for a kind it could not time)."""
     codec = as_codec(codec)
     if isinstance(tensor_or_numel, torch.Tensor):
         numel, dtype = tensor_or_numel.numel(), tensor_or_numel.dtype
@@ -415,6 +421,18 @@ def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | Non
     key = tuner_key(op, codec.spec, numel, dtype, average, dist.get_world_size(group))
     tuner = group_state(group).tuners.get(key)
     return None if tuner is None else tuner.report()
+
+
+def last_auto_algorithm(numel: int, codec: Codec, dtype: torch.dtype, group, average: bool,
+                        world: int) -> str | None:
+    """The algorithm the latest ``"auto"`` all-reduce of this signature ran (what it settled
+    on, or the kind of its latest probe); None if none ran. For statistics (gradzip.ddp)."""
+    tuner = group_state(group).tuners.get(
+        tuner_key("all_reduce", codec.spec, numel, dtype, average, world))
+    if tuner is None:
+        return None
+    p = tuner.choice or tuner.last
+    return None if p is None else p.algorithm
 
 
 def release_buffers() -> None:
@@ -435,7 +453,7 @@ def reset_auto() -> None:
 __all__ = [
     "ALGORITHMS",
     "AUTO_CLEAR",
-    "AUTO_FIRST_LOOK",
+    "AUTO_FIRST_LOOK_ROUNDS",
     "AUTO_PROBES",
     "DEFAULT_MIN_NUMEL",
     "DEFAULT_PIPELINE",
@@ -446,6 +464,7 @@ __all__ = [
     "ServerLayout",
     "all_reduce",
     "alltoall_chunks",
+    "auto_candidates",
     "auto_choice",
     "key_hash",
     "pipeline_segments",

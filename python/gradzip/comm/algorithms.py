@@ -215,6 +215,8 @@ def allgather(call: Call) -> Finish:
     flat, codec, world = call.flat, call.codec, call.world
     segs = call.plan.stages()
     worker = call.worker_residual()
+    if worker is not None:
+        call.feedback.fold_server(call.key)  # after two-phase calls ("auto" probes them)
     journal = call.journal
     gathered, works = [], []
     for j, sp in enumerate(segs):

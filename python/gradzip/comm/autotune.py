@@ -1,14 +1,18 @@
-"""``algorithm="auto"``: measure the compressed plan against the plain all-reduce, then settle.
+"""``algorithm="auto"``: measure the compressed candidates against the plain all-reduce, then settle.
 
-Bytes are not time: on a fast link compression costs more than it saves. So the first
-calls of each signature (group, codec, numel, dtype, averaging) alternate between the
-compressed plan that :func:`gradzip.comm.plan` picked and the plain all-reduce, and time
-themselves (wall time from entry to completion; CUDA events on a GPU); the first call of
-each kind is a warm-up and is not counted. At call ``AUTO_FIRST_LOOK`` and, if still
-undecided, at call ``2 * AUTO_PROBES`` the ranks exchange their median times in one small
-``all_reduce``; a ratio of at least ``AUTO_CLEAR`` (or the last look) settles, and every
-rank keeps the faster algorithm for that signature from then on (the plain one on a tie:
-it is exact). Every rank decides from the same summed numbers, so they always agree.
+Bytes are not time: on a fast link compression costs more than it saves, and on any link
+a small tensor costs round trips, not bytes. So the first calls of each signature (group,
+codec, numel, dtype, averaging) cycle through the compressed candidates of
+:func:`gradzip.comm.plan.auto_candidates` (the plan that moves the fewest bytes and, where
+that is the two-phase one, the all-gather: one round trip instead of two) and the plain
+all-reduce, and time themselves (wall time from entry to completion; CUDA events on a
+GPU); the first call of each kind is a warm-up and is not counted. After
+``AUTO_FIRST_LOOK_ROUNDS`` calls of each kind and, if still undecided, after
+``AUTO_PROBES`` of each, the ranks exchange their median times in one small
+``all_reduce``; the fastest kind settles if it beats every other by ``AUTO_CLEAR`` (or at
+the last look), and every rank keeps it for that signature from then on (on a tie the
+plain one, which is exact, then the all-gather, which compresses once). Every rank
+decides from the same summed numbers, so they always agree.
 
 A call asks its :class:`Tuner` for a :class:`Probe` at entry (``Tuner.begin``): the probe
 knows at once whether the call will go plain (before any collective, so the caller can
@@ -27,8 +31,8 @@ import torch.distributed as dist
 from .plan import Plan
 
 AUTO_PROBES = 8  # calls of each kind "auto" times before it settles (the first is a warm-up)
-AUTO_FIRST_LOOK = 8  # "auto" first compares at this call (3 timed calls of each kind) ...
-AUTO_CLEAR = 1.5  # ... and settles there if the ratio of median times is at least this
+AUTO_FIRST_LOOK_ROUNDS = 4  # "auto" first compares after 4 calls of each kind (3 timed) ...
+AUTO_CLEAR = 1.5  # ... and settles there if the fastest is faster than all others by this
 
 
 class Clock:
@@ -85,16 +89,28 @@ class Probe:
 
 
 class Tuner:
-    """The measured choice between a compressed plan and the plain all-reduce for one
-    signature."""
+    """The measured choice between the compressed candidates (:func:`.plan.auto_candidates`)
+    and the plain all-reduce for one signature."""
 
-    def __init__(self, compressed: Plan) -> None:
-        self.compressed = compressed
-        self.plain = Plan("plain", compressed.numel, compressed.world, compressed.itemsize)
+    def __init__(self, planned: Plan, candidates: tuple[Plan, ...] = ()) -> None:
+        self.planned = planned  # what gradzip.comm.plan gave for "auto"
+        self.plain = Plan("plain", planned.numel, planned.world, planned.itemsize,
+                          op=planned.op)
+        # The kinds it times, in the order of their calls: the planned one first.
+        others = tuple(c for c in candidates if c != planned)
+        self.kinds: tuple[Plan, ...] = (planned, *others, self.plain)
+        # ... and in order of preference on a tie: the exact plain sum, then one
+        # compression before two (less error)
+        self.preference = sorted(range(len(self.kinds)), key=lambda i: (
+            self.kinds[i].algorithm != "plain", self.kinds[i].algorithm != "allgather"))
+        k = len(self.kinds)
+        self.first_look = AUTO_FIRST_LOOK_ROUNDS * k  # the calls at which it compares
+        self.last_look = AUTO_PROBES * k
         self.calls = 0
-        self.clocks: tuple[list[Clock], list[Clock]] = ([], [])  # compressed, plain
+        self.last: Plan | None = None  # the plan of the latest probe call
+        self.clocks: tuple[list[Clock], ...] = tuple([] for _ in self.kinds)
         self.choice: Plan | None = None
-        self.times: tuple[float | None, float | None] = (None, None)
+        self.times: tuple[float | None, ...] = (None,) * k
 
     def begin(self, device: torch.device) -> Probe:
         return Probe(self, device)
@@ -103,52 +119,71 @@ class Tuner:
         """Whether the next call is a plain all-reduce (settled on it, or a plain probe)."""
         if self.choice is not None:
             return self.choice.algorithm == "plain"
-        return self.calls < 2 * AUTO_PROBES and self.calls % 2 == 1
+        k = len(self.kinds)
+        return self.calls < self.last_look and self.calls % k == k - 1
 
     def next_plan(self, device: torch.device, group) -> tuple[Plan, list | None]:
         """The plan of this call and, while probing, the list its clock goes into."""
         if self.choice is not None:
             return self.choice, None
+        p, clocks = self._next_probe(device, group)
+        self.last = p
+        return p, clocks
+
+    def _next_probe(self, device: torch.device, group) -> tuple[Plan, list | None]:
         i = self.calls
         self.calls += 1
         # A first look after three timed calls of each kind settles clear cases early.
-        if i in (AUTO_FIRST_LOOK, 2 * AUTO_PROBES) and self._settle(
-                device, group, final=i == 2 * AUTO_PROBES):
+        if i in (self.first_look, self.last_look) and self._settle(
+                device, group, final=i == self.last_look):
             return self.choice, None
-        if i < 2 * AUTO_PROBES:
-            kind = i % 2
+        if i < self.last_look:
+            kind = i % len(self.kinds)
             # The first call of each kind warms caches and allocators: not timed.
-            return (self.compressed if kind == 0 else self.plain), \
-                (self.clocks[kind] if i >= 2 else None)
+            return self.kinds[kind], (self.clocks[kind] if i >= len(self.kinds) else None)
         raise AssertionError("unreachable: the last probe settles")
 
     def _settle(self, device: torch.device, group, final: bool) -> bool:
         """Exchange the median times; settle if ``final`` or one kind is clearly faster
-        (by ``AUTO_CLEAR``). Every rank sees the same sums, so all decide alike."""
+        (by ``AUTO_CLEAR``) than every other. Every rank sees the same sums, so all decide
+        alike."""
         row = []
         for clocks in self.clocks:
             secs = [s for s in (c.seconds() for c in clocks) if s is not None]
             row += [float(torch.tensor(secs).median()) if secs else 0.0, float(bool(secs))]
-        both = torch.tensor(row, dtype=torch.float64, device=device)
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-        t_c, n_c, t_p, n_p = both.cpu().tolist()
-        t_c = t_c / n_c if n_c else None
-        t_p = t_p / n_p if n_p else None
-        if not final and not (t_c and t_p and max(t_c, t_p) >= AUTO_CLEAR * min(t_c, t_p)):
-            return False
-        self.times = (t_c, t_p)
-        plain = t_c is not None and t_p is not None and t_p <= t_c
-        self.choice = self.plain if plain else self.compressed
-        self.clocks = ([], [])
+        sums = torch.tensor(row, dtype=torch.float64, device=device)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        sums = sums.cpu().tolist()
+        times = tuple(t / n if n else None for t, n in zip(sums[::2], sums[1::2]))
+        timed = [(t, i) for i, t in enumerate(times) if t]
+        if not timed:
+            if not final:
+                return False
+            best = len(self.kinds) - 1  # nothing measured (async calls): the exact sum
+        else:
+            t_best = min(t for t, _ in timed)
+            best = next(i for i in self.preference if times[i] == t_best)
+            unclear = len(timed) < len(self.kinds) or any(
+                t < AUTO_CLEAR * t_best for t, i in timed if i != best)
+            if unclear and not final:
+                return False
+        self.times = times
+        self.choice = self.kinds[best]
+        self.clocks = tuple([] for _ in self.kinds)
         return True
 
     def report(self) -> dict | None:
         """What it settled on, or None while measuring."""
         if self.choice is None:
             return None
+        compressed = [(self.times[i], self.kinds[i]) for i in self.preference
+                      if self.kinds[i] is not self.plain and self.times[i] is not None]
+        fastest = min(compressed, key=lambda tc: tc[0]) if compressed else \
+            (None, self.kinds[0])
         return {"algorithm": self.choice.algorithm,
-                "compressed_algorithm": self.compressed.algorithm,
-                "compressed_s": self.times[0], "plain_s": self.times[1]}
+                "compressed_algorithm": fastest[1].algorithm,
+                "compressed_s": fastest[0], "plain_s": self.times[-1],
+                "times_s": {c.algorithm: t for c, t in zip(self.kinds, self.times)}}
 
 
 def tuner_key(op: str, codec_spec: str, numel: int, dtype: torch.dtype, average: bool,
@@ -157,5 +192,5 @@ def tuner_key(op: str, codec_spec: str, numel: int, dtype: torch.dtype, average:
     return (op, world, codec_spec, numel, str(dtype), bool(average))
 
 
-__all__ = ["AUTO_CLEAR", "AUTO_FIRST_LOOK", "AUTO_PROBES", "Clock", "Probe", "Tuner",
+__all__ = ["AUTO_CLEAR", "AUTO_FIRST_LOOK_ROUNDS", "AUTO_PROBES", "Clock", "Probe", "Tuner",
            "tuner_key"]

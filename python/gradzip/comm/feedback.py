@@ -307,6 +307,19 @@ class ErrorFeedback:
             slot.layout = layout
         return slot.server
 
+    def has_server(self, key: Hashable) -> bool:
+        """Whether ``key`` holds a server residual (its last compressed call was two-phase)."""
+        slot = self._slots.get(key)
+        return slot is not None and slot.server is not None
+
+    def fold_server(self, key: Hashable) -> None:
+        """Move ``key``'s server residual into its worker residual, for an algorithm that
+        has none (the all-gather, after two-phase calls of the same key), so no error is
+        lost. Call after :meth:`worker_residual` (compact storage: its working copy)."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            slot.fold_server()
+
     def journal(self, key: Hashable, *, whole: bool) -> Journal:
         """Start keeping what a call is about to change of ``key``, for
         :meth:`Journal.restore` (see :class:`Journal`)."""

@@ -142,7 +142,7 @@ def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
     if sig.auto and run.algorithm != "plain":
         tuner = tuners.get(tuner_key(sig.op, sig.codec.spec, sig.numel, sig.dtype,
                                      sig.average, sig.world))
-        if tuner is None or tuner.choice is None or tuner.compressed != run:
+        if tuner is None or tuner.choice is None or tuner.planned != run:
             return None
         run = tuner.choice
     if run.algorithm != "allgather" and sig.numel * sig.dtype.itemsize > FOLD_MAX_BYTES:

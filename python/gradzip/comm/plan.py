@@ -26,12 +26,14 @@ Volumes (bytes one rank sends per call)
 ---------------------------------------
 ``plain``: a ring all-reduce, ``2 (W-1)/W * numel * itemsize``. ``allgather``: ``(W-1)``
 payloads (one header per segment). ``alltoall``: ``2 (W-1)`` chunk payloads (phase-1 all-to-all plus phase-2
-all-gather). ``"auto"`` first takes the compressed algorithm that moves the fewest bytes,
+all-gather). ``"auto"`` plans the compressed algorithm that moves the fewest bytes,
 taking ``"alltoall"`` only when it moves at most 3/4 of ``"allgather"`` (it compresses
 twice and adds one latency), never for 1-bit sign (re-compressing a sum of scaled signs
 with a second residual made momentum-SGD training diverge in our runs where one
 compression did not: docs/results.md, section 3), and ``"plain"`` when compression would
-not move fewer bytes, for a single rank, or below ``min_numel`` elements.
+not move fewer bytes, for a single rank, or below ``min_numel`` elements. Where it plans
+``"alltoall"``, the all-gather is a second candidate (:func:`auto_candidates`); which of
+them runs is then measured (:mod:`.autotune`).
 """
 
 from __future__ import annotations
@@ -208,16 +210,33 @@ def plan(codec: Codec | str, numel: int, dtype: torch.dtype, world: int,
     if algorithm == "allgather":
         return _allgather_plan(codec, numel, world, itemsize, pipeline)
     # auto: the fewest bytes sent
-    plain = Plan("plain", numel, world, itemsize)
-    if world == 1 or numel < min_numel:
-        return plain
-    best = _allgather_plan(codec, numel, world, itemsize, pipeline)
+    candidates = auto_candidates(codec, numel, dtype, world, min_numel, pipeline)
+    return candidates[0] if candidates else Plan("plain", numel, world, itemsize)
+
+
+@functools.lru_cache(maxsize=4096)
+def auto_candidates(codec: Codec | str, numel: int, dtype: torch.dtype, world: int,
+                    min_numel: int = DEFAULT_MIN_NUMEL,
+                    pipeline: Pipeline = DEFAULT_PIPELINE) -> tuple[Plan, ...]:
+    """The compressed plans ``"auto"`` times against the plain all-reduce (empty: it goes
+    plain without measuring). The first is the one that moves the fewest bytes (what
+    :func:`plan` returns for ``"auto"``); when that is the two-phase plan, the all-gather
+    follows if it too moves fewer bytes than the ring: it sends more but makes one round
+    trip instead of two and compresses once, which wins where latency, not bandwidth,
+    decides (small tensors, fast links: measured in docs/results.md, section 2)."""
+    codec = as_codec(codec)
+    itemsize = dtype.itemsize
+    if world == 1 or numel == 0 or numel < min_numel:
+        return ()
+    # The exact (unrounded) ring volume, as the choice has always been made.
+    ring = 2 * (world - 1) / world * numel * itemsize
+    gather = _allgather_plan(codec, numel, world, itemsize, pipeline)
+    found = [gather] if gather.bytes_sent < ring else []
     if not codec.is_sparse and codec.bits > 1 and -(-numel // codec.alignment) >= world:
         a2a = _alltoall_plan(codec, numel, world, itemsize, pipeline)
-        if a2a.bytes_sent <= 0.75 * best.bytes_sent:
-            best = a2a
-    # The exact (unrounded) ring volume, as the choice has always been made.
-    return best if best.bytes_sent < 2 * (world - 1) / world * numel * itemsize else plain
+        if a2a.bytes_sent <= 0.75 * gather.bytes_sent and a2a.bytes_sent < ring:
+            found.insert(0, a2a)
+    return tuple(found)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -252,5 +271,5 @@ def reduce_scatter_plan(codec: Codec | str, numel: int, dtype: torch.dtype, worl
 REDUCE_SCATTER_ALGORITHMS = ("auto", "alltoall", "plain")
 
 __all__ = ["ALGORITHMS", "DEFAULT_MIN_NUMEL", "DEFAULT_PIPELINE", "REDUCE_SCATTER_ALGORITHMS",
-           "Pipeline", "Plan", "alltoall_chunks", "pipeline_segments", "plan",
+           "Pipeline", "Plan", "alltoall_chunks", "auto_candidates", "pipeline_segments", "plan",
            "reduce_scatter_plan"]
