@@ -87,6 +87,13 @@ def first_look(spec: str, numel: int, world: int) -> int:
                                                   world)).first_look
 
 
+def auto_kinds(spec: str, numel: int, world: int) -> list[str]:
+    """The algorithms "auto" cycles through while probing, in call order."""
+    p = comm.plan(codec(spec), numel, torch.float32, world, "auto")
+    return [k.algorithm for k in autotune.Tuner(p, comm.auto_candidates(
+        codec(spec), numel, torch.float32, world)).kinds]
+
+
 def fold_battery(rank: int, world: int) -> dict:
     res: dict = {}
     last = world - 1
@@ -120,6 +127,7 @@ def fold_battery(rank: int, world: int) -> dict:
     res["segmented"] = (sequence(rank, world, "always", calls, {}, SEGMENTED),
                         sequence(rank, world, "never", calls, {}, SEGMENTED))
     res["reduce-scatter"] = reduce_scatter_fold(rank, world, last)
+    res["probe-deviate"] = probe_deviate(rank, world, last)
     # deviations after a steady state
     for spec, algo in CASES[:5]:
         for how in ("numel", "codec", "refused", "async", "everyone"):
@@ -176,6 +184,42 @@ def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int, *,
     return out
 
 
+PROBE_N = 6007  # above the default min_numel: "auto" probes it
+
+
+def probe_deviate(rank: int, world: int, last: int) -> dict:
+    """"auto" folds its probes too: rank ``last`` deviates at two of them (a compressed
+    probe, then a plain one, the second asynchronous on the other ranks); every rank
+    raises, changes nothing, and every rank's tuner counts both calls, so the probing
+    goes on in step and settles at the same call everywhere."""
+    c = codec("int8")
+    st = gradzip.ErrorFeedback(seed=5)
+    comm.reset_auto()
+    outs, fails, settled_at = [], [], None
+    for i in range(4 + 2 + 3 * comm.AUTO_PROBES):
+        deviating = i in (4, 5)
+        bad = deviating and rank == last
+        x = make_input(PROBE_N + (7 if bad else 0), rank, i, tag=12)
+        if not deviating:
+            gradzip.all_reduce(x, c, state=st, algorithm="auto", key=KEY)
+            outs.append(x)
+            if settled_at is None and comm.auto_choice(x, c) is not None:
+                settled_at = i
+            continue
+        before, pending, t = x.clone(), st.pending(KEY), {}
+
+        def call(x=x, bad=bad, i=i, t=t):
+            r = gradzip.all_reduce(x, c, state=st, algorithm="auto", key="other" if bad else KEY,
+                                   timings=t, async_op=i == 5 and not bad)
+            if i == 5 and not bad:
+                r.wait()
+
+        fails.append((catch(call), "verify" in t, torch.equal(x, before),
+                      _same(st.pending(KEY), pending)))
+    return {"outs": outs, "fails": fails, "settled_at": settled_at,
+            "choice": comm.auto_choice(PROBE_N, c)["algorithm"]}
+
+
 def reduce_scatter_fold(rank: int, world: int, last: int) -> dict:
     """gradzip.reduce_scatter's two-phase algorithm (phase 1 alone) folds too."""
     out = {}
@@ -218,17 +262,23 @@ def test_steady_calls_fold_and_change_nothing(results, case):
     world, res = results
     for r in range(world):
         folded, never = res[r][("steady", *case)]
-        # the first call checks explicitly, the second too (it has no history yet); "auto"
-        # settles at its first look (call 8 or 12), so its calls fold from then on; every
-        # other call folds
-        start = 2 if case[1] != "auto" else \
-            first_look(case[0], steady_numel(CASES.index(case)), world) + 1
-        assert start < STEADY_CALLS
-        assert [v for _, v, _ in folded] == [True] * start + [False] * (STEADY_CALLS - start), r
+        # the first call checks explicitly, the second too (it has no history yet); every
+        # later call folds, but for the probe at which "auto" compares (its first look, call
+        # 8 or 12: it settles there), which runs one more collective
+        explicit = {0, 1}
+        kinds = None
+        if case[1] == "auto":
+            look = first_look(case[0], steady_numel(CASES.index(case)), world)
+            explicit.add(look)
+            kinds = auto_kinds(case[0], steady_numel(CASES.index(case)), world)
+            assert look < STEADY_CALLS
+        assert [v for _, v, _ in folded] == [i in explicit for i in range(STEADY_CALLS)], r
         assert not any(v for _, v, _ in never)
         for i, ((x, _, p), (y, _, q)) in enumerate(zip(folded, never)):
             assert _eq(p, q)
-            if case[1] != "plain":
+            # "auto" probes the plain all-reduce as its last kind; settled on the compressed
+            plain_probe = kinds is not None and i < look and i % len(kinds) == len(kinds) - 1
+            if case[1] != "plain" and not (plain_probe and i not in explicit):
                 assert torch.equal(x, y)
                 continue
             # A folded plain all-reduce sums W more elements (the flags), so Gloo may cut
@@ -294,13 +344,18 @@ def test_folded_plain_hands_over_what_compression_held_back(results):
     world, res = results
     seqs = [res[r]["hand-over"] for r in range(world)]
     settled = first_look("int8", 5000, world)  # plain from this call on, folded from the next
+    kinds = auto_kinds("int8", 5000, world)
     for r in range(world):
         a, b = seqs[r]
         assert [v for _, v, _ in a[-4:]] == [False] * 4  # the last calls folded
         assert a[-1][2] is None  # the plain call took the residual over
         for i, ((x, _, p), (y, _, q)) in enumerate(zip(a, b)):
             assert _eq(p, q)
-            if i > settled and (i - settled) % 2 == 1:  # folded plain: sums of x_r + owed_r
+            # folded plain calls: the probes of plain (which hand nothing over: owed_r is
+            # then more than they sum, a looser bound) and, once settled, every call of
+            # "auto" but the first: sums of x_r + owed_r
+            probe = 2 <= i < settled and kinds[i % len(kinds)] == "plain"
+            if probe or (i > settled and (i - settled) % 2 == 1):
                 owed = [make_input(5000, w, i, 2).double() + (
                     0 if seqs[w][1][i - 1][2] is None else seqs[w][1][i - 1][2].double())
                     for w in range(world)]
@@ -336,6 +391,34 @@ def test_a_deviating_rank_stops_every_rank_and_changes_nothing(results, case, ho
         assert out["unchanged"] and out["residual"], r
         a, b = out["after"]  # as if the failed call had never been made
         assert torch.equal(a, b) if case[1] != "plain" else _plain_close(a, b, world, 5), r
+
+
+def test_a_rank_deviating_at_auto_probes_leaves_the_tuners_in_step(results):
+    world, res = results
+    last = world - 1
+    kinds = auto_kinds("int8", PROBE_N, world)
+    # the two failed calls are probes of a compressed kind and of plain, both folded
+    assert kinds[4 % len(kinds)] != "plain" and kinds[5 % len(kinds)] == "plain"
+    looks = (first_look("int8", PROBE_N, world), comm.AUTO_PROBES * len(kinds))
+    for r in range(world):
+        out = res[r]["probe-deviate"]
+        for j, ((etype, msg), verified, unchanged, residual) in enumerate(out["fails"]):
+            if r == last:
+                assert etype == "ValueError" and "this rank's call" in msg, msg
+            elif j == 1:  # asynchronous: torch reports the callback's error so
+                assert etype == "RuntimeError" and f"rank(s) [{last}] made a different " \
+                    "call" in msg, msg
+            else:
+                assert etype == "ValueError" and f"rank(s) [{last}] made a different " \
+                    "call" in msg, msg
+            assert verified == (r == last)  # folded: only the deviating rank ran a decoy
+            assert unchanged and residual, (r, j)
+        # both failed calls counted as probes on every rank: it settles at a look
+        assert out["settled_at"] in looks, out["settled_at"]
+        assert out["settled_at"] == res[0]["probe-deviate"]["settled_at"]
+        assert out["choice"] == res[0]["probe-deviate"]["choice"]
+        for a, b in zip(out["outs"], res[0]["probe-deviate"]["outs"]):
+            assert torch.equal(a, b)
 
 
 def test_reduce_scatter_folds(results):

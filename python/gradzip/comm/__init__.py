@@ -32,7 +32,7 @@ from .autotune import AUTO_CLEAR, AUTO_FIRST_LOOK_ROUNDS, AUTO_PROBES, Probe, Tu
 from .buffers import Staging
 from .collectives import completed
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
-from .fold import Signature, decoy_error, deviated_error, fold_plan, run_decoy
+from .fold import Signature, decoy_error, deviated_error, fold_plan, run_decoy, stood_in
 from .groups import GroupState, all_group_states, group_state, rank_and_world
 from .plan import (
     ALGORITHMS,
@@ -373,6 +373,7 @@ def _agree(mode: str, r: _Request, p: Plan | None, probe: Probe | None, world: i
             deviated = run_decoy(expected, run, r.group, rank, world, r.tensor.device,
                                  staging)
             staging.release()
+        stood_in(expected, gs.tuners)
         if len(deviated) < world:
             gs.predictor.advance(expected)
             if local_error:

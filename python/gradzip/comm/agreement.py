@@ -55,7 +55,8 @@ def resolve_mode(verify: str, device: torch.device) -> str:
 def fingerprint(codec: Codec, numel: int, dtype: torch.dtype, p: Plan | None, average: bool,
                 status: int, auto: bool = False) -> tuple[int, ...]:
     """This rank's call in 18 integers (``p`` None when the rank refused its input; ``auto``:
-    the algorithm is "auto"'s, whose calls first alternate with the plain all-reduce)."""
+    the algorithm is "auto"'s, whose first calls cycle through its candidates and the plain
+    all-reduce)."""
     # The format version is read here, not frozen at import, and is part of the cache key.
     return _fingerprint(fmt.VERSION, codec, numel, dtype, p, average, status, auto)
 

@@ -122,6 +122,21 @@ class Tuner:
         k = len(self.kinds)
         return self.calls < self.last_look and self.calls % k == k - 1
 
+    def folded_probe(self) -> Plan | None:
+        """The plan of the next call if it is a probe whose agreement may be folded into its
+        collectives (:mod:`.fold`): any probe but those that compare (a look runs its own
+        collective, which a rank standing in for the call would not join)."""
+        i = self.calls
+        if self.choice is not None or i >= self.last_look or i == self.first_look:
+            return None
+        return self.kinds[i % len(self.kinds)]
+
+    def stand_in(self) -> None:
+        """This rank ran a decoy of the next (folded) probe call instead of the call
+        (:mod:`.fold`): count the call as the ranks that ran it did, untimed, so that every
+        rank's tuner stays in step."""
+        self.calls += 1
+
     def next_plan(self, device: torch.device, group) -> tuple[Plan, list | None]:
         """The plan of this call and, while probing, the list its clock goes into."""
         if self.choice is not None:

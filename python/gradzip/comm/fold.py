@@ -50,8 +50,11 @@ pieces and add in another order than an unfolded one: the last bit of a sum may 
 from the same call made with ``verify="never"``; every rank still gets the same bits.
 
 What qualifies: the predicted signature's collectives must show every rank's mark to every
-rank (no empty chunk in the two-phase algorithm's first segment), ``"auto"`` must have
-settled on an algorithm for it (probe calls alternate and time themselves), and the plain
+rank (no empty chunk in the two-phase algorithm's first segment), ``"auto"`` must know which
+algorithm the call runs: the one it settled on, or the kind of its next probe (every rank's
+tuner counts the same calls, a rank that stood in for a probe included:
+:func:`stood_in`), except the probes at which the ranks compare their times (they run one
+more collective), so that the probes time the call as it will run once settled; and the plain
 and two-phase calls must be small enough: a folded call copies what it must be able to
 restore (the plain all-reduce works in a copy with the flag slots, one more pass over the
 tensor; the two-phase one keeps a copy of the worker and server residuals). On the unshaped
@@ -133,6 +136,21 @@ class Predictor:
         self.prev = None
 
 
+def _tuner(sig: Signature, tuners: dict):
+    """The "auto" tuner of ``sig``'s signature, if it is the one that planned ``sig``."""
+    tuner = tuners.get(tuner_key(sig.op, sig.codec.spec, sig.numel, sig.dtype, sig.average,
+                                 sig.world))
+    return tuner if tuner is not None and tuner.planned == sig.planned else None
+
+
+def stood_in(sig: Signature, tuners: dict) -> None:
+    """This rank ran a decoy of the predicted call ``sig``: if that call is an "auto" probe,
+    its tuner counts it as the ranks that ran it do (:meth:`.autotune.Tuner.stand_in`)."""
+    tuner = _tuner(sig, tuners) if sig.auto and sig.planned.algorithm != "plain" else None
+    if tuner is not None and tuner.choice is None:
+        tuner.stand_in()
+
+
 def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
     """The plan a predicted call will run if its check can be folded, else None. A pure
     function of what every rank agreed on, so every rank gets the same answer."""
@@ -140,11 +158,12 @@ def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
         return None
     run = sig.planned
     if sig.auto and run.algorithm != "plain":
-        tuner = tuners.get(tuner_key(sig.op, sig.codec.spec, sig.numel, sig.dtype,
-                                     sig.average, sig.world))
-        if tuner is None or tuner.choice is None or tuner.planned != run:
+        tuner = _tuner(sig, tuners)
+        if tuner is None:
             return None
-        run = tuner.choice
+        run = tuner.choice if tuner.choice is not None else tuner.folded_probe()
+        if run is None:
+            return None
     if run.algorithm != "allgather" and sig.numel * sig.dtype.itemsize > FOLD_MAX_BYTES:
         return None
     if sig.op == "reduce_scatter":
