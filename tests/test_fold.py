@@ -128,6 +128,7 @@ def fold_battery(rank: int, world: int) -> dict:
                         sequence(rank, world, "never", calls, {}, SEGMENTED))
     res["reduce-scatter"] = reduce_scatter_fold(rank, world, last)
     res["probe-deviate"] = probe_deviate(rank, world, last)
+    res["changing-order"] = changing_order(rank, world)
     # deviations after a steady state
     for spec, algo in CASES[:5]:
         for how in ("numel", "codec", "refused", "async", "everyone"):
@@ -182,6 +183,40 @@ def deviate(rank: int, world: int, spec: str, algo: str, how: str, last: int, *,
     out["after"] = (a, b)
     out["everyone-result"] = x if how == "everyone" else None
     return out
+
+
+ORDER = {"A": 700, "B": 900, "C": 1100}  # numel of three signatures
+# A's successor alternates for 3 rounds (every rank mispredicts it once, then doubts it),
+# then stays C (trusted again once C has followed A twice in a row)
+CHANGING = list("ABACABAC") + list("AC") * 4
+
+
+def changing_order(rank: int, world: int) -> dict:
+    """A call order that changes from round to round: decoys (runs of the predicted call's
+    collectives) and checks per call, and the results against ``verify="never"``."""
+    decoys = []
+    real = comm.run_decoy
+
+    def counting(*args, **kwargs):
+        decoys.append(len(out))
+        return real(*args, **kwargs)
+
+    import torch.distributed as dist
+
+    group = dist.new_group(list(range(world)))  # a history of its own
+    out: list = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(comm, "run_decoy", counting)
+        calls = [("int8", "allgather", ORDER[c], 13, False) for c in CHANGING]
+        st = gradzip.ErrorFeedback(seed=3)
+        for i, (spec, algo, n, tag, _) in enumerate(calls):
+            x = make_input(n, rank, i, tag)
+            t: dict = {}
+            gradzip.all_reduce(x, codec(spec), state=st, algorithm=algo, key=(KEY, n),
+                               group=group, timings=t)
+            out.append((x, "verify" in t))
+    never = sequence(rank, world, "never", calls, {})
+    return {"decoys": decoys, "out": out, "never": [x for x, _, _ in never]}
 
 
 PROBE_N = 6007  # above the default min_numel: "auto" probes it
@@ -347,7 +382,10 @@ def test_folded_plain_hands_over_what_compression_held_back(results):
     kinds = auto_kinds("int8", 5000, world)
     for r in range(world):
         a, b = seqs[r]
-        assert [v for _, v, _ in a[-4:]] == [False] * 4  # the last calls folded
+        # the last calls folded (the one before them checked: after the run of "auto"
+        # calls every rank mispredicted the int4 call, so it is trusted again only once it
+        # has followed the "auto" call twice: comm.fold.Predictor)
+        assert [v for _, v, _ in a[-4:]] == [True, False, False, False]
         assert a[-1][2] is None  # the plain call took the residual over
         for i, ((x, _, p), (y, _, q)) in enumerate(zip(a, b)):
             assert _eq(p, q)
@@ -419,6 +457,22 @@ def test_a_rank_deviating_at_auto_probes_leaves_the_tuners_in_step(results):
         assert out["choice"] == res[0]["probe-deviate"]["choice"]
         for a, b in zip(out["outs"], res[0]["probe-deviate"]["outs"]):
             assert torch.equal(a, b)
+
+
+def test_an_order_that_changes_every_round_pays_one_check_per_call(results):
+    world, res = results
+    for r in range(world):
+        got = res[r]["changing-order"]
+        # calls 0-2 check (no history yet); 3 is C after A where B was predicted: every
+        # rank runs the decoy, then the explicit check, and A is doubted; 4 checks (nothing
+        # followed C yet); after A (doubted) calls 5, 7 and 9 check without a decoy, until
+        # C has followed A twice in a row (7 and 9); the others (A after B or C) fold
+        assert got["decoys"] == [3], got["decoys"]
+        checked = [v for _, v in got["out"]]
+        want = [i in (0, 1, 2, 3, 4, 5, 7, 9) for i in range(len(CHANGING))]
+        assert checked == want, checked
+        for (x, _), y in zip(got["out"], got["never"]):
+            assert torch.equal(x, y)
 
 
 def test_reduce_scatter_folds(results):

@@ -380,6 +380,7 @@ def _agree(mode: str, r: _Request, p: Plan | None, probe: Probe | None, world: i
                 raise local_error
             raise decoy_error(r.who, deviated, fp, expected, world)
         # every rank deviated (the pattern changed everywhere): check explicitly
+        gs.predictor.mispredicted()
     try:
         with timer("verify"):
             exchange_fingerprints(fp, r.tensor.device, r.group, world, local_error, r.who)

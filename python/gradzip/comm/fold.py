@@ -35,7 +35,10 @@ So every rank learns the same set of ranks that deviated, and then:
   changed;
 - every rank deviated (the pattern changed on all ranks together, e.g. a new bucket
   layout): they exchange fingerprints explicitly, as without a prediction, and either
-  raise the usual error or run the call for real.
+  raise the usual error or run the call for real. The call before it is then *doubted*:
+  nothing is predicted after it until the same call has followed it twice in a row, so an
+  order that changes from round to round costs one explicit check per call instead of a
+  decoy and a check.
 
 A call that runs as predicted may be asynchronous; a deviating rank always waits for its
 scratch collectives (it must know the outcome before it can run its own call). A call
@@ -115,21 +118,37 @@ class Predictor:
     def __init__(self) -> None:
         self.prev: tuple[int, ...] | None = None
         self.next: dict[tuple[int, ...], Signature] = {}  # fingerprint -> the call after it
+        # fingerprints after which every rank's call differed from the prediction: nothing
+        # is predicted after them until the same call follows them twice in a row
+        self.doubted: set[tuple[int, ...]] = set()
 
     def expected(self) -> Signature | None:
-        return self.next.get(self.prev) if self.prev is not None else None
+        if self.prev is None or self.prev in self.doubted:
+            return None
+        return self.next.get(self.prev)
 
     def agreed(self, sig: Signature) -> None:
         """``sig`` was verified by an explicit exchange on every rank."""
         if self.prev is not None:
             if len(self.next) >= MAX_HISTORY:
                 self.next.clear()
+                self.doubted.clear()
+            last = self.next.get(self.prev)
+            if last is not None and last.fp == sig.fp:
+                self.doubted.discard(self.prev)  # the same successor again: trust it
             self.next[self.prev] = sig
         self.prev = sig.fp
 
     def advance(self, sig: Signature) -> None:
         """The predicted call ``sig`` ran (as itself or as a decoy) on every rank."""
         self.prev = sig.fp
+
+    def mispredicted(self) -> None:
+        """Every rank's call differed from the prediction (each ran the decoy): an order
+        that changes from round to round would otherwise pay a decoy and the explicit
+        check on every call; now it pays the check alone until it settles."""
+        if self.prev is not None:
+            self.doubted.add(self.prev)
 
     def lost(self) -> None:
         """Every rank stopped at the same call: start the chain again."""
