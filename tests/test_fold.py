@@ -251,8 +251,21 @@ def probe_deviate(rank: int, world: int, last: int) -> dict:
 
         fails.append((catch(call), "verify" in t, torch.equal(x, before),
                       _same(st.pending(KEY), pending)))
-    return {"outs": outs, "fails": fails, "settled_at": settled_at,
-            "choice": comm.auto_choice(PROBE_N, c)["algorithm"]}
+    out = {"outs": outs, "fails": fails, "settled_at": settled_at,
+           "choice": comm.auto_choice(PROBE_N, c)["algorithm"]}
+    # after reset_auto (on every rank), the predicted call's tuner exists only on the ranks
+    # that make it (their call creates it): a rank that deviates there must still get the
+    # same verdict as the others (a clear error, no mismatched collectives)
+    comm.reset_auto()
+    x = make_input(PROBE_N + (7 if rank == last else 0), rank, 99, tag=12)
+    before = x.clone()
+    out["after-reset"] = (catch(lambda: gradzip.all_reduce(
+        x, c, state=st, algorithm="auto", key="other" if rank == last else KEY)),
+        torch.equal(x, before))
+    x = make_input(PROBE_N, rank, 100, tag=12)
+    gradzip.all_reduce(x, c, state=st, algorithm="auto", key=KEY)  # the group goes on
+    out["after-reset-next"] = x
+    return out
 
 
 def reduce_scatter_fold(rank: int, world: int, last: int) -> dict:
@@ -457,6 +470,10 @@ def test_a_rank_deviating_at_auto_probes_leaves_the_tuners_in_step(results):
         assert out["choice"] == res[0]["probe-deviate"]["choice"]
         for a, b in zip(out["outs"], res[0]["probe-deviate"]["outs"]):
             assert torch.equal(a, b)
+        (etype, msg), unchanged = out["after-reset"]
+        assert etype == "ValueError", msg
+        assert unchanged
+        assert torch.equal(out["after-reset-next"], res[0]["probe-deviate"]["after-reset-next"])
 
 
 def test_an_order_that_changes_every_round_pays_one_check_per_call(results):

@@ -127,7 +127,9 @@ class Tuner:
         collectives (:mod:`.fold`): any probe but those that compare (a look runs its own
         collective, which a rank standing in for the call would not join)."""
         i = self.calls
-        if self.choice is not None or i >= self.last_look or i == self.first_look:
+        # Not the first call either: a tuner that has made no call may have been created
+        # by this very call (after reset_auto), which a rank making another call has not.
+        if self.choice is not None or i == 0 or i >= self.last_look or i == self.first_look:
             return None
         return self.kinds[i % len(self.kinds)]
 
