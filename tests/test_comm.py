@@ -844,7 +844,8 @@ def _settled_at(choices) -> int | None:
 
 
 @pytest.mark.parametrize("case", ["plain-clearly", "alltoall-clearly", "allgather-clearly",
-                                  "alltoall-narrowly", "ranks-differ", "compressed-tie"])
+                                  "alltoall-narrowly", "ranks-differ", "compressed-tie",
+                                  "within-margin"])
 def test_auto_measures_and_settles(case):
     world = 3
     # int8 on 3 ranks: "auto" plans the two-phase algorithm and times the all-gather too
@@ -861,13 +862,17 @@ def test_auto_measures_and_settles(case):
             # rank 0 alone finds plain much faster; the rank-average decides for all
             "ranks-differ": [same(0.010, 0.020, 0.030)[0]] + same(0.030, 0.010, 0.020)[1:],
             # equal compressed times: the all-gather (one compression), at the last look
-            "compressed-tie": same(0.012, 0.010, 0.010)}[case]
+            "compressed-tie": same(0.012, 0.010, 0.010),
+            # faster than plain, but by less than AUTO_MARGIN: the exact plain sum
+            "within-margin": same(0.0104, 0.0100, 0.0101)}[case]
+    assert 0.0104 / 0.0100 < comm.AUTO_MARGIN < 0.012 / 0.010
     want_algo = {"plain-clearly": "plain", "allgather-clearly": "allgather",
-                 "compressed-tie": "allgather"}.get(case, "alltoall")
+                 "compressed-tie": "allgather", "within-margin": "plain"}.get(case, "alltoall")
     # settled at the first look (after 4 calls of each of the 3 kinds) when one kind is >=
     # AUTO_CLEAR faster than both others, else at the last probe; the same on every rank
     first, last = 3 * comm.AUTO_FIRST_LOOK_ROUNDS, 3 * comm.AUTO_PROBES
-    want_at = last if case in ("alltoall-narrowly", "compressed-tie") else first
+    want_at = last if case in ("alltoall-narrowly", "compressed-tie", "within-margin") \
+        else first
     res = run_ranks(world, auto_tune_battery, fake)
     for r in range(world):
         ch = res[r]["choices"]

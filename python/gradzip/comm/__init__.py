@@ -28,7 +28,15 @@ from .agreement import (
     resolve_mode,
 )
 from .algorithms import ALGORITHM_FUNCTIONS, Call, FoldMismatch, PhaseTimer
-from .autotune import AUTO_CLEAR, AUTO_FIRST_LOOK_ROUNDS, AUTO_PROBES, Probe, Tuner, tuner_key
+from .autotune import (
+    AUTO_CLEAR,
+    AUTO_FIRST_LOOK_ROUNDS,
+    AUTO_MARGIN,
+    AUTO_PROBES,
+    Probe,
+    Tuner,
+    tuner_key,
+)
 from .buffers import Staging
 from .collectives import completed
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
@@ -456,6 +464,7 @@ __all__ = [
     "ALGORITHMS",
     "AUTO_CLEAR",
     "AUTO_FIRST_LOOK_ROUNDS",
+    "AUTO_MARGIN",
     "AUTO_PROBES",
     "DEFAULT_MIN_NUMEL",
     "DEFAULT_PIPELINE",
