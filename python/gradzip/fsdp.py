@@ -202,7 +202,12 @@ class FSDPCompressionState:
                 used = "measuring" if choice is None else choice["algorithm"]
             else:
                 used = compressed.algorithm
-            sent = plain.bytes_sent if used in ("plain", "measuring") else compressed.bytes_sent
+            if used in ("plain", "measuring"):
+                sent = plain.bytes_sent
+            elif used != compressed.algorithm:  # "auto" settled on its other candidate
+                sent = plan(self.codec, numel, dtype, world, used).bytes_sent
+            else:
+                sent = compressed.bytes_sent
             rows.append({"hop": hop, "module": name, "calls": self.calls[hop, name],
                          "algorithm": used, "bytes_sent": sent,
                          "bytes_uncompressed": plain.bytes_sent,

@@ -1,4 +1,4 @@
-"""``algorithm="auto"``: measure the compressed candidates against the plain all-reduce, then settle.
+"""``algorithm="auto"``: time the compressed candidates and the plain all-reduce, then settle.
 
 Bytes are not time: on a fast link compression costs more than it saves, and on any link
 a small tensor costs round trips, not bytes. So the first calls of each signature (group,
@@ -219,5 +219,4 @@ def tuner_key(op: str, codec_spec: str, numel: int, dtype: torch.dtype, average:
 
 
 __all__ = ["AUTO_CLEAR", "AUTO_FIRST_LOOK_ROUNDS", "AUTO_MARGIN", "AUTO_PROBES", "Clock",
-           "Probe", "Tuner",
-           "tuner_key"]
+           "Probe", "Tuner", "tuner_key"]
