@@ -101,6 +101,7 @@ def worker(cfg: dict) -> None:
                    "rel_err": check.rel_err, "choice": choice.get("algorithm"),
                    "probe_compressed_s": choice.get("compressed_s"),
                    "probe_plain_s": choice.get("plain_s"),
+                   "probe_times_s": choice.get("times_s"),
                    "settle_calls": len(settle), "settle_s": sum(settle),
                    "rounds": rounds, "fp32_s": statistics.median(tf),
                    "fp32_again_s": statistics.median(tf2), "auto_s": statistics.median(tg),

@@ -501,3 +501,34 @@ def codec_error(spec: str, g: torch.Tensor) -> float:
     out = torch.zeros_like(flat)
     reference.dequantize_accumulate(payload[None], out, 1.0)
     return float((out - flat).norm() / flat.norm())
+
+
+def replica_stats_battery(rank: int, world: int) -> list:
+    """The replica hop's stats when "auto" settles on its second candidate: int8 on 3 ranks
+    plans the two-phase algorithm and also times the all-gather (comm.autotune); the clock
+    is faked so that the all-gather is the fastest."""
+    from gradzip.fsdp import FSDPCompressionState
+
+    state = FSDPCompressionState(Codec("int8"), False, dist.group.WORLD, "fp32", 0, "auto",
+                                 comm.DEFAULT_MIN_NUMEL, "always", 0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(comm.autotune.Clock, "seconds",
+                   lambda self: {"allgather": 0.01}.get(self.kind, 0.05))
+        for step in range(3 * comm.AUTO_PROBES + 1):
+            g = torch.randn(20_000, generator=torch.Generator().manual_seed(rank + 7 * step))
+            state.all_reduce_replicas("layer", g, sync=True, average=True)
+    return state.stats()
+
+
+def test_replica_stats_count_the_algorithm_auto_settled_on():
+    world = 3
+    assert comm.plan(Codec("int8"), 20_000, torch.float32, world, "auto").algorithm == \
+        "alltoall"
+    res = run_ranks(world, replica_stats_battery)
+    gathered = comm.plan(Codec("int8"), 20_000, torch.float32, world, "allgather")
+    for rows in res:
+        (row,) = rows
+        assert row["hop"] == "replicas" and row["algorithm"] == "allgather", row
+        # the all-gather's bytes (W-1 payloads of the whole shard), not the two-phase plan's
+        assert row["bytes_sent"] == gathered.bytes_sent == (world - 1) * \
+            Codec("int8").compressed_size(20_000)
