@@ -80,18 +80,20 @@ def steady_numel(case_index: int) -> int:
     return 5000 + 101 * case_index
 
 
-def first_look(spec: str, numel: int, world: int) -> int:
-    """The call at which "auto" first compares (it times 2 or 3 kinds: comm.autotune)."""
+def fresh_tuner(spec: str, numel: int, world: int) -> autotune.Tuner:
+    """The tuner "auto" starts for a float32 tensor of ``numel`` elements (2 or 3 kinds)."""
     p = comm.plan(codec(spec), numel, torch.float32, world, "auto")
-    return autotune.Tuner(p, comm.auto_candidates(codec(spec), numel, torch.float32,
-                                                  world)).first_look
+    return autotune.Tuner(p, comm.auto_candidates(codec(spec), numel, torch.float32, world))
+
+
+def first_look(spec: str, numel: int, world: int) -> int:
+    """The call at which "auto" first compares."""
+    return fresh_tuner(spec, numel, world).first_look
 
 
 def auto_kinds(spec: str, numel: int, world: int) -> list[str]:
     """The algorithms "auto" cycles through while probing, in call order."""
-    p = comm.plan(codec(spec), numel, torch.float32, world, "auto")
-    return [k.algorithm for k in autotune.Tuner(p, comm.auto_candidates(
-        codec(spec), numel, torch.float32, world)).kinds]
+    return [k.algorithm for k in fresh_tuner(spec, numel, world).kinds]
 
 
 def fold_battery(rank: int, world: int) -> dict:

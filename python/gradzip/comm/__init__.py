@@ -222,9 +222,7 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
     # caller's until it knows (comm.fold), so it keeps what it must be able to restore.
     journal = None
     if folded and compressed and state is not None:
-        # the all-gather changes the worker residual piece by piece, unless it must first
-        # take a two-phase call's server residual in
-        journal = state.journal(key, whole=p.algorithm != "allgather" or state.has_server(key))
+        journal = state.journal(key, whole=p.algorithm != "allgather")
     hand_over, drop_key = None, False
     with torch.no_grad():
         flat = _flat(tensor)
@@ -428,8 +426,7 @@ def auto_choice(tensor_or_numel, codec: Codec | str, *, dtype: torch.dtype | Non
         numel, dtype = tensor_or_numel.numel(), tensor_or_numel.dtype
     else:
         numel, dtype = int(tensor_or_numel), dtype or torch.float32
-    key = tuner_key(op, codec.spec, numel, dtype, average, dist.get_world_size(group))
-    tuner = group_state(group).tuners.get(key)
+    tuner = _tuner(op, codec, numel, dtype, group, average, dist.get_world_size(group))
     return None if tuner is None else tuner.report()
 
 
@@ -437,12 +434,15 @@ def last_auto_algorithm(numel: int, codec: Codec, dtype: torch.dtype, group, ave
                         world: int) -> str | None:
     """The algorithm the latest ``"auto"`` all-reduce of this signature ran (what it settled
     on, or the kind of its latest probe); None if none ran. For statistics (gradzip.ddp)."""
-    tuner = group_state(group).tuners.get(
-        tuner_key("all_reduce", codec.spec, numel, dtype, average, world))
-    if tuner is None:
-        return None
-    p = tuner.choice or tuner.last
+    tuner = _tuner("all_reduce", codec, numel, dtype, group, average, world)
+    p = None if tuner is None else tuner.last
     return None if p is None else p.algorithm
+
+
+def _tuner(op: str, codec: Codec, numel: int, dtype: torch.dtype, group, average: bool,
+           world: int) -> Tuner | None:
+    return group_state(group).tuners.get(tuner_key(op, codec.spec, numel, dtype, average,
+                                                   world))
 
 
 def release_buffers() -> None:

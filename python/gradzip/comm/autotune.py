@@ -112,7 +112,6 @@ class Tuner:
         self.first_look = AUTO_FIRST_LOOK_ROUNDS * k  # the calls at which it compares
         self.last_look = AUTO_PROBES * k
         self.calls = 0
-        self.last: Plan | None = None  # the plan of the latest probe call
         self.clocks: tuple[list[Clock], ...] = tuple([] for _ in self.kinds)
         self.choice: Plan | None = None
         self.times: tuple[float | None, ...] = (None,) * k
@@ -144,15 +143,17 @@ class Tuner:
         rank's tuner stays in step."""
         self.calls += 1
 
+    @property
+    def last(self) -> Plan | None:
+        """The plan of the latest call: what it settled on, or the latest probe's kind."""
+        if self.choice is not None:
+            return self.choice
+        return self.kinds[(self.calls - 1) % len(self.kinds)] if self.calls else None
+
     def next_plan(self, device: torch.device, group) -> tuple[Plan, list | None]:
         """The plan of this call and, while probing, the list its clock goes into."""
         if self.choice is not None:
             return self.choice, None
-        p, clocks = self._next_probe(device, group)
-        self.last = p
-        return p, clocks
-
-    def _next_probe(self, device: torch.device, group) -> tuple[Plan, list | None]:
         i = self.calls
         self.calls += 1
         # A first look after three timed calls of each kind settles clear cases early.

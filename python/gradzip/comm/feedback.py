@@ -121,8 +121,9 @@ class Journal:
     whose agreement check is folded into its collectives (:mod:`.fold`) learns only after
     it has started that another rank made a different call, and must then leave no trace.
 
-    ``whole``: everything (worker and server residual, step) is copied at once. Otherwise
-    only the worker residual changes (the all-gather algorithm), and lazily: the call
+    ``whole`` (or a key that holds a server residual, which the all-gather folds into the
+    worker residual first): everything (worker and server residual, step) is copied at once.
+    Otherwise only the worker residual changes (the all-gather algorithm), and lazily: the call
     passes each piece to :meth:`save` just before compressing it, until :meth:`close` (the
     first collective came back clean, so the call stands); with compact storage nothing needs
     copying at all, as :meth:`ErrorFeedback.store` replaces the stored tensor instead of
@@ -133,6 +134,9 @@ class Journal:
         self._fb, self._key = fb, key
         slot = fb._slots.get(key)
         self._old: _Slot | None = None
+        # A server residual (of a two-phase call) is folded into the worker residual by the
+        # all-gather before its first piece: that is not a piecewise change.
+        whole = whole or (slot is not None and slot.server is not None)
         if slot is not None:
             self._old = _Slot(worker=slot.worker, numel=slot.numel, server=slot.server,
                               layout=slot.layout, step=slot.step)
@@ -306,11 +310,6 @@ class ErrorFeedback:
             slot.server = torch.zeros(layout.numel, dtype=torch.float32, device=device)
             slot.layout = layout
         return slot.server
-
-    def has_server(self, key: Hashable) -> bool:
-        """Whether ``key`` holds a server residual (its last compressed call was two-phase)."""
-        slot = self._slots.get(key)
-        return slot is not None and slot.server is not None
 
     def fold_server(self, key: Hashable) -> None:
         """Move ``key``'s server residual into its worker residual, for an algorithm that

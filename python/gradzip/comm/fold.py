@@ -156,7 +156,10 @@ class Predictor:
 
 
 def _tuner(sig: Signature, tuners: dict):
-    """The "auto" tuner of ``sig``'s signature, if it is the one that planned ``sig``."""
+    """The "auto" tuner that measures ``sig`` (None when ``sig`` is not measured: not
+    "auto", or planned plain; or when the tuner is not the one that planned it)."""
+    if not sig.auto or sig.planned.algorithm == "plain":
+        return None
     tuner = tuners.get(tuner_key(sig.op, sig.codec.spec, sig.numel, sig.dtype, sig.average,
                                  sig.world))
     return tuner if tuner is not None and tuner.planned == sig.planned else None
@@ -165,7 +168,7 @@ def _tuner(sig: Signature, tuners: dict):
 def stood_in(sig: Signature, tuners: dict) -> None:
     """This rank ran a decoy of the predicted call ``sig``: if that call is an "auto" probe,
     its tuner counts it as the ranks that ran it do (:meth:`.autotune.Tuner.stand_in`)."""
-    tuner = _tuner(sig, tuners) if sig.auto and sig.planned.algorithm != "plain" else None
+    tuner = _tuner(sig, tuners)
     if tuner is not None and tuner.choice is None:
         tuner.stand_in()
 
@@ -178,9 +181,7 @@ def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
     run = sig.planned
     if sig.auto and run.algorithm != "plain":
         tuner = _tuner(sig, tuners)
-        if tuner is None:
-            return None
-        run = tuner.choice if tuner.choice is not None else tuner.folded_probe()
+        run = None if tuner is None else tuner.choice or tuner.folded_probe()
         if run is None:
             return None
     if run.algorithm != "allgather" and sig.numel * sig.dtype.itemsize > FOLD_MAX_BYTES:
