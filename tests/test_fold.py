@@ -549,3 +549,14 @@ def test_signatures_and_plans_are_pure():
     rows = torch.zeros(3, 80, dtype=torch.uint8)
     fold.fill_poison(rows[1])
     assert fold.poisoned(rows) == [1]
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_folded_plain_buffer_splits_into_aligned_shares(itemsize):
+    """One flag slot per rank, then padding: W equal shares of whole 64-byte lines."""
+    for world in range(1, 10):
+        line = 64 // itemsize
+        for numel in (1, 7, 63, 64, 1000, 2**20, 2**20 + 5):
+            slots = fold.flag_slots(numel, world, itemsize)
+            assert world <= slots < world + world * line, (numel, world)
+            assert ((numel + slots) * itemsize) % (world * 64) == 0, (numel, world)

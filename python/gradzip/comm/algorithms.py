@@ -38,7 +38,7 @@ from .agreement import header_problems, mismatch_error
 from .buffers import Staging
 from .collectives import all_gather, all_reduce_sum, all_to_all, reduce_scatter_sum
 from .feedback import ErrorFeedback, Journal, ServerLayout, key_hash, stochastic_seed
-from .fold import flagged, poisoned
+from .fold import flag_slots, flagged, poisoned
 from .plan import Plan
 
 
@@ -159,10 +159,11 @@ def plain(call: Call) -> Finish:
 
 
 def _folded_plain(call: Call) -> Finish:
-    """The plain all-reduce with the agreement's W flag slots after the data (comm.fold),
+    """The plain all-reduce with the agreement's flag slots after the data (comm.fold),
     in a copy, so that the tensor is written only once no rank has deviated."""
     flat, n, world = call.flat, call.flat.numel(), call.world
-    buf = call.staging.bytes((n + world) * flat.element_size()).view(flat.dtype)
+    slots = flag_slots(n, world, flat.element_size())
+    buf = call.staging.bytes((n + slots) * flat.element_size()).view(flat.dtype)
     data = buf[:n]
     src = flat
     if call.hand_over is not None:
