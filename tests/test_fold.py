@@ -131,6 +131,7 @@ def fold_battery(rank: int, world: int) -> dict:
     res["reduce-scatter"] = reduce_scatter_fold(rank, world, last)
     res["probe-deviate"] = probe_deviate(rank, world, last)
     res["changing-order"] = changing_order(rank, world)
+    res["plain-bits"] = plain_bits(rank, world)
     # deviations after a steady state
     for spec, algo in CASES[:5]:
         for how in ("numel", "codec", "refused", "async", "everyone"):
@@ -219,6 +220,27 @@ def changing_order(rank: int, world: int) -> dict:
             out.append((x, "verify" in t))
     never = sequence(rank, world, "never", calls, {})
     return {"decoys": decoys, "out": out, "never": [x for x, _, _ in never]}
+
+
+def plain_bits(rank: int, world: int) -> dict:
+    """The same plain all-reduce of the same input, first with the explicit check (no
+    history yet), then folded: the same bits (the layout of a call that may fold does not
+    depend on whether it does), also averaged and in bfloat16."""
+    import torch.distributed as dist
+
+    group = dist.new_group(list(range(world)))  # a history of its own
+    out = {}
+    for dtype, average in ((torch.float32, False), (torch.float32, True),
+                           (torch.bfloat16, True)):
+        x0 = make_input(1000, rank, 0, tag=14).to(dtype)
+        runs = []
+        for _ in range(4):
+            x, t = x0.clone(), {}
+            gradzip.all_reduce(x, codec("int8"), algorithm="plain", average=average,
+                               group=group, timings=t)
+            runs.append((x, "verify" in t))
+        out[dtype, average] = runs
+    return out
 
 
 PROBE_N = 6007  # above the default min_numel: "auto" probes it
@@ -404,11 +426,12 @@ def test_folded_plain_hands_over_what_compression_held_back(results):
         assert a[-1][2] is None  # the plain call took the residual over
         for i, ((x, _, p), (y, _, q)) in enumerate(zip(a, b)):
             assert _eq(p, q)
-            # folded plain calls: the probes of plain (which hand nothing over: owed_r is
-            # then more than they sum, a looser bound) and, once settled, every call of
-            # "auto" but the first: sums of x_r + owed_r
-            probe = 2 <= i < settled and kinds[i % len(kinds)] == "plain"
-            if probe or (i > settled and (i - settled) % 2 == 1):
+            # plain calls, which with verify="always" sum the padded buffer of a folded
+            # call whether they fold or not (fold.pads_plain): the probes of plain (which
+            # hand nothing over: owed_r is then more than they sum, a looser bound) and,
+            # once settled, every call of "auto": sums of x_r + owed_r
+            probe = i < settled and kinds[i % len(kinds)] == "plain"
+            if probe or i == settled or (i > settled and (i - settled) % 2 == 1):
                 owed = [make_input(5000, w, i, 2).double() + (
                     0 if seqs[w][1][i - 1][2] is None else seqs[w][1][i - 1][2].double())
                     for w in range(world)]
@@ -560,3 +583,14 @@ def test_folded_plain_buffer_splits_into_aligned_shares(itemsize):
             slots = fold.flag_slots(numel, world, itemsize)
             assert world <= slots < world + world * line, (numel, world)
             assert ((numel + slots) * itemsize) % (world * 64) == 0, (numel, world)
+
+
+def test_a_folded_plain_call_gives_the_bits_of_a_checked_one(results):
+    """A resumed run starts with no history, so its first calls check explicitly where the
+    uninterrupted run folds: the plain sums must not depend on which."""
+    world, res = results
+    for r in range(world):
+        for case, runs in res[r]["plain-bits"].items():
+            assert [v for _, v in runs] == [True, True, False, False], case  # check, fold
+            for x, _ in runs[1:]:
+                assert torch.equal(x, runs[0][0]), (case, r)

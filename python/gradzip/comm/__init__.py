@@ -40,7 +40,7 @@ from .autotune import (
 from .buffers import Staging
 from .collectives import completed
 from .feedback import ErrorFeedback, ServerLayout, key_hash, stochastic_seed
-from .fold import Signature, decoy_error, deviated_error, fold_plan, run_decoy, stood_in
+from .fold import Signature, decoy_error, deviated_error, fold_plan, pads_plain, run_decoy, stood_in
 from .groups import GroupState, all_group_states, group_state, rank_and_world
 from .plan import (
     ALGORITHMS,
@@ -237,7 +237,9 @@ def _run(r: _Request) -> torch.Tensor | torch.futures.Future:
                     state if compressed else None, key,
                     state.seed if state is not None and compressed else r.seed,
                     mode == "always", timer, out, Staging(gs.buffers, tensor.device),
-                    fold=folded, hand_over=hand_over, journal=journal)
+                    fold=folded, hand_over=hand_over, journal=journal,
+                    padded=r.op == "all_reduce" and pads_plain(tensor.numel(),
+                                                               tensor.element_size(), mode))
         finish = ALGORITHM_FUNCTIONS[r.op, p.algorithm](call)
     # 5. Complete: decode, copy back into a non-contiguous tensor, stop the probe's clock.
     result = r.output

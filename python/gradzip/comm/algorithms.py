@@ -94,6 +94,8 @@ class Call:
     fold: bool = False
     hand_over: torch.Tensor | None = None  # plain after compression: what it held back
     journal: Journal | None = None  # a folded call: what to restore if a rank deviated
+    # plain: sum the padded buffer of a folded call even when this one is not (fold.pads_plain)
+    padded: bool = False
 
     def __post_init__(self) -> None:
         if self.staging is None:
@@ -149,7 +151,7 @@ class Finish:
 
 
 def plain(call: Call) -> Finish:
-    if call.fold:
+    if call.fold or call.padded:
         return _folded_plain(call)
     if call.average and call.world > 1:
         call.flat.div_(call.world)  # before the sum, as DDP does, so fp16 sums overflow later
@@ -160,7 +162,9 @@ def plain(call: Call) -> Finish:
 
 def _folded_plain(call: Call) -> Finish:
     """The plain all-reduce with the agreement's flag slots after the data (comm.fold),
-    in a copy, so that the tensor is written only once no rank has deviated."""
+    in a copy, so that the tensor is written only once no rank has deviated. Also the layout
+    of an unfolded call that could have folded (``call.padded``): no rank runs a decoy of a
+    call that no rank predicted, so its flags stay zero."""
     flat, n, world = call.flat, call.flat.numel(), call.world
     slots = flag_slots(n, world, flat.element_size())
     buf = call.staging.bytes((n + slots) * flat.element_size()).view(flat.dtype)

@@ -49,9 +49,12 @@ records it for the next prediction. Every rank updates its history at the same p
 
 Calls made with ``verify="once"`` or ``"never"`` are not part of the history (``verify``
 must be the same on every rank for a call, as it always had to be). A folded plain
-all-reduce sums a buffer longer than the tensor, so Gloo may cut it into other
-pieces and add in another order than an unfolded one: the last bit of a sum may differ
-from the same call made with ``verify="never"``; every rank still gets the same bits.
+all-reduce sums a buffer longer than the tensor, so Gloo may cut it into other pieces and
+add in another order: the last bit of a sum may differ from the same call made with
+``verify="never"`` or ``"once"``; every rank still gets the same bits. Every plain call
+that *may* fold sums that longer buffer, folded or not (:func:`pads_plain`), so its bits
+never depend on whether a prediction existed: a run resumed from a checkpoint, whose
+history starts empty, reproduces the uninterrupted run bit for bit.
 
 What qualifies: the predicted signature's collectives must show every rank's mark to every
 rank (no empty chunk in the two-phase algorithm's first segment), ``"auto"`` must know which
@@ -65,14 +68,15 @@ tensor; the two-phase one keeps a copy of the worker and server residuals). On t
 loopback, where the all-reduce itself is memory copies, that pass costs more than the
 explicit round trip above a few MiB (4 Gloo ranks on 2 cores, plain all-reduce against
 ``dist.all_reduce``: folded 1.18x / 1.27x / 1.46x at 1 / 2 / 4 MiB, explicit 1.63x / 1.45x
-/ 1.30x), hence :data:`FOLD_MAX_BYTES`. The all-gather algorithm folds at every size: it
-updates only the worker residual, piece by piece, and its first piece's all-gather brings
-the verdict, so it copies only the pieces it compresses before that piece has come back
-(:class:`.feedback.Journal`; nothing at all with compact residual storage). On the 1 Gbit/s
-link a 64 MiB top-k 1 % call no longer starts with the explicit round trip (which, with 4
-ranks on 2 cores, held every rank's first piece back by 6-18 ms). The limit is a function
-of the signature alone (not of whether this rank passed a residual state, which ranks need
-not agree on), so every rank applies it alike.
+/ 1.30x; re-measured with the padded flag slots of :func:`flag_slots`, 4 MiB folded
+1.41-1.45x, explicit 1.33-1.34x), hence :data:`FOLD_MAX_BYTES`. The all-gather algorithm
+folds at every size: it updates only the worker residual, piece by piece, and its first
+piece's all-gather brings the verdict, so it copies only the pieces it compresses before
+that piece has come back (:class:`.feedback.Journal`; nothing at all with compact residual
+storage). On the 1 Gbit/s link a 64 MiB top-k 1 % call no longer starts with the explicit
+round trip (which, with 4 ranks on 2 cores, held every rank's first piece back by 6-18
+ms). The limit is a function of the signature alone (not of whether this rank passed a
+residual state, which ranks need not agree on), so every rank applies it alike.
 """
 
 from __future__ import annotations
@@ -185,13 +189,28 @@ def fold_plan(sig: Signature | None, tuners: dict) -> Plan | None:
         run = None if tuner is None else tuner.choice or tuner.folded_probe()
         if run is None:
             return None
-    if run.algorithm != "allgather" and sig.numel * sig.dtype.itemsize > FOLD_MAX_BYTES:
+    if run.algorithm != "allgather" and not within_fold_limit(sig.numel, sig.dtype.itemsize):
         return None
     if sig.op == "reduce_scatter":
         return run if run.algorithm == "alltoall" else None
     if run.algorithm == "alltoall" and any(b <= a for a, b in run.stages()[0].chunks):
         return None
     return run
+
+
+def within_fold_limit(numel: int, itemsize: int) -> bool:
+    """Whether a plain or two-phase call of this size may fold (:data:`FOLD_MAX_BYTES`)."""
+    return numel * itemsize <= FOLD_MAX_BYTES
+
+
+def pads_plain(numel: int, itemsize: int, mode: str) -> bool:
+    """Whether a plain all-reduce sums the padded buffer of :func:`flag_slots`: every call
+    that may fold does, folded or not. Gloo cuts a buffer into segments by its length, so the
+    padded and the bare sum may differ in the last bit; the layout must therefore depend on
+    what the caller chose (size, dtype, ``verify``), never on the history that decides
+    whether this particular call folds, or a run resumed from a checkpoint (no history yet:
+    its first calls check explicitly) would not reproduce the uninterrupted one."""
+    return mode == "always" and numel > 0 and within_fold_limit(numel, itemsize)
 
 
 def poisoned(rows: torch.Tensor) -> list[int]:
@@ -258,8 +277,8 @@ def flag_slots(numel: int, world: int, itemsize: int) -> int:
     shares a ring all-reduce sends). Ad-hoc, 4 Gloo ranks on the 2-core AVX-512 VM,
     interleaved rounds against ``dist.all_reduce`` on the same data: a copy-in, all-reduce,
     copy-out of a 4 MiB tensor took 1.15-1.31x with W slots (three runs) and 1.01-1.11x
-    aligned (four runs); gradzip's folded plain call at 1 MiB 1.34x -> 1.24x, at 2 MiB 1.39x -> 1.34x
-    (one run each)."""
+    aligned (four runs); gradzip's folded plain call at 1 MiB 1.34x -> 1.24x, at 2 MiB
+    1.39x -> 1.34x (one run each)."""
     unit = world * max(1, 64 // itemsize)
     return world + (-(numel + world)) % unit
 
@@ -292,4 +311,4 @@ def decoy_error(who: str, deviated: list[int], mine: tuple[int, ...], expected: 
 
 __all__ = ["FOLD_MAX_BYTES", "MAX_HISTORY", "POISON_HEADER", "Predictor", "Signature",
            "decoy_error", "deviated_error", "fill_poison", "flag_slots", "flagged",
-           "fold_plan", "poisoned", "run_decoy"]
+           "fold_plan", "pads_plain", "poisoned", "run_decoy", "within_fold_limit"]
