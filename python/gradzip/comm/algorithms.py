@@ -164,7 +164,8 @@ def _folded_plain(call: Call) -> Finish:
     """The plain all-reduce with the agreement's flag slots after the data (comm.fold),
     in a copy, so that the tensor is written only once no rank has deviated. Also the layout
     of an unfolded call that could have folded (``call.padded``): no rank runs a decoy of a
-    call that no rank predicted, so its flags stay zero."""
+    call that no rank predicted, so its flags stay zero and are not read (on a GPU, reading
+    them waits for the stream)."""
     flat, n, world = call.flat, call.flat.numel(), call.world
     slots = flag_slots(n, world, flat.element_size())
     buf = call.staging.bytes((n + slots) * flat.element_size()).view(flat.dtype)
@@ -181,7 +182,7 @@ def _folded_plain(call: Call) -> Finish:
         work = all_reduce_sum(buf, call.group, async_op=True)
 
     def decode(wait: bool) -> None:
-        deviated = flagged(buf[n:])
+        deviated = flagged(buf[n:]) if call.fold else []
         if deviated:
             raise FoldMismatch(deviated)
         flat.copy_(data)
