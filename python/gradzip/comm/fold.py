@@ -238,7 +238,7 @@ def run_decoy(sig: Signature, run: Plan, group, rank: int, world: int,
                           device=device)
         buf[n + rank] = 1
         all_reduce_sum(buf, group, async_op=False)
-        return flagged(buf[sig.numel:])
+        return flagged(buf[n:])
     segs = run.stages()
     if run.algorithm == "allgather":
         gathered, works = [], []
