@@ -369,6 +369,26 @@ def test_auto_overhead_script_smoke(tmp_path):
         assert r["fp32_s"] > 0 and r["fp32_again_s"] > 0
 
 
+def test_latency_script_smoke(tmp_path):
+    out = tmp_path / "lat.json"
+    cmd = [sys.executable, str(BENCH / "latency.py"), "--world", "2", "--sizes", "64B,16KiB",
+           "--rounds", "3", "--burst", "5", "--no-netns", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=_env(), timeout=600, cwd=ROOT)
+    doc = json.loads(out.read_text())
+    assert doc["world"] == 2 and doc["link"] == "none"
+    assert [r["size_bytes"] for r in doc["rows"]] == [64, 16384]
+    ops = ["all_reduce", "agreement", "agreement+all_reduce", "all_gather", "broadcast"]
+    for r in doc["rows"]:
+        assert list(r["median_s"]) == ops and all(len(r["times_s"][k]) == 3 for k in ops)
+        assert all(v > 0 for v in r["median_s"].values())
+        assert r["check_cost"] == pytest.approx(r["median_s"]["agreement+all_reduce"]
+                                                / r["median_s"]["all_reduce"])
+    assert [b["rank"] for b in doc["burst"]] == [0, 1]
+    for b in doc["burst"]:
+        assert b["s_per_call"] > 0 and b["cpu_share"] >= 0
+        assert b["voluntary_switches_per_call"] >= 0
+
+
 # -- two emulated nodes -------------------------------------------------------------------
 
 
