@@ -28,7 +28,9 @@ replaced by ``gradzip.optim.CompressedAdamW`` with the same hyperparameters, att
 the DDP model: exact AdamW for its warm-up, then the frozen-variance compressed momentum;
 options after ``+``: ``raw`` (the raw momentum travels, as in DeepSpeed's 1-bit Adam),
 ``allgather``, ``warmup<N>`` (default ``--opt-warmup``), ``refresh<N>``
-(``variance_refresh``), ``block<N>`` (the codec's block size), e.g. ``gz-opt:topk:0.01+refresh50``). Every method starts from the same initial weights, sees the same
+(``variance_refresh``), ``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
+the ranks synchronise every N steps, and before every evaluation, inside the timed step),
+e.g. ``gz-opt:int4+local6``. Every method starts from the same initial weights, sees the same
 batches in the same order on every rank (seeded per rank), and has the same schedule; the
 compressing methods (PowerSGD and gradzip) run the same number of uncompressed warm-up
 steps (``--compress-warmup``).
@@ -393,9 +395,11 @@ def opt_method(method: str, cfg: dict) -> tuple[str, dict]:
             kw["variance_refresh"] = int(o[len("refresh"):])
         elif o.startswith("block") and o[len("block"):].isdigit():
             kw["block"] = int(o[len("block"):])
+        elif o.startswith("local") and o[len("local"):].isdigit():
+            kw["local_steps"] = int(o[len("local"):])
         else:
             raise ValueError(f"unknown gz-opt option {o!r} in {method!r} (raw, allgather, "
-                             "warmup<N>, refresh<N>, block<N>)")
+                             "warmup<N>, refresh<N>, block<N>, local<N>)")
     return spec, kw
 
 
@@ -531,6 +535,8 @@ def preflight(task, method: str, cfg: dict, rank: int) -> str | None:
         loss.backward()
         opt.step()
         losses.append(loss.detach())
+    if not getattr(opt, "synchronised", True):
+        opt.synchronise()
     params = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     check = harness.check_all_reduce(params, None)
     bad_loss = torch.tensor([float(not bool(torch.isfinite(torch.stack(losses)).all()))])
@@ -601,6 +607,9 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int,
         loss = task.loss(model, batch)
         loss.backward()
         opt.step()
+        eval_due = (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps
+        if eval_due and not getattr(opt, "synchronised", True):
+            opt.synchronise()  # local steps: evaluate the ranks' common model
         dt = time.perf_counter() - t0
         wall += dt
         step_times.append(dt)
@@ -611,7 +620,7 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int,
                 bar.total = max_steps
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
+        if eval_due:
             reached = do_eval(step + 1)
             if step + 1 == steps and rank == 0:
                 final = dict(evals[-1])
@@ -803,7 +812,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=",".join(default_methods()),
                    help="fp32, fp16_hook, powersgd_r<r>, gz:<codec>, gz:<codec>:noef, "
-                        "gz-opt:<codec>[+raw][+allgather][+warmup<N>][+refresh<N>]")
+                        "gz-opt:<codec>[+raw][+allgather][+warmup<N>][+refresh<N>][+local<N>]")
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--link", default="1gbit",
                    help="none, 1gbit, 10gbit, ... (one bucket shared by all ranks) or "

@@ -81,11 +81,12 @@ def codec(spec: str) -> Codec:
 
 
 def build(spec="sign", *, warmup=WARMUP, algorithm="alltoall", refresh=0, attach=True,
-          precondition=True):
+          precondition=True, local=1):
     model = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     opt = CompressedAdamW(param_groups(model.parameters()), lr=LR, betas=BETAS, eps=EPS,
                           codec=codec(spec), warmup_steps=warmup, algorithm=algorithm,
-                          variance_refresh=refresh, precondition=precondition)
+                          variance_refresh=refresh, precondition=precondition,
+                          local_steps=local)
     if attach:
         opt.attach(model)
     return model, opt
@@ -283,6 +284,95 @@ def offsets(sizes):
     return out
 
 
+def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: int):
+    """``local_steps=local``: after warm-up every rank takes AdamW's frozen-variance step
+    with its own gradient on its own parameters and momentum; every ``local`` steps, before
+    a refresh and at the end the ranks average how far their parameters moved since the
+    interval began and their preconditioned momenta, each through its own compressed
+    all-reduce. Returns the shared parameters and the two compressed means."""
+    world = len(runs)
+    params = [nn.Parameter(t.clone()) for t in runs[0]["init"]]
+    n_weights = sum(1 for p in params if p.dim() > 1)
+    groups = [{"params": params[:n_weights], "weight_decay": WD},
+              {"params": params[n_weights:], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    sizes = [p.numel() for p in params]
+    moved_mean = CompressedMean(Codec(spec), "alltoall", world, sum(sizes))
+    mom_mean = CompressedMean(Codec(spec), "alltoall", world, sum(sizes))
+    vstep, local_p, local_m, anchor, count = {}, None, None, None, 0
+
+    def synchronise():
+        nonlocal local_p, local_m, count
+        d = {id(p): denominator(adamw, p, vstep[id(p)]) for p in params}
+        moved = moved_mean([torch.cat([(a - q).reshape(-1) for a, q in zip(anchor, qs)])
+                            for qs in local_p])
+        us = [torch.cat([(m / d[id(p)]).reshape(-1) for p, m in zip(params, ms)])
+              for ms in local_m]
+        u = mom_mean(us)
+        with torch.no_grad():
+            for p, a, off in zip(params, anchor, offsets(sizes)):
+                p.copy_(a - moved[off : off + p.numel()].view(p.shape))
+                up = u[off : off + p.numel()].view(p.shape).clone()
+                up.masked_fill_(adamw.state[p]["exp_avg_sq"] == 0, 0.0)
+                adamw.state[p]["exp_avg"].copy_(up * d[id(p)])
+        local_p = local_m = None
+        count = 0
+
+    for t in range(len(runs[0]["before"])):
+        if t < warmup:
+            for p, g in zip(params, runs[0]["after"][t]):
+                p.grad = g.clone()
+            adamw.step()
+            for p in params:
+                vstep[id(p)] = int(adamw.state[p]["step"].item())
+            continue
+        if refresh_due(t, warmup, refresh):
+            if count:
+                synchronise()
+            old = torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1) for p in params])
+            with torch.no_grad():
+                for p, g in zip(params, runs[0]["after"][t]):
+                    st = adamw.state[p]
+                    st["step"] += 1
+                    step = st["step"].item()
+                    if wd_of[id(p)]:
+                        p.mul_(1 - LR * wd_of[id(p)])
+                    st["exp_avg"].lerp_(g, 1 - BETAS[0])
+                    gap = int(step) - vstep[id(p)]
+                    st["exp_avg_sq"].mul_(BETAS[1] ** gap).addcmul_(
+                        g, g, value=1 - BETAS[1] ** gap)
+                    vstep[id(p)] = int(step)
+                    p.addcdiv_(st["exp_avg"], denominator(adamw, p, vstep[id(p)]),
+                               value=-(LR / (1 - BETAS[0] ** step)))
+            mom_mean.rescale(old, torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1)
+                                             for p in params]))
+            continue
+        if count == 0:  # an interval starts from the shared parameters and momentum
+            anchor = [p.detach().clone() for p in params]
+            local_p = [[p.detach().clone() for p in params] for _ in range(world)]
+            local_m = [[adamw.state[p]["exp_avg"].clone() for p in params]
+                       for _ in range(world)]
+        step = adamw.state[params[0]]["step"].item() + 1
+        for r in range(world):
+            for p, q, m, g in zip(params, local_p[r], local_m[r], runs[r]["before"][t]):
+                m.lerp_(g, 1 - BETAS[0])
+                m.masked_fill_(adamw.state[p]["exp_avg_sq"] == 0, 0.0)
+                if wd_of[id(p)]:
+                    q.mul_(1 - LR * wd_of[id(p)])
+                q.addcdiv_(m, denominator(adamw, p, vstep[id(p)]),
+                           value=-(LR / (1 - BETAS[0] ** step)))
+        for p in params:
+            adamw.state[p]["step"] += 1
+        count += 1
+        if count == local:
+            synchronise()
+    local_then = [list(q) for q in local_p] if count else None
+    if count:
+        synchronise()
+    return [p.detach() for p in params], moved_mean, mom_mean, local_then
+
+
 # ---------------------------------------------------------------------------------------
 # what runs on every rank
 # ---------------------------------------------------------------------------------------
@@ -294,12 +384,12 @@ CASES = [("sign", "alltoall", True), ("sign", "allgather", True), ("topk:0.05", 
          ("int4", "alltoall", True), ("int8", "alltoall", False)]
 
 
-def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save"):
+def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save", local=1):
     """n1 steps, checkpoint (model, optimizer), rebuild everything, load, n2 more steps.
     ``via="dcp"``: torch.distributed.checkpoint with the module and the optimizer as
     Stateful objects in one directory shared by the ranks (the moments are the same on
     every rank, so DCP writes them once; each rank must still get its own residuals)."""
-    model, opt = build(spec, algorithm=algorithm)
+    model, opt = build(spec, algorithm=algorithm, local=local)
     for t in range(n1):
         one_step(model, opt, rank, t)
     if via == "dcp":
@@ -308,7 +398,7 @@ def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save"):
         dist.broadcast_object_list(where, src=0)
         dcp.save({"model": model.module, "optim": opt}, checkpoint_id=where[0])
         del model, opt
-        model, opt = build(spec, algorithm=algorithm)
+        model, opt = build(spec, algorithm=algorithm, local=local)
         opt.init_state()
         dcp.load({"model": model.module, "optim": opt}, checkpoint_id=where[0])
         dist.barrier()
@@ -320,7 +410,7 @@ def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save"):
         del model, opt
         buf.seek(0)
         ck = torch.load(buf, weights_only=False)
-        model, opt = build(spec, algorithm=algorithm)
+        model, opt = build(spec, algorithm=algorithm, local=local)
         model.module.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
     for t in range(n1, n1 + n2):
@@ -402,6 +492,9 @@ def error_cases(rank, world) -> dict:
     m5 = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     o5 = CompressedAdamW(m5.parameters(), codec=codec("sign"), warmup_steps=3 + (rank == 1))
     out["warmup"] = catch(lambda: o5.attach(m5))
+    m5b = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
+    o5b = CompressedAdamW(m5b.parameters(), codec=codec("sign"), local_steps=1 + rank)
+    out["local"] = catch(lambda: o5b.attach(m5b))
     # without DDP the first reduce_gradients() (or step()) checks the same
     p6 = nn.Parameter(torch.zeros(100))
     o6 = CompressedAdamW([p6], codec=codec("sign"), warmup_steps=2 * (rank + 1))
@@ -430,8 +523,36 @@ def error_cases(rank, world) -> dict:
     return out
 
 
+def local_run(rank, steps=10, warmup=2, refresh=2, local=3):
+    """local_steps=3 with refreshes at post-warm-up steps 2 and 6: an interval cut short by
+    a refresh, one ended by the count, and one left open at the end (closed by
+    synchronise())."""
+    model, opt = build("int4", warmup=warmup, refresh=refresh, local=local)
+    log = {"init": snapshot(ordered(opt)), "before": [], "after": []}
+    for t in range(steps):
+        one_step(model, opt, rank, t, log)
+    log["open"] = (opt.synchronised, snapshot(ordered(opt)))
+    log["state_dict"] = catch(opt.state_dict)
+    groups = len(opt.param_groups)
+    log["add_group"] = (catch(lambda: opt.add_param_group({"params": [nn.Parameter(
+        torch.zeros(2))]})), len(opt.param_groups) == groups)
+    opt.synchronise()
+    log["closed"] = (opt.synchronised, snapshot(ordered(opt)))
+    log["pending"] = {k: opt.feedback.pending(k) for k in list(opt.feedback.keys())}
+    log["state_dict_after"] = sorted(opt.state_dict()["gradzip"])
+    return log
+
+
 def battery(rank: int, world: int) -> dict:
     out = {}
+    out["local"] = local_run(rank)
+    # local_steps=2 after a 3-step warm-up: steps 5 and 7 synchronise; saved at step 5
+    model, opt = build("int4", local=2)
+    for t in range(STEPS):
+        one_step(model, opt, rank, t)
+    out["local-resume"] = {"whole": snapshot(ordered(opt)), "synchronised": opt.synchronised,
+                           "dcp": resume_run(rank, "int4", 5, STEPS - 5, via="dcp", local=2),
+                           "save": resume_run(rank, "int4", 5, STEPS - 5, local=2)}
     out["warmup-only"] = train(rank, "sign", steps=5, warmup=5)
     for spec, algo, pre in CASES:
         out[("train", spec, algo, pre)] = train(rank, spec, algorithm=algo, precondition=pre)
@@ -503,6 +624,46 @@ def test_after_warmup_matches_reference_simulation(results, spec, algo, pre):
         assert torch.equal(pending, mean.pending(r)), (spec, algo, r)
     # after warm-up the gradients were local: they differ between ranks
     assert not torch.equal(runs[0]["before"][-1][0], runs[1]["before"][-1][0])
+
+
+def test_local_steps_match_reference_simulation(results):
+    """local_steps=3, int4, two refreshes: bit for bit the simulation, the residuals of both
+    compressed all-reduces included; between synchronisations the ranks differ, and
+    state_dict() refuses until synchronise()."""
+    world, res = results
+    runs = [res[r]["local"] for r in range(world)]
+    want, moved, mom, open_params = replay_local(runs, "int4", warmup=2, refresh=2, local=3)
+    assert open_params is not None  # the run ended inside an interval
+    for r in range(world):
+        synced, closed = runs[r]["closed"]
+        assert synced and not runs[r]["open"][0]
+        assert_same(closed, want, ("synchronised", r))
+        # before synchronise(): this rank's own parameters, as the simulation's rank r
+        assert_same(runs[r]["open"][1], open_params[r], ("open interval", r))
+        err = runs[r]["state_dict"]
+        assert err[0] == "RuntimeError" and "synchronise()" in err[1] and "local" in err[1]
+        err, unchanged = runs[r]["add_group"]
+        assert err[0] == "RuntimeError" and "synchronise()" in err[1] and unchanged
+        assert "rank" in " ".join(runs[r]["state_dict_after"])
+        keys = sorted(runs[r]["pending"], key=len)
+        assert len(keys) == 2 and keys[1][-1] == "moved"
+        assert torch.equal(runs[r]["pending"][keys[0]], mom.pending(r))
+        assert torch.equal(runs[r]["pending"][keys[1]], moved.pending(r))
+    assert not torch.equal(runs[0]["open"][1][0], runs[1]["open"][1][0])
+    assert not torch.equal(runs[0]["open"][1][0], want[0])
+
+
+def test_local_steps_resume_is_bit_identical(results):
+    """Saved synchronised (step 5 of 8, local_steps=2), through DCP and torch.save: the
+    resumed run ends where the uninterrupted one does, inside an open interval, each rank
+    with its own parameters."""
+    world, res = results
+    for r in range(world):
+        case = res[r]["local-resume"]
+        assert not case["synchronised"]
+        assert_same(case["dcp"], case["whole"], ("dcp", r))
+        assert_same(case["save"], case["whole"], ("torch.save", r))
+    assert not torch.equal(res[0]["local-resume"]["whole"][0], res[1]["local-resume"]["whole"][0])
 
 
 def test_zero_variance_coordinates_only_decay(results):
@@ -587,11 +748,12 @@ def test_errors_raise_on_every_rank(results):
         assert e["twice"][0] == "RuntimeError" and "already attached" in e["twice"][1]
         assert e["hooked"][0] == "RuntimeError" and "already has a comm" in e["hooked"][1]
         assert e["params"][0] == "ValueError" and "trainable" in e["params"][1]
-        for case in ("codec", "warmup", "warmup-manual"):
+        for case in ("codec", "warmup", "warmup-manual", "local"):
             assert e[case] is not None and e[case][0] == "ValueError", (r, case, e[case])
             assert "disagree" in e[case][1], (r, case)
         assert "codec=sign" in e["codec"][1] and "codec=int4" in e["codec"][1]
         assert "warmup_steps=3" in e["warmup"][1] and "warmup_steps=4" in e["warmup"][1]
+        assert "local_steps=1" in e["local"][1] and "local_steps=2" in e["local"][1]
         assert e["out-of-step"] is not None and e["out-of-step"][0] == "ValueError", \
             (r, e["out-of-step"])
         assert "steps_taken=4" in e["out-of-step"][1] and "steps_taken=5" in \
@@ -610,6 +772,8 @@ def test_errors_raise_on_every_rank(results):
     ({"codec": "int5"}, ValueError, "unknown codec"),
     ({"warmup_steps": -1}, ValueError, "warmup_steps"),
     ({"variance_refresh": 1.5}, ValueError, "variance_refresh"),
+    ({"local_steps": 0}, ValueError, "local_steps"),
+    ({"local_steps": 2.0}, ValueError, "local_steps"),
     ({"algorithm": "plain"}, ValueError, "algorithm"),
     ({"seed": -1}, ValueError, "seed"),
     ({"verify": "sometimes"}, ValueError, "verify"),
@@ -648,6 +812,13 @@ def test_bytes_per_step():
     assert sizes["compressed"] == plan.bytes_sent + 3 * (14 + 2)
     assert sizes["warmup"] / sizes["compressed"] >= 20
     assert sizes["refresh"] == sizes["warmup"] + 3 * (14 + 2)
+    assert sizes["synchronisation"] == plan.bytes_sent
+    # local steps: a synchronisation (parameters moved + momentum) every 4th step
+    int4 = gradzip.comm.plan("int4", n, torch.float32, 4, "alltoall").bytes_sent
+    local = CompressedAdamW(params, codec="int4", local_steps=4).bytes_per_step(world_size=4)
+    assert local["synchronisation"] == 2 * int4
+    assert local["compressed"] == 3 * (14 + 2) + 2 * int4 // 4
+    assert local["warmup"] / local["compressed"] >= 14  # int4 every 2 steps' worth
 
 
 def test_state_dict_checks_and_adamw_state():
