@@ -29,7 +29,8 @@ the DDP model: exact AdamW for its warm-up, then the frozen-variance compressed 
 options after ``+``: ``raw`` (the raw momentum travels, as in DeepSpeed's 1-bit Adam),
 ``allgather``, ``warmup<N>`` (default ``--opt-warmup``), ``refresh<N>``
 (``variance_refresh``), ``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
-the ranks synchronise every N steps, and before every evaluation, inside the timed step),
+the ranks synchronise every N steps; evaluations inside an interval take rank 0's own model,
+the final one and those after it the common model, synchronised inside the timed step),
 e.g. ``gz-opt:int4+local6``. Every method starts from the same initial weights, sees the same
 batches in the same order on every rank (seeded per rank), and has the same schedule; the
 compressing methods (PowerSGD and gradzip) run the same number of uncompressed warm-up
@@ -608,8 +609,10 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int,
         loss.backward()
         opt.step()
         eval_due = (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps
-        if eval_due and not getattr(opt, "synchronised", True):
-            opt.synchronise()  # local steps: evaluate the ranks' common model
+        if eval_due and step + 1 >= steps and not getattr(opt, "synchronised", True):
+            # local steps: the final loss is the ranks' common model's (earlier evaluations
+            # take rank 0's own, so that they do not add synchronisations to the run)
+            opt.synchronise()
         dt = time.perf_counter() - t0
         wall += dt
         step_times.append(dt)
@@ -628,6 +631,8 @@ def train_one(task, method: str, cfg: dict, rank: int, world: int,
                 break
     if bar is not None:
         bar.close()
+    if not getattr(opt, "synchronised", True):
+        opt.synchronise()  # local steps that ended between evaluations (untimed)
     # Parameters must still be identical on every rank after DDP (a check, not a timing).
     end_check = harness.check_all_reduce(
         torch.cat([p.detach().reshape(-1) for p in net.parameters()]), None)

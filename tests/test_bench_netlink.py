@@ -345,6 +345,35 @@ def test_train_script_smoke(tmp_path):
         assert len(first) == 1
 
 
+def test_train_script_optimizer_smoke(tmp_path):
+    """gz-opt methods (CompressedAdamW) on the Adam task, with and without local steps:
+    after the run every rank holds the same parameters, and the local-steps run sends
+    fewer bytes than the warm-up's plain all-reduce."""
+    out = tmp_path / "opt.json"
+    cmd = [sys.executable, str(BENCH / "train.py"), "--quick", "--link", "none", "--world", "2",
+           "--steps", "8", "--eval-every", "3", "--compress-warmup", "2", "--opt-warmup", "2",
+           "--extend", "0", "--tasks", "autoenc", "--no-progress",
+           "--methods", "fp32,gz-opt:sign,gz-opt:int4+local4", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=_env(), timeout=900, cwd=ROOT)
+    doc = json.loads(out.read_text())
+    runs = {r["method"]: r for r in doc["runs"]}
+    assert set(runs) == {"fp32", "gz-opt:sign", "gz-opt:int4+local4"}
+    for r in runs.values():
+        assert "error" not in r, r
+        assert r["params_identical_across_ranks"], r["method"]
+        assert [e["step"] for e in r["evals"]] == [0, 3, 6, 8]
+        assert r["final_loss"] == r["evals"][-1]["loss"]
+    for m in ("gz-opt:sign", "gz-opt:int4+local4"):
+        b = runs[m]["bytes_per_step"]
+        assert 0 < b["after"] < b["warmup"] and b["warmup"] == runs["fp32"]["bytes_per_step"][
+            "warmup"]
+    bad = subprocess.run(cmd[:-4] + ["--methods", "gz-opt:int4+localx", "--out",
+                                     str(tmp_path / "bad.json")],
+                         env=_env(), timeout=900, cwd=ROOT, capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode != 0 and "local<N>" in bad.stderr
+
+
 @pytest.mark.slow
 def test_auto_overhead_script_smoke(tmp_path):
     out = tmp_path / "ao.json"
