@@ -61,11 +61,12 @@ What this optimizer does instead (1-bit Adam, Tang et al. 2021, with one change)
    having been evaluated at slightly different points. Two compressed tensors every N
    steps instead of one every step buys N/2 times the bits per element per step: with
    ``codec="int4", local_steps=6`` a step sends about as much as 1-bit sign every step
-   (22.6x fewer bytes than fp32 against 25.5x) but keeps far more of the signal
-   (docs/results.md, section 4: on the autoencoder +2.7 % above fp32 instead of +13 %; on
-   the transformer +0.1 %). Between synchronisations the ranks' parameters differ: call
-   :meth:`CompressedAdamW.synchronise` on every rank before evaluating or saving
-   (``state_dict()`` refuses while an interval is open, :attr:`synchronised` says when).
+   (22.5x fewer bytes than fp32 against 25.5x) but keeps far more of the signal
+   (docs/results.md, section 4: on the autoencoder +3.0 % above fp32 instead of +13 %; on
+   the transformer +0.1 % instead of +0.5 %). Between synchronisations the ranks'
+   parameters differ: call :meth:`CompressedAdamW.synchronise` on every rank before
+   evaluating or saving (``state_dict()`` refuses while an interval is open,
+   :attr:`synchronised` says when).
 
 Which codec (docs/results.md, section 4; 4 ranks, 1000 steps): 1-bit ``"sign"`` ends +0.5 %
 above fp32 AdamW on the character transformer and +13 % on an MLP autoencoder (the DDP hook
