@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -168,30 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sizes: {e} (bytes of fp32 elements)")
     netlink.parse_link(a.link, a.world)
     info = harness.machine_info()
-    with tempfile.TemporaryDirectory(prefix="gz-auto-") as tmp:
-        cfg = {"sizes": sizes, "codecs": harness.split_specs(a.codecs), "rounds": a.rounds,
-               "max_rounds": a.max_rounds, "verify": a.verify,
-               "threads": a.threads, "pg_timeout": a.pg_timeout,
-               "result": str(Path(tmp) / "rows.json")}
-        cfg_path = Path(tmp) / "cfg.json"
-        cfg_path.write_text(json.dumps(cfg))
-        link, eff = netlink.open_link(a.link, world=a.world, netns=not a.no_netns)
-        try:
-            qdisc = link.qdisc() if link is not None else "host loopback"
-            print(f"[auto] link {eff}: {qdisc}; {a.world} ranks", flush=True)
-            netlink.launch([sys.executable, str(Path(__file__).resolve()), "--worker",
-                            str(cfg_path)], a.world, link, threads=a.threads,
-                           timeout=a.timeout)
-        except netlink.RankFailed as e:
-            if e.returncode != harness.CHECK_FAILED:
-                raise
-            print("[auto] stopped: a correctness check failed (above); nothing after it was "
-                  "timed and no results were written", file=sys.stderr)
-            return harness.CHECK_FAILED
-        finally:
-            if link is not None:
-                link.remove()
-        rows = json.loads(Path(cfg["result"]).read_text())
+    cfg = {"sizes": sizes, "codecs": harness.split_specs(a.codecs), "rounds": a.rounds,
+           "max_rounds": a.max_rounds, "verify": a.verify, "threads": a.threads,
+           "pg_timeout": a.pg_timeout}
+    try:
+        rows, eff, qdisc = netlink.run_worker_script(
+            __file__, cfg, world=a.world, link_spec=a.link, netns=not a.no_netns,
+            threads=a.threads, timeout=a.timeout, tag="auto")
+    except netlink.RankFailed as e:
+        if e.returncode != harness.CHECK_FAILED:
+            raise
+        print("[auto] stopped: a correctness check failed (above); nothing after it was "
+              "timed and no results were written", file=sys.stderr)
+        return harness.CHECK_FAILED
     print(table(rows))
     info["loadavg_end"] = os.getloadavg()
     doc = {"argv": sys.argv, "machine": info, "link": eff, "qdisc": qdisc, "world": a.world,

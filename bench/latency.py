@@ -36,7 +36,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -184,27 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     netlink.parse_link(a.link, a.world)
     info = harness.machine_info()
     print(f"[latency] {harness.machine_line(info)}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="gz-latency-") as tmp:
-        cfg = {"sizes": sizes, "rounds": a.rounds, "burst": a.burst, "threads": a.threads,
-               "pg_timeout": a.pg_timeout, "result": str(Path(tmp) / "rows.json")}
-        cfg_path = Path(tmp) / "cfg.json"
-        cfg_path.write_text(json.dumps(cfg))
-        link, eff = netlink.open_link(a.link, world=a.world, netns=not a.no_netns)
-        try:
-            qdisc = link.qdisc() if link is not None else "host loopback"
-            print(f"[latency] link {eff}: {qdisc}; {a.world} ranks", flush=True)
-            netlink.launch([sys.executable, str(Path(__file__).resolve()), "--worker",
-                            str(cfg_path)], a.world, link, threads=a.threads,
-                           timeout=a.timeout)
-        except netlink.RankFailed as e:
-            if e.returncode != harness.CHECK_FAILED:
-                raise
-            print("[latency] stopped: a correctness check failed (above)", file=sys.stderr)
-            return harness.CHECK_FAILED
-        finally:
-            if link is not None:
-                link.remove()
-        result = json.loads(Path(cfg["result"]).read_text())
+    cfg = {"sizes": sizes, "rounds": a.rounds, "burst": a.burst, "threads": a.threads,
+           "pg_timeout": a.pg_timeout}
+    try:
+        result, eff, qdisc = netlink.run_worker_script(
+            __file__, cfg, world=a.world, link_spec=a.link, netns=not a.no_netns,
+            threads=a.threads, timeout=a.timeout, tag="latency")
+    except netlink.RankFailed as e:
+        if e.returncode != harness.CHECK_FAILED:
+            raise
+        print("[latency] stopped: a correctness check failed (above)", file=sys.stderr)
+        return harness.CHECK_FAILED
     print(table(result))
     info["loadavg_end"] = os.getloadavg()
     doc = {"argv": sys.argv, "machine": info, "link": eff, "qdisc": qdisc, "world": a.world,

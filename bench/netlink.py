@@ -26,6 +26,7 @@ behind by a process that was SIGKILLed is removed by the next run (it is named
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import shutil
@@ -33,9 +34,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # typing.Self is 3.11+; the package supports 3.10
@@ -488,6 +491,29 @@ def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
         for p in procs:
             _stop(p)
             _CHILDREN.pop(p.pid, None)
+
+
+def run_worker_script(script: str | os.PathLike, cfg: dict, *, world: int, link_spec: str,
+                      netns: bool, threads: int, timeout: float | None, tag: str):
+    """Run ``script --worker CFG`` as ``world`` ranks on the link ``link_spec`` (made and
+    removed here), with ``cfg`` written to CFG plus ``cfg["result"]``, a file the ranks
+    write their result to (JSON). Returns ``(result, effective link spec, qdisc)``; a rank
+    that fails raises :class:`RankFailed` (a benchmark's failed correctness check is its
+    exit status)."""
+    with tempfile.TemporaryDirectory(prefix=f"gz-{tag}-") as tmp:
+        cfg = {**cfg, "result": str(Path(tmp) / "result.json")}
+        cfg_path = Path(tmp) / "cfg.json"
+        cfg_path.write_text(json.dumps(cfg))
+        link, eff = open_link(link_spec, world=world, netns=netns)
+        try:
+            qdisc = link.qdisc() if link is not None else "host loopback"
+            print(f"[{tag}] link {eff}: {qdisc}; {world} ranks", flush=True)
+            launch([sys.executable, str(Path(script).resolve()), "--worker", str(cfg_path)],
+                   world, link, threads=threads, timeout=timeout)
+        finally:
+            if link is not None:
+                link.remove()
+        return json.loads(Path(cfg["result"]).read_text()), eff, qdisc
 
 
 def parse_link(spec: str, world: int) -> float | None:

@@ -203,16 +203,40 @@ def denominator(adamw, p, vstep) -> torch.Tensor:
     return (adamw.state[p]["exp_avg_sq"].sqrt() / bc2).add_(EPS)
 
 
-def replay(runs: list[dict], spec: str, algorithm: str, warmup: int, refresh: int = 0,
-           precondition: bool = True):
-    """Parameters (and residuals) after the recorded steps, computed in this process."""
-    world = len(runs)
+def replay_start(runs: list[dict]):
+    """The replay's parameters (rank 0's initial ones), the torch.optim.AdamW that takes
+    the exact steps, and each parameter's weight decay."""
     params = [nn.Parameter(t.clone()) for t in runs[0]["init"]]
     n_weights = sum(1 for p in params if p.dim() > 1)
     groups = [{"params": params[:n_weights], "weight_decay": WD},
               {"params": params[n_weights:], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
-    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    return params, adamw, {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+
+
+@torch.no_grad()
+def refresh_step(adamw, params, grads, vstep: dict, wd_of: dict) -> None:
+    """A variance refresh: AdamW's step on the averaged gradients, the second moment updated
+    as if the frozen steps' squared gradients had been this one's."""
+    for p, g in zip(params, grads):
+        st = adamw.state[p]
+        st["step"] += 1
+        step = st["step"].item()
+        if wd_of[id(p)]:
+            p.mul_(1 - LR * wd_of[id(p)])
+        st["exp_avg"].lerp_(g, 1 - BETAS[0])
+        gap = int(step) - vstep[id(p)]
+        st["exp_avg_sq"].mul_(BETAS[1] ** gap).addcmul_(g, g, value=1 - BETAS[1] ** gap)
+        vstep[id(p)] = int(step)
+        p.addcdiv_(st["exp_avg"], denominator(adamw, p, vstep[id(p)]),
+                   value=-(LR / (1 - BETAS[0] ** step)))
+
+
+def replay(runs: list[dict], spec: str, algorithm: str, warmup: int, refresh: int = 0,
+           precondition: bool = True):
+    """Parameters (and residuals) after the recorded steps, computed in this process."""
+    world = len(runs)
+    params, adamw, wd_of = replay_start(runs)
     sizes = [p.numel() for p in params]
     mean = CompressedMean(Codec(spec), algorithm, world, sum(sizes))
     vstep = {}
@@ -228,20 +252,7 @@ def replay(runs: list[dict], spec: str, algorithm: str, warmup: int, refresh: in
             # AdamW's step on the gradients averaged inside step(), the second moment
             # updated as if the frozen steps' squared gradients had been this one's
             old = torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1) for p in params])
-            with torch.no_grad():
-                for p, g in zip(params, runs[0]["after"][t]):
-                    st = adamw.state[p]
-                    st["step"] += 1
-                    step = st["step"].item()
-                    if wd_of[id(p)]:
-                        p.mul_(1 - LR * wd_of[id(p)])
-                    st["exp_avg"].lerp_(g, 1 - BETAS[0])
-                    gap = int(step) - vstep[id(p)]
-                    st["exp_avg_sq"].mul_(BETAS[1] ** gap).addcmul_(
-                        g, g, value=1 - BETAS[1] ** gap)
-                    vstep[id(p)] = int(step)
-                    p.addcdiv_(st["exp_avg"], denominator(adamw, p, vstep[id(p)]),
-                               value=-(LR / (1 - BETAS[0] ** step)))
+            refresh_step(adamw, params, runs[0]["after"][t], vstep, wd_of)
             if precondition and t > warmup:
                 mean.rescale(old, torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1)
                                              for p in params]))
@@ -291,12 +302,7 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
     interval began and their preconditioned momenta, each through its own compressed
     all-reduce. Returns the shared parameters and the two compressed means."""
     world = len(runs)
-    params = [nn.Parameter(t.clone()) for t in runs[0]["init"]]
-    n_weights = sum(1 for p in params if p.dim() > 1)
-    groups = [{"params": params[:n_weights], "weight_decay": WD},
-              {"params": params[n_weights:], "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
-    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params, adamw, wd_of = replay_start(runs)
     sizes = [p.numel() for p in params]
     moved_mean = CompressedMean(Codec(spec), "alltoall", world, sum(sizes))
     mom_mean = CompressedMean(Codec(spec), "alltoall", world, sum(sizes))
@@ -331,20 +337,7 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
             if count:
                 synchronise()
             old = torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1) for p in params])
-            with torch.no_grad():
-                for p, g in zip(params, runs[0]["after"][t]):
-                    st = adamw.state[p]
-                    st["step"] += 1
-                    step = st["step"].item()
-                    if wd_of[id(p)]:
-                        p.mul_(1 - LR * wd_of[id(p)])
-                    st["exp_avg"].lerp_(g, 1 - BETAS[0])
-                    gap = int(step) - vstep[id(p)]
-                    st["exp_avg_sq"].mul_(BETAS[1] ** gap).addcmul_(
-                        g, g, value=1 - BETAS[1] ** gap)
-                    vstep[id(p)] = int(step)
-                    p.addcdiv_(st["exp_avg"], denominator(adamw, p, vstep[id(p)]),
-                               value=-(LR / (1 - BETAS[0] ** step)))
+            refresh_step(adamw, params, runs[0]["after"][t], vstep, wd_of)
             mom_mean.rescale(old, torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1)
                                              for p in params]))
             continue
