@@ -147,12 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", default=None,
                    help="pass verify=... to gradzip.all_reduce (default: the library's, "
                         "'always' on CPU)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-netns", action="store_true")
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--pg-timeout", type=float, default=600)
     p.add_argument("--out", default="bench/results/auto_overhead.json")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    netlink.add_rank_arguments(p)
     a = p.parse_args(argv)
     if a.worker:
         worker(json.loads(Path(a.worker).read_text()))

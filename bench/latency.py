@@ -160,12 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=200, help="timed rounds (every op once each)")
     p.add_argument("--burst", type=int, default=500,
                    help="back-to-back small all-reduces for the CPU and context-switch count")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-netns", action="store_true")
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--pg-timeout", type=float, default=600)
     p.add_argument("--out", default="bench/results/latency.json")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    netlink.add_rank_arguments(p)
     a = p.parse_args(argv)
     if a.worker:
         worker(json.loads(Path(a.worker).read_text()))

@@ -493,6 +493,18 @@ def launch(argv: Sequence[str], world: int, link: EmulatedLink | None, *,
             _CHILDREN.pop(p.pid, None)
 
 
+def add_rank_arguments(p) -> None:
+    """The options every benchmark that launches ranks with :func:`run_worker_script` takes
+    (``p``: an ``argparse.ArgumentParser``)."""
+    import argparse
+
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-netns", action="store_true")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--pg-timeout", type=float, default=600)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
 def run_worker_script(script: str | os.PathLike, cfg: dict, *, world: int, link_spec: str,
                       netns: bool, threads: int, timeout: float | None, tag: str):
     """Run ``script --worker CFG`` as ``world`` ranks on the link ``link_spec`` (made and

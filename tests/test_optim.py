@@ -214,6 +214,15 @@ def replay_start(runs: list[dict]):
     return params, adamw, {id(p): g["weight_decay"] for g in groups for p in g["params"]}
 
 
+def warmup_step(adamw, params, grads, vstep: dict) -> None:
+    """A warm-up step: torch.optim.AdamW itself on the averaged gradients."""
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    adamw.step()
+    for p in params:
+        vstep[id(p)] = int(adamw.state[p]["step"].item())
+
+
 @torch.no_grad()
 def refresh_step(adamw, params, grads, vstep: dict, wd_of: dict) -> None:
     """A variance refresh: AdamW's step on the averaged gradients, the second moment updated
@@ -242,11 +251,7 @@ def replay(runs: list[dict], spec: str, algorithm: str, warmup: int, refresh: in
     vstep = {}
     for t in range(len(runs[0]["before"])):
         if t < warmup:  # AdamW itself, on the gradients DDP's hook averaged
-            for p, g in zip(params, runs[0]["after"][t]):
-                p.grad = g.clone()
-            adamw.step()
-            for p in params:
-                vstep[id(p)] = int(adamw.state[p]["step"].item())
+            warmup_step(adamw, params, runs[0]["after"][t], vstep)
             continue
         if refresh_due(t, warmup, refresh):
             # AdamW's step on the gradients averaged inside step(), the second moment
@@ -326,12 +331,8 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
         count = 0
 
     for t in range(len(runs[0]["before"])):
-        if t < warmup:
-            for p, g in zip(params, runs[0]["after"][t]):
-                p.grad = g.clone()
-            adamw.step()
-            for p in params:
-                vstep[id(p)] = int(adamw.state[p]["step"].item())
+        if t < warmup:  # AdamW itself, on the gradients DDP's hook averaged
+            warmup_step(adamw, params, runs[0]["after"][t], vstep)
             continue
         if refresh_due(t, warmup, refresh):
             if count:
