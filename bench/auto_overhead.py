@@ -137,8 +137,6 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", type=int, default=4)
-    p.add_argument("--link", default="none", help="none, 1gbit, 10gbit, ... (see allreduce.py)")
     p.add_argument("--sizes", default=DEFAULT_SIZES)
     p.add_argument("--codecs", default=DEFAULT_CODECS)
     p.add_argument("--rounds", type=int, default=30,

@@ -154,8 +154,6 @@ def table(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", type=int, default=4)
-    p.add_argument("--link", default="none", help="none, 1gbit, 10gbit, ... (see allreduce.py)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="bytes of fp32 per rank")
     p.add_argument("--rounds", type=int, default=200, help="timed rounds (every op once each)")
     p.add_argument("--burst", type=int, default=500,

@@ -498,6 +498,8 @@ def add_rank_arguments(p) -> None:
     (``p``: an ``argparse.ArgumentParser``)."""
     import argparse
 
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--link", default="none", help="none, 1gbit, 10gbit, ... (see allreduce.py)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-netns", action="store_true")
     p.add_argument("--timeout", type=float, default=1800)

@@ -462,9 +462,7 @@ class CompressedAdamW(torch.optim.Optimizer):
                 m.lerp_(_signed(g, group), 1 - group["betas"][0])
                 if self.precondition:
                     m.div_(_frozen_denominator(state, group))
-            comm.all_reduce(flat.buffer, self.codec, state=self.feedback,
-                            group=self.process_group, algorithm=self.algorithm, average=True,
-                            key=flat.key, verify=self.verify, seed=self.feedback.seed)
+            self._compressed_mean(flat.buffer, flat.key)
             for p in flat.params:
                 state, group = self.state[p], groups[id(p)]
                 reduced, v = state["exp_avg"], state["exp_avg_sq"]
@@ -506,32 +504,34 @@ class CompressedAdamW(torch.optim.Optimizer):
         bit."""
         if self._local_count == 0:
             return
-        groups = {id(p): g for g in self.param_groups for p in g["params"]}
         flats = self._flat_buffers()
+        denoms = self._denominators() if self.precondition else None
         if any(id(f.buffer) not in self._deltas for f in flats):
             self._deltas = {id(f.buffer): torch.empty_like(f.buffer) for f in flats}
         for flat in flats:
             moved = self._deltas[id(flat.buffer)]
             for p, off in zip(flat.params, flat.offsets):
                 torch.sub(self._anchors[id(p)], p, out=moved[off : off + p.numel()].view(p.shape))
-            comm.all_reduce(moved, self.codec, state=self.feedback, group=self.process_group,
-                            algorithm=self.algorithm, average=True, key=flat.key + ("moved",),
-                            verify=self.verify, seed=self.feedback.seed)
+            self._compressed_mean(moved, flat.key + ("moved",))
             for p, off in zip(flat.params, flat.offsets):
                 p.copy_(self._anchors[id(p)]).sub_(moved[off : off + p.numel()].view(p.shape))
-                if self.precondition:
-                    self.state[p]["exp_avg"].div_(_frozen_denominator(self.state[p],
-                                                                      groups[id(p)]))
-            comm.all_reduce(flat.buffer, self.codec, state=self.feedback,
-                            group=self.process_group, algorithm=self.algorithm, average=True,
-                            key=flat.key, verify=self.verify, seed=self.feedback.seed)
+                if denoms is not None:
+                    self.state[p]["exp_avg"].div_(denoms[id(p)])
+            self._compressed_mean(flat.buffer, flat.key)
             for p in flat.params:
                 state = self.state[p]
                 m = state["exp_avg"]
                 m.masked_fill_(state["exp_avg_sq"] == 0, 0.0)
-                if self.precondition:
-                    m.mul_(_frozen_denominator(state, groups[id(p)]))
+                if denoms is not None:
+                    m.mul_(denoms[id(p)])
         self._local_count = 0
+
+    def _compressed_mean(self, buffer: torch.Tensor, key: tuple) -> None:
+        """``buffer`` averaged over the ranks in place through the optimizer's codec and
+        algorithm, with the residuals ``self.feedback`` keeps under ``key``."""
+        comm.all_reduce(buffer, self.codec, state=self.feedback, group=self.process_group,
+                        algorithm=self.algorithm, average=True, key=key, verify=self.verify,
+                        seed=self.feedback.seed)
 
     def _denominators(self) -> dict[int, torch.Tensor]:
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
