@@ -28,10 +28,11 @@ replaced by ``gradzip.optim.CompressedAdamW`` with the same hyperparameters, att
 the DDP model: exact AdamW for its warm-up, then the frozen-variance compressed momentum;
 options after ``+``: ``raw`` (the raw momentum travels, as in DeepSpeed's 1-bit Adam),
 ``allgather``, ``warmup<N>`` (default ``--opt-warmup``), ``refresh<N>``
-(``variance_refresh``), ``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
+(``variance_refresh``), ``refreshmax<N>`` (``refresh_max_interval``),
+``refreshcodec:<codec>`` (``refresh_codec``), ``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
 the ranks synchronise every N steps; evaluations inside an interval take rank 0's own model,
 the final one and those after it the common model, synchronised inside the timed step),
-e.g. ``gz-opt:int4+local6``. Every method starts from the same initial weights, sees the same
+e.g. ``gz-opt:int4+local6`` or ``gz-opt:int4+local7+refresh28+refreshmax28+refreshcodec:int8``. Every method starts from the same initial weights, sees the same
 batches in the same order on every rank (seeded per rank), and has the same schedule; the
 compressing methods (PowerSGD and gradzip) run the same number of uncompressed warm-up
 steps (``--compress-warmup``).
@@ -50,10 +51,10 @@ and the ranks meet at a barrier after each evaluation so none runs ahead while r
 evaluates.
 
 Bytes per step: what one rank sends per step after the warm-up (and during it; for gz-opt
-the mean over its compressed and variance-refresh steps, both also in the JSON), computed
-from the model's parameters: ``gradzip.comm.plan(...).bytes_sent`` for gradzip (for the
-hook's "auto", the algorithm it settled on), ``CompressedAdamW.bytes_per_step`` for the
-optimizer, the ring all-reduce volume for fp32/fp16 and for PowerSGD's P and Q factors and
+the mean over its compressed, synchronisation and variance-refresh steps, all also in the
+JSON), computed from the model's parameters: ``gradzip.comm.plan(...).bytes_sent`` for
+gradzip (for the hook's "auto", the algorithm it settled on),
+``CompressedAdamW.bytes_after_warmup`` (from ``bytes_per_step``) for the optimizer, the ring all-reduce volume for fp32/fp16 and for PowerSGD's P and Q factors and
 uncompressed tensors (the rules of ``powerSGD_hook``).
 
 Writes JSON (``--out``), prints a summary table and draws a PNG next to the JSON.
@@ -394,13 +395,18 @@ def opt_method(method: str, cfg: dict) -> tuple[str, dict]:
             kw["warmup_steps"] = int(o[len("warmup"):])
         elif o.startswith("refresh") and o[len("refresh"):].isdigit():
             kw["variance_refresh"] = int(o[len("refresh"):])
+        elif o.startswith("refreshmax") and o[len("refreshmax"):].isdigit():
+            kw["refresh_max_interval"] = int(o[len("refreshmax"):])
+        elif o.startswith("refreshcodec:"):
+            kw["refresh_codec"] = o[len("refreshcodec:"):]
         elif o.startswith("block") and o[len("block"):].isdigit():
             kw["block"] = int(o[len("block"):])
         elif o.startswith("local") and o[len("local"):].isdigit():
             kw["local_steps"] = int(o[len("local"):])
         else:
             raise ValueError(f"unknown gz-opt option {o!r} in {method!r} (raw, allgather, "
-                             "warmup<N>, refresh<N>, block<N>, local<N>)")
+                             "warmup<N>, refresh<N>, refreshmax<N>, refreshcodec:<codec>, "
+                             "block<N>, local<N>)")
     return spec, kw
 
 
@@ -464,13 +470,11 @@ def bytes_per_step(method: str, net, world: int, cfg: dict, opt) -> dict:
         return {"warmup": fp32, "after": sum(ring(x) for x in (plain, ps, qs) if x)}
     if method.startswith("gz-opt:"):
         b = opt.bytes_per_step(world)
-        # after warm-up, averaged over this run's compressed and variance-refresh steps
+        # after warm-up, averaged over this run's compressed, synchronisation and
+        # variance-refresh steps as the optimizer's schedule places them
         k = range(1, cfg["steps"] - opt.warmup_steps + 1)
-        every = opt.variance_refresh
-        refreshes = sum(1 for i in k if every and i % every == 0
-                        and (i // every + 1) & (i // every) == 0)
-        mean = (b["compressed"] * (len(k) - refreshes) + b["refresh"] * refreshes) \
-            / max(1, len(k))
+        refreshes = sum(1 for i in k if opt.refresh_at(i))
+        mean = opt.bytes_after_warmup(len(k), world)
         return {"warmup": b["warmup"], "after": b["compressed"], "refresh": b["refresh"],
                 "refresh_steps": refreshes, "after_mean": mean}
     spec = method[3:].removesuffix(":noef")

@@ -81,12 +81,13 @@ def codec(spec: str) -> Codec:
 
 
 def build(spec="sign", *, warmup=WARMUP, algorithm="alltoall", refresh=0, attach=True,
-          precondition=True, local=1):
+          precondition=True, local=1, refresh_max=None, refresh_codec=None):
     model = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     opt = CompressedAdamW(param_groups(model.parameters()), lr=LR, betas=BETAS, eps=EPS,
                           codec=codec(spec), warmup_steps=warmup, algorithm=algorithm,
                           variance_refresh=refresh, precondition=precondition,
-                          local_steps=local)
+                          local_steps=local, refresh_max_interval=refresh_max,
+                          refresh_codec=None if refresh_codec is None else codec(refresh_codec))
     if attach:
         opt.attach(model)
     return model, opt
@@ -192,10 +193,30 @@ class CompressedMean:
         self.server = [torch.zeros_like(s) for s in self.server]
 
 
-def refresh_due(t: int, warmup: int, refresh: int) -> bool:
+def refresh_due(t: int, warmup: int, refresh: int, cap: int | None = None) -> bool:
+    """Post-warm-up steps refresh, refresh + 2 refresh, ... (the gaps double, up to cap)."""
     k = t - warmup + 1
-    return refresh > 0 and k > 0 and k % refresh == 0 and \
-        (k // refresh + 1) & (k // refresh) == 0
+    pos, gap = refresh, refresh
+    while 0 < pos <= k:
+        if pos == k:
+            return True
+        gap = 2 * gap if cap is None else min(2 * gap, cap)
+        pos += gap
+    return False
+
+
+def refresh_gradients(runs: list[dict], t: int, spec: str | None) -> list[torch.Tensor]:
+    """The gradients a refresh at step t steps with: the exact average (what the ranks
+    recorded after step()), or with a refresh codec the two-phase compressed average of the
+    ranks' own gradients, without residuals."""
+    if spec is None:
+        return runs[0]["after"][t]
+    shapes = [g.shape for g in runs[0]["before"][t]]
+    n = sum(math.prod(s) for s in shapes)
+    xs = [torch.cat([g.reshape(-1) for g in run["before"][t]]) for run in runs]
+    avg = CompressedMean(Codec(spec), "alltoall", len(runs), n)(xs)
+    return [avg[off : off + math.prod(s)].view(s) for off, s in
+            zip(offsets([math.prod(s) for s in shapes]), shapes)]
 
 
 def denominator(adamw, p, vstep) -> torch.Tensor:
@@ -242,7 +263,8 @@ def refresh_step(adamw, params, grads, vstep: dict, wd_of: dict) -> None:
 
 
 def replay(runs: list[dict], spec: str, algorithm: str, warmup: int, refresh: int = 0,
-           precondition: bool = True):
+           precondition: bool = True, cap: int | None = None,
+           refresh_codec: str | None = None):
     """Parameters (and residuals) after the recorded steps, computed in this process."""
     world = len(runs)
     params, adamw, wd_of = replay_start(runs)
@@ -253,11 +275,11 @@ def replay(runs: list[dict], spec: str, algorithm: str, warmup: int, refresh: in
         if t < warmup:  # AdamW itself, on the gradients DDP's hook averaged
             warmup_step(adamw, params, runs[0]["after"][t], vstep)
             continue
-        if refresh_due(t, warmup, refresh):
+        if refresh_due(t, warmup, refresh, cap):
             # AdamW's step on the gradients averaged inside step(), the second moment
             # updated as if the frozen steps' squared gradients had been this one's
             old = torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1) for p in params])
-            refresh_step(adamw, params, runs[0]["after"][t], vstep, wd_of)
+            refresh_step(adamw, params, refresh_gradients(runs, t, refresh_codec), vstep, wd_of)
             if precondition and t > warmup:
                 mean.rescale(old, torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1)
                                              for p in params]))
@@ -489,6 +511,10 @@ def error_cases(rank, world) -> dict:
     m5b = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     o5b = CompressedAdamW(m5b.parameters(), codec=codec("sign"), local_steps=1 + rank)
     out["local"] = catch(lambda: o5b.attach(m5b))
+    m5c = DDP(MLP())
+    o5c = CompressedAdamW(m5c.parameters(), codec=codec("sign"),
+                          refresh_codec=codec("int8") if rank == 0 else None)
+    out["refresh-codec"] = catch(lambda: o5c.attach(m5c))
     # without DDP the first reduce_gradients() (or step()) checks the same
     p6 = nn.Parameter(torch.zeros(100))
     o6 = CompressedAdamW([p6], codec=codec("sign"), warmup_steps=2 * (rank + 1))
@@ -551,6 +577,8 @@ def battery(rank: int, world: int) -> dict:
     for spec, algo, pre in CASES:
         out[("train", spec, algo, pre)] = train(rank, spec, algorithm=algo, precondition=pre)
     out["refresh"] = train(rank, "sign", steps=10, warmup=2, refresh=1)
+    out["refresh-int8"] = train(rank, "sign", steps=10, warmup=2, refresh=1, refresh_max=2,
+                                refresh_codec="int8")
     for spec in ("sign", "topk:0.05"):
         model, opt = build(spec)
         for t in range(STEPS):
@@ -684,6 +712,27 @@ def test_variance_refresh_steps_are_adamw(results):
     assert not torch.equal(runs[0]["after"][3][0], runs[1]["after"][3][0])  # local
 
 
+def test_capped_compressed_refreshes_match_reference(results):
+    """refresh=1, refresh_max_interval=2, refresh_codec="int8" after a 2-step warm-up:
+    steps 2, 4, 6, 8 (post-warm-up 1, 3, 5, 7: the gaps stop doubling at 2) are AdamW steps
+    on the int8 two-phase average of the ranks' gradients (no residuals), the others
+    compressed momentum steps: bit for bit the simulation."""
+    world, res = results
+    runs = [res[r]["refresh-int8"] for r in range(world)]
+    assert [t for t in range(10) if refresh_due(t, 2, 1, cap=2)] == [2, 4, 6, 8]
+    want, _ = replay(runs, "sign", "alltoall", 2, refresh=1, cap=2, refresh_codec="int8")
+    for r in range(world):
+        assert_same(runs[r]["final"], want, ("refresh-int8", r))
+        for t in (2, 4, 6, 8):  # the gradients the refresh stepped with, on every rank
+            assert_same(runs[r]["after"][t], refresh_gradients(runs, t, "int8"), (r, t))
+    exact = sum(run["before"][4][0] for run in runs) / world
+    assert not torch.equal(runs[0]["after"][4][0], exact)  # compressed, not exact
+    # int8 twice (worker and server): within ~1/127 of a block's largest magnitude
+    assert torch.allclose(runs[0]["after"][4][0], exact, rtol=0,
+                          atol=float(exact.abs().max()) / 50)
+    assert not torch.equal(runs[0]["after"][5][0], runs[1]["after"][5][0])  # local
+
+
 def test_resume_is_bit_identical(results):
     """Saved after warm-up (step 5), the resumed run is bit-identical to the one that never
     stopped. Saved during warm-up (step 2) too with 2 ranks; with 3, the first resumed
@@ -742,12 +791,14 @@ def test_errors_raise_on_every_rank(results):
         assert e["twice"][0] == "RuntimeError" and "already attached" in e["twice"][1]
         assert e["hooked"][0] == "RuntimeError" and "already has a comm" in e["hooked"][1]
         assert e["params"][0] == "ValueError" and "trainable" in e["params"][1]
-        for case in ("codec", "warmup", "warmup-manual", "local"):
+        for case in ("codec", "warmup", "warmup-manual", "local", "refresh-codec"):
             assert e[case] is not None and e[case][0] == "ValueError", (r, case, e[case])
             assert "disagree" in e[case][1], (r, case)
         assert "codec=sign" in e["codec"][1] and "codec=int4" in e["codec"][1]
         assert "warmup_steps=3" in e["warmup"][1] and "warmup_steps=4" in e["warmup"][1]
         assert "local_steps=1" in e["local"][1] and "local_steps=2" in e["local"][1]
+        assert "refresh_codec=int8" in e["refresh-codec"][1] and \
+            "refresh_codec=None" in e["refresh-codec"][1]
         assert e["out-of-step"] is not None and e["out-of-step"][0] == "ValueError", \
             (r, e["out-of-step"])
         assert "steps_taken=4" in e["out-of-step"][1] and "steps_taken=5" in \
@@ -767,6 +818,10 @@ def test_errors_raise_on_every_rank(results):
     ({"warmup_steps": -1}, ValueError, "warmup_steps"),
     ({"variance_refresh": 1.5}, ValueError, "variance_refresh"),
     ({"local_steps": 0}, ValueError, "local_steps"),
+    ({"refresh_max_interval": 5}, ValueError, "refresh_max_interval"),
+    ({"refresh_max_interval": 0, "variance_refresh": 0}, ValueError, "refresh_max_interval"),
+    ({"refresh_max_interval": 20.0}, ValueError, "refresh_max_interval"),
+    ({"refresh_codec": "int5"}, ValueError, "unknown codec"),
     ({"local_steps": 2.0}, ValueError, "local_steps"),
     ({"algorithm": "plain"}, ValueError, "algorithm"),
     ({"seed": -1}, ValueError, "seed"),
@@ -813,6 +868,44 @@ def test_bytes_per_step():
     assert local["synchronisation"] == 2 * int4
     assert local["compressed"] == 3 * (14 + 2) + 2 * int4 // 4
     assert local["warmup"] / local["compressed"] >= 14  # int4 every 2 steps' worth
+
+
+def test_bytes_after_warmup_follows_the_schedule():
+    """int4, local_steps=3, 4 ranks, 10 post-warm-up steps, counted by hand from
+    gradzip.comm.plan: refreshes every 4 steps through int8 (posts 4, 8: each ends its
+    interval, no synchronisation before it), or doubling from 2 (posts 2, 6: the first cuts
+    an interval short, so a synchronisation precedes it); the interval still open at the end
+    is closed once."""
+    params = [nn.Parameter(torch.zeros(1000, 1000)), nn.Parameter(torch.zeros(1000))]
+    n, agree = 1_001_000, 3 * (14 + 2)
+    sync = 2 * gradzip.comm.plan("int4", n, torch.float32, 4, "alltoall").bytes_sent
+    int8 = gradzip.comm.plan("int8", n, torch.float32, 4, "alltoall").bytes_sent
+    plain = gradzip.comm.plan("int4", n, torch.float32, 4, "plain").bytes_sent
+    capped = CompressedAdamW(params, codec="int4", local_steps=3, variance_refresh=4,
+                             refresh_max_interval=4, refresh_codec="int8")
+    assert [k for k in range(1, 11) if capped.refresh_at(k)] == [4, 8]
+    assert capped.bytes_per_step(4)["refresh"] == int8 + agree
+    # steps 1-3, 5-7: local, synchronised at 3 and 7; 9-10 local, closed at the end
+    assert capped.bytes_after_warmup(10, 4) == (8 * agree + 3 * sync + 2 * (int8 + agree)) / 10
+    doubling = CompressedAdamW(params, codec="int4", local_steps=3, variance_refresh=2)
+    assert [k for k in range(1, 11) if doubling.refresh_at(k)] == [2, 6]
+    # 1 | sync, refresh 2 | 3-5 sync | refresh 6 | 7-9 sync | 10, closed at the end
+    assert doubling.bytes_after_warmup(10, 4) == (8 * agree + 4 * sync + 2 * (plain + agree)) / 10
+    sign = CompressedAdamW(params, codec="sign", variance_refresh=3)
+    packed = gradzip.comm.plan("sign", n, torch.float32, 4, "alltoall").bytes_sent
+    assert sign.bytes_after_warmup(10, 4) == (8 * (packed + agree) + 2 * (plain + agree)) / 10
+    assert sign.bytes_after_warmup(0, 4) == 0.0
+
+
+def test_refresh_schedule_with_a_cap():
+    opt = CompressedAdamW([nn.Parameter(torch.zeros(3))], variance_refresh=10,
+                          refresh_max_interval=40)
+    assert [k for k in range(1, 300) if opt.refresh_at(k)] == [10, 30, 70, 110, 150, 190, 230,
+                                                                 270]
+    assert [k for k in range(1, 700) if CompressedAdamW(
+        [nn.Parameter(torch.zeros(3))]).refresh_at(k)] == [10, 30, 70, 150, 310, 630]
+    never = CompressedAdamW([nn.Parameter(torch.zeros(3))], variance_refresh=0)
+    assert not any(never.refresh_at(k) for k in range(1, 100))
 
 
 def test_state_dict_checks_and_adamw_state():

@@ -170,6 +170,15 @@ class CompressedAdamW(torch.optim.Optimizer):
             AdamW step (one uncompressed all-reduce) at post-warm-up steps N, 3N, 7N, 15N,
             ... (the skipped steps' squared gradients taken as this step's); 0 keeps it
             frozen for good (1-bit Adam).
+        refresh_max_interval: None (default): the intervals between refreshes keep
+            doubling (0/1 Adam's schedule). M >= ``variance_refresh``: they double up to M
+            and then stay M (``variance_refresh=M, refresh_max_interval=M``: every M
+            steps); see "Cheap, regular refreshes" above.
+        refresh_codec: None (default): a refresh averages the gradients exactly (a plain
+            all-reduce, fp32's bytes). A codec ("int8"): the refresh's gradient average is a
+            compressed two-phase all-reduce without error feedback (its error enters one
+            exact step and one update of the second moment, nothing accumulates), so that
+            refreshes can be frequent at a few bits per element.
         algorithm: "alltoall" (two-phase, worker + server residuals; the fewest bytes) or
             "allgather" (one compression per rank, (W-1) payloads per rank).
         local_steps: 1 (default): the momentum is all-reduced every post-warm-up step.
@@ -215,6 +224,8 @@ class CompressedAdamW(torch.optim.Optimizer):
         codec: Codec | str = "sign",
         warmup_steps: int = 100,
         variance_refresh: int = 10,
+        refresh_max_interval: int | None = None,
+        refresh_codec: Codec | str | None = None,
         algorithm: str = "alltoall",
         precondition: bool = True,
         local_steps: int = 1,
@@ -238,6 +249,12 @@ class CompressedAdamW(torch.optim.Optimizer):
         self.codec = as_codec(codec)
         _checks.check_nonnegative_int(warmup_steps, "warmup_steps")
         _checks.check_nonnegative_int(variance_refresh, "variance_refresh")
+        if refresh_max_interval is not None:
+            _checks.check_nonnegative_int(refresh_max_interval, "refresh_max_interval")
+            if refresh_max_interval < max(1, variance_refresh):
+                raise ValueError(f"refresh_max_interval must be None or >= variance_refresh "
+                                 f"({variance_refresh}) and >= 1, got {refresh_max_interval}")
+        self.refresh_codec = None if refresh_codec is None else as_codec(refresh_codec)
         _checks.check_choice(algorithm, ALGORITHMS, "algorithm")
         _checks.check_bool(precondition, "precondition")
         _checks.check_nonnegative_int(local_steps, "local_steps")
@@ -251,6 +268,7 @@ class CompressedAdamW(torch.optim.Optimizer):
                             f"got {type(process_group).__name__}")
         self.warmup_steps = warmup_steps
         self.variance_refresh = variance_refresh
+        self.refresh_max_interval = refresh_max_interval
         self.algorithm = algorithm
         self.precondition = precondition
         self.local_steps = local_steps
@@ -280,7 +298,9 @@ class CompressedAdamW(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (f"CompressedAdamW(codec={str(self.codec)!r}, warmup_steps={self.warmup_steps}, "
-                f"variance_refresh={self.variance_refresh}, algorithm={self.algorithm!r}, "
+                f"variance_refresh={self.variance_refresh}, "
+                f"refresh_max_interval={self.refresh_max_interval}, "
+                f"refresh_codec={self._refresh_spec()!r}, algorithm={self.algorithm!r}, "
                 f"precondition={self.precondition}, "
                 f"steps_taken={self.steps_taken}, groups={len(self.param_groups)})")
 
@@ -306,13 +326,26 @@ class CompressedAdamW(torch.optim.Optimizer):
         return self.steps_taken < self.warmup_steps
 
     def _refresh_due(self) -> bool:
-        """Is the next post-warm-up step a variance refresh (steps N, 3N, 7N, ... after
-        warm-up, counted from 1)?"""
-        if self.variance_refresh == 0:
+        """Is the next post-warm-up step a variance refresh?"""
+        return self.refresh_at(self.steps_taken - self.warmup_steps + 1)
+
+    def refresh_at(self, k: int) -> bool:
+        """Is post-warm-up step ``k`` (counted from 1) a variance refresh? With
+        ``variance_refresh=N``: steps N, 3N, 7N, 15N, ... (the intervals double); with
+        ``refresh_max_interval=M`` the intervals stop growing at M."""
+        n, cap = self.variance_refresh, self.refresh_max_interval
+        if n == 0 or k < n:
             return False
-        k = self.steps_taken - self.warmup_steps + 1
-        q, r = divmod(k, self.variance_refresh)
-        return r == 0 and q > 0 and (q + 1) & q == 0
+        pos, gap = n, n
+        while cap is None or 2 * gap <= cap:
+            if pos >= k:
+                return pos == k
+            gap *= 2
+            pos += gap
+        return k >= pos and (k - pos) % cap == 0
+
+    def _refresh_spec(self) -> str | None:
+        return None if self.refresh_codec is None else self.refresh_codec.spec
 
     # ---- DDP -----------------------------------------------------------------------------
     def attach(self, model: DistributedDataParallel) -> None:
@@ -418,7 +451,10 @@ class CompressedAdamW(torch.optim.Optimizer):
         if self._refresh_due():
             self._synchronise()  # a refresh is an exact step from shared parameters
             old = self._denominators() if self.precondition else None
-            self._average_gradients()
+            if self.refresh_codec is None:
+                self._average_gradients()
+            else:
+                self._compressed_gradients(present)
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
@@ -645,6 +681,31 @@ class CompressedAdamW(torch.optim.Optimizer):
                     p.grad = avg.clone()
                 off += p.numel()
 
+    def _compressed_gradients(self, present: dict[int, bool]) -> None:
+        """A refresh's average of the gradients through ``refresh_codec`` (two-phase, no
+        error feedback: bit-identical on every rank); None counts as zeros, and a parameter
+        whose gradient exists on some rank (``present``) gets the average on every rank."""
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for p in self._params():
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        for (device, dtype), params in by_kind.items():
+            buf = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+            off = 0
+            for p in params:
+                if p.grad is not None:
+                    buf[off : off + p.numel()].view(p.shape).copy_(p.grad)
+                off += p.numel()
+            comm.all_reduce(buf, self.refresh_codec, group=self.process_group,
+                            algorithm="alltoall", average=True, verify=self.verify)
+            off = 0
+            for p in params:
+                avg = buf[off : off + p.numel()].view(p.shape)
+                if p.grad is not None:
+                    p.grad.copy_(avg)
+                elif present[id(p)]:
+                    p.grad = avg.clone()
+                off += p.numel()
+
     # ---- agreement -----------------------------------------------------------------------
     def _settings(self) -> str:
         """What every rank must agree on, as text (compared once, then by crc32 per step)."""
@@ -658,6 +719,8 @@ class CompressedAdamW(torch.optim.Optimizer):
                    len(g["params"])) for g in self.param_groups]
         return (f"CompressedAdamW v{_STATE_VERSION} codec={self.codec.spec} "
                 f"warmup_steps={self.warmup_steps} variance_refresh={self.variance_refresh} "
+                f"refresh_max_interval={self.refresh_max_interval} "
+                f"refresh_codec={self._refresh_spec()} "
                 f"algorithm={self.algorithm} precondition={self.precondition} "
                 f"local_steps={self.local_steps} {self._layout} groups={groups}")
 
@@ -732,10 +795,13 @@ class CompressedAdamW(torch.optim.Optimizer):
         :meth:`reduce_gradients` does), ``"compressed"`` (a post-warm-up step: the
         compressed momentum plus the per-step agreement; with ``local_steps`` > 1 the
         agreement plus a ``local_steps``-th of a synchronisation, rounded down),
+        ``"agreement"`` (the per-step all-gather in which the ranks agree on the step),
         ``"synchronisation"`` (what ends an interval of local steps: the compressed
         movement of the parameters and the compressed momentum; with ``local_steps=1``
         the compressed momentum alone) and ``"refresh"`` (a variance-refresh step, without
-        the synchronisation that precedes it when an interval is open)."""
+        the synchronisation that precedes it when an interval is open; through
+        ``refresh_codec`` when one is set). :meth:`bytes_after_warmup` averages them over a
+        run."""
         if world_size is None:
             world_size = self._world()[1]
         _checks.check_nonnegative_int(world_size, "world_size")
@@ -748,12 +814,41 @@ class CompressedAdamW(torch.optim.Optimizer):
                     for d, n in kinds.items())
         packed = sum(comm.plan(self.codec, n, d, world_size, self.algorithm).bytes_sent
                      for d, n in kinds.items())
+        refresh = agree + (plain if self.refresh_codec is None else sum(
+            comm.plan(self.refresh_codec, n, d, world_size, "alltoall").bytes_sent
+            for d, n in kinds.items()))
         if self.local_steps == 1:
             return {"warmup": plain, "compressed": packed + agree, "synchronisation": packed,
-                    "refresh": plain + agree}
+                    "refresh": refresh, "agreement": agree}
         sync = 2 * packed
         return {"warmup": plain, "compressed": agree + sync // self.local_steps,
-                "synchronisation": sync, "refresh": plain + agree}
+                "synchronisation": sync, "refresh": refresh, "agreement": agree}
+
+    def bytes_after_warmup(self, steps: int, world_size: int | None = None) -> float:
+        """Mean bytes one rank sends per post-warm-up step over ``steps`` such steps, with
+        this optimizer's schedule: every step's agreement and compressed momentum (or, with
+        ``local_steps`` > 1, each synchronisation when it happens, including those that a
+        refresh cuts short and one closing the last interval), and the variance refreshes
+        (:meth:`refresh_at`) at what :meth:`bytes_per_step` says they cost."""
+        _checks.check_nonnegative_int(steps, "steps")
+        if steps == 0:
+            return 0.0
+        b = self.bytes_per_step(world_size)
+        agree = b["agreement"]
+        total, count = 0, 0
+        for k in range(1, steps + 1):
+            if self.refresh_at(k):
+                total += b["refresh"] + (b["synchronisation"] if count else 0)
+                count = 0
+            elif self.local_steps == 1:
+                total += b["compressed"]
+            else:
+                count += 1
+                total += agree
+                if count == self.local_steps:
+                    total += b["synchronisation"]
+                    count = 0
+        return (total + (b["synchronisation"] if count else 0)) / steps
 
     # ---- checkpoints ---------------------------------------------------------------------
     def init_state(self) -> None:
