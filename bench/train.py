@@ -29,7 +29,8 @@ the DDP model: exact AdamW for its warm-up, then the frozen-variance compressed 
 options after ``+``: ``raw`` (the raw momentum travels, as in DeepSpeed's 1-bit Adam),
 ``allgather``, ``warmup<N>`` (default ``--opt-warmup``), ``refresh<N>``
 (``variance_refresh``), ``refreshmax<N>`` (``refresh_max_interval``),
-``refreshcodec:<codec>`` (``refresh_codec``), ``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
+``refreshcodec:<codec>`` (``refresh_codec``), ``ownmomentum`` (``average_momentum=False``),
+``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
 the ranks synchronise every N steps; evaluations inside an interval take rank 0's own model,
 the final one and those after it the common model, synchronised inside the timed step),
 e.g. ``gz-opt:int4+local6`` or ``gz-opt:int4+local7+refresh28+refreshmax28+refreshcodec:int8``. Every method starts from the same initial weights, sees the same
@@ -403,10 +404,12 @@ def opt_method(method: str, cfg: dict) -> tuple[str, dict]:
             kw["block"] = int(o[len("block"):])
         elif o.startswith("local") and o[len("local"):].isdigit():
             kw["local_steps"] = int(o[len("local"):])
+        elif o == "ownmomentum":
+            kw["average_momentum"] = False
         else:
             raise ValueError(f"unknown gz-opt option {o!r} in {method!r} (raw, allgather, "
                              "warmup<N>, refresh<N>, refreshmax<N>, refreshcodec:<codec>, "
-                             "block<N>, local<N>)")
+                             "block<N>, local<N>, ownmomentum)")
     return spec, kw
 
 

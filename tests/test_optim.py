@@ -81,12 +81,14 @@ def codec(spec: str) -> Codec:
 
 
 def build(spec="sign", *, warmup=WARMUP, algorithm="alltoall", refresh=0, attach=True,
-          precondition=True, local=1, refresh_max=None, refresh_codec=None):
+          precondition=True, local=1, refresh_max=None, refresh_codec=None,
+          average_momentum=True):
     model = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
     opt = CompressedAdamW(param_groups(model.parameters()), lr=LR, betas=BETAS, eps=EPS,
                           codec=codec(spec), warmup_steps=warmup, algorithm=algorithm,
                           variance_refresh=refresh, precondition=precondition,
                           local_steps=local, refresh_max_interval=refresh_max,
+                          average_momentum=average_momentum,
                           refresh_codec=None if refresh_codec is None else codec(refresh_codec))
     if attach:
         opt.attach(model)
@@ -322,12 +324,15 @@ def offsets(sizes):
     return out
 
 
-def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: int):
+def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: int,
+                 average_momentum: bool = True):
     """``local_steps=local``: after warm-up every rank takes AdamW's frozen-variance step
     with its own gradient on its own parameters and momentum; every ``local`` steps, before
     a refresh and at the end the ranks average how far their parameters moved since the
     interval began and their preconditioned momenta, each through its own compressed
-    all-reduce. Returns the shared parameters and the two compressed means."""
+    all-reduce (with ``average_momentum=False`` the momenta only before a refresh, and each
+    rank keeps its own until then). Returns the shared parameters, the two compressed means,
+    the ranks' parameters before the last synchronisation and their momenta at the end."""
     world = len(runs)
     params, adamw, wd_of = replay_start(runs)
     sizes = [p.numel() for p in params]
@@ -335,21 +340,24 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
     mom_mean = CompressedMean(Codec(spec), "alltoall", world, sum(sizes))
     vstep, local_p, local_m, anchor, count = {}, None, None, None, 0
 
-    def synchronise():
+    def synchronise(momenta: bool):
         nonlocal local_p, local_m, count
         d = {id(p): denominator(adamw, p, vstep[id(p)]) for p in params}
-        moved = moved_mean([torch.cat([(a - q).reshape(-1) for a, q in zip(anchor, qs)])
-                            for qs in local_p])
-        us = [torch.cat([(m / d[id(p)]).reshape(-1) for p, m in zip(params, ms)])
-              for ms in local_m]
-        u = mom_mean(us)
         with torch.no_grad():
-            for p, a, off in zip(params, anchor, offsets(sizes)):
-                p.copy_(a - moved[off : off + p.numel()].view(p.shape))
-                up = u[off : off + p.numel()].view(p.shape).clone()
-                up.masked_fill_(adamw.state[p]["exp_avg_sq"] == 0, 0.0)
-                adamw.state[p]["exp_avg"].copy_(up * d[id(p)])
-        local_p = local_m = None
+            if count:
+                moved = moved_mean([torch.cat([(a - q).reshape(-1) for a, q in zip(anchor, qs)])
+                                    for qs in local_p])
+                for p, a, off in zip(params, anchor, offsets(sizes)):
+                    p.copy_(a - moved[off : off + p.numel()].view(p.shape))
+            if momenta:
+                u = mom_mean([torch.cat([(m / d[id(p)]).reshape(-1)
+                                         for p, m in zip(params, ms)]) for ms in local_m])
+                for p, off in zip(params, offsets(sizes)):
+                    up = u[off : off + p.numel()].view(p.shape).clone()
+                    up.masked_fill_(adamw.state[p]["exp_avg_sq"] == 0, 0.0)
+                    adamw.state[p]["exp_avg"].copy_(up * d[id(p)])
+                local_m = None
+        local_p = None
         count = 0
 
     for t in range(len(runs[0]["before"])):
@@ -357,18 +365,19 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
             warmup_step(adamw, params, runs[0]["after"][t], vstep)
             continue
         if refresh_due(t, warmup, refresh):
-            if count:
-                synchronise()
+            if count or local_m is not None:
+                synchronise(momenta=local_m is not None)
             old = torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1) for p in params])
             refresh_step(adamw, params, runs[0]["after"][t], vstep, wd_of)
             mom_mean.rescale(old, torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1)
                                              for p in params]))
             continue
-        if count == 0:  # an interval starts from the shared parameters and momentum
+        if count == 0:  # an interval starts from the shared parameters
             anchor = [p.detach().clone() for p in params]
             local_p = [[p.detach().clone() for p in params] for _ in range(world)]
-            local_m = [[adamw.state[p]["exp_avg"].clone() for p in params]
-                       for _ in range(world)]
+            if local_m is None:  # ... and the shared momentum
+                local_m = [[adamw.state[p]["exp_avg"].clone() for p in params]
+                           for _ in range(world)]
         step = adamw.state[params[0]]["step"].item() + 1
         for r in range(world):
             for p, q, m, g in zip(params, local_p[r], local_m[r], runs[r]["before"][t]):
@@ -382,11 +391,13 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
             adamw.state[p]["step"] += 1
         count += 1
         if count == local:
-            synchronise()
+            synchronise(momenta=average_momentum)
     local_then = [list(q) for q in local_p] if count else None
     if count:
-        synchronise()
-    return [p.detach() for p in params], moved_mean, mom_mean, local_then
+        synchronise(momenta=average_momentum)
+    momenta = [[adamw.state[p]["exp_avg"].clone() for p in params]] * world \
+        if local_m is None else local_m
+    return [p.detach() for p in params], moved_mean, mom_mean, local_then, momenta
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,12 +411,14 @@ CASES = [("sign", "alltoall", True), ("sign", "allgather", True), ("topk:0.05", 
          ("int4", "alltoall", True), ("int8", "alltoall", False)]
 
 
-def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save", local=1):
+def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save", local=1,
+               average_momentum=True):
     """n1 steps, checkpoint (model, optimizer), rebuild everything, load, n2 more steps.
     ``via="dcp"``: torch.distributed.checkpoint with the module and the optimizer as
     Stateful objects in one directory shared by the ranks (the moments are the same on
     every rank, so DCP writes them once; each rank must still get its own residuals)."""
-    model, opt = build(spec, algorithm=algorithm, local=local)
+    model, opt = build(spec, algorithm=algorithm, local=local,
+                       average_momentum=average_momentum)
     for t in range(n1):
         one_step(model, opt, rank, t)
     if via == "dcp":
@@ -414,7 +427,8 @@ def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save", local
         dist.broadcast_object_list(where, src=0)
         dcp.save({"model": model.module, "optim": opt}, checkpoint_id=where[0])
         del model, opt
-        model, opt = build(spec, algorithm=algorithm, local=local)
+        model, opt = build(spec, algorithm=algorithm, local=local,
+                           average_momentum=average_momentum)
         opt.init_state()
         dcp.load({"model": model.module, "optim": opt}, checkpoint_id=where[0])
         dist.barrier()
@@ -426,12 +440,15 @@ def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save", local
         del model, opt
         buf.seek(0)
         ck = torch.load(buf, weights_only=False)
-        model, opt = build(spec, algorithm=algorithm, local=local)
+        model, opt = build(spec, algorithm=algorithm, local=local,
+                           average_momentum=average_momentum)
         model.module.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
     for t in range(n1, n1 + n2):
         one_step(model, opt, rank, t)
-    return snapshot(ordered(opt))
+    if average_momentum:
+        return snapshot(ordered(opt))
+    return snapshot(ordered(opt)), snapshot(opt.state[p]["exp_avg"] for p in ordered(opt))
 
 
 def overflow_run(rank, world, bad_steps=(1, 5), steps=8):
@@ -515,6 +532,10 @@ def error_cases(rank, world) -> dict:
     o5c = CompressedAdamW(m5c.parameters(), codec=codec("sign"),
                           refresh_codec=codec("int8") if rank == 0 else None)
     out["refresh-codec"] = catch(lambda: o5c.attach(m5c))
+    m5d = DDP(MLP())
+    o5d = CompressedAdamW(m5d.parameters(), codec=codec("sign"), local_steps=2,
+                          average_momentum=rank != 0)
+    out["own-momentum"] = catch(lambda: o5d.attach(m5d))
     # without DDP the first reduce_gradients() (or step()) checks the same
     p6 = nn.Parameter(torch.zeros(100))
     o6 = CompressedAdamW([p6], codec=codec("sign"), warmup_steps=2 * (rank + 1))
@@ -543,11 +564,12 @@ def error_cases(rank, world) -> dict:
     return out
 
 
-def local_run(rank, steps=10, warmup=2, refresh=2, local=3):
+def local_run(rank, steps=10, warmup=2, refresh=2, local=3, average_momentum=True):
     """local_steps=3 with refreshes at post-warm-up steps 2 and 6: an interval cut short by
     a refresh, one ended by the count, and one left open at the end (closed by
     synchronise())."""
-    model, opt = build("int4", warmup=warmup, refresh=refresh, local=local)
+    model, opt = build("int4", warmup=warmup, refresh=refresh, local=local,
+                       average_momentum=average_momentum)
     log = {"init": snapshot(ordered(opt)), "before": [], "after": []}
     for t in range(steps):
         one_step(model, opt, rank, t, log)
@@ -558,6 +580,7 @@ def local_run(rank, steps=10, warmup=2, refresh=2, local=3):
         torch.zeros(2))]})), len(opt.param_groups) == groups)
     opt.synchronise()
     log["closed"] = (opt.synchronised, snapshot(ordered(opt)))
+    log["momenta"] = snapshot(opt.state[p]["exp_avg"] for p in ordered(opt))
     log["pending"] = {k: opt.feedback.pending(k) for k in list(opt.feedback.keys())}
     log["state_dict_after"] = sorted(opt.state_dict()["gradzip"])
     return log
@@ -566,6 +589,7 @@ def local_run(rank, steps=10, warmup=2, refresh=2, local=3):
 def battery(rank: int, world: int) -> dict:
     out = {}
     out["local"] = local_run(rank)
+    out["local-own"] = local_run(rank, steps=12, average_momentum=False)
     # local_steps=2 after a 3-step warm-up: steps 5 and 7 synchronise; saved at step 5
     model, opt = build("int4", local=2)
     for t in range(STEPS):
@@ -573,6 +597,14 @@ def battery(rank: int, world: int) -> dict:
     out["local-resume"] = {"whole": snapshot(ordered(opt)), "synchronised": opt.synchronised,
                            "dcp": resume_run(rank, "int4", 5, STEPS - 5, via="dcp", local=2),
                            "save": resume_run(rank, "int4", 5, STEPS - 5, local=2)}
+    # the same with each rank's own momentum: saved with the ranks' momenta differing
+    model, opt = build("int4", local=2, average_momentum=False)
+    for t in range(STEPS):
+        one_step(model, opt, rank, t)
+    out["own-resume"] = {
+        "whole": (snapshot(ordered(opt)), snapshot(opt.state[p]["exp_avg"] for p in ordered(opt))),
+        "dcp": resume_run(rank, "int4", 5, STEPS - 5, via="dcp", local=2, average_momentum=False),
+        "save": resume_run(rank, "int4", 5, STEPS - 5, local=2, average_momentum=False)}
     out["warmup-only"] = train(rank, "sign", steps=5, warmup=5)
     for spec, algo, pre in CASES:
         out[("train", spec, algo, pre)] = train(rank, spec, algorithm=algo, precondition=pre)
@@ -654,7 +686,8 @@ def test_local_steps_match_reference_simulation(results):
     state_dict() refuses until synchronise()."""
     world, res = results
     runs = [res[r]["local"] for r in range(world)]
-    want, moved, mom, open_params = replay_local(runs, "int4", warmup=2, refresh=2, local=3)
+    want, moved, mom, open_params, _ = replay_local(runs, "int4", warmup=2, refresh=2,
+                                                    local=3)
     assert open_params is not None  # the run ended inside an interval
     for r in range(world):
         synced, closed = runs[r]["closed"]
@@ -673,6 +706,46 @@ def test_local_steps_match_reference_simulation(results):
         assert torch.equal(runs[r]["pending"][keys[1]], moved.pending(r))
     assert not torch.equal(runs[0]["open"][1][0], runs[1]["open"][1][0])
     assert not torch.equal(runs[0]["open"][1][0], want[0])
+
+
+def test_own_momenta_match_reference_simulation(results):
+    """average_momentum=False (local_steps=3, int4, 12 steps, refreshes at post-warm-up
+    steps 2 and 6): a synchronisation averages the parameters only, each rank keeps its own
+    momentum, and a refresh averages the momenta first (at 6 with no interval open); after
+    the synchronisation at post-warm-up step 9 the ranks go on with their own momenta: bit
+    for bit the simulation, residuals included; at the end the ranks' momenta differ, each
+    the simulation's rank's."""
+    world, res = results
+    runs = [res[r]["local-own"] for r in range(world)]
+    want, moved, mom, open_params, momenta = replay_local(runs, "int4", warmup=2, refresh=2,
+                                                          local=3, average_momentum=False)
+    for r in range(world):
+        assert runs[r]["closed"][0] and not runs[r]["open"][0]
+        assert_same(runs[r]["closed"][1], want, ("synchronised", r))
+        assert_same(runs[r]["open"][1], open_params[r], ("open interval", r))
+        assert_same(runs[r]["momenta"], momenta[r], ("own momentum", r))
+        keys = sorted(runs[r]["pending"], key=len)
+        assert len(keys) == 2 and keys[1][-1] == "moved"
+        assert torch.equal(runs[r]["pending"][keys[0]], mom.pending(r))
+        assert torch.equal(runs[r]["pending"][keys[1]], moved.pending(r))
+    assert not torch.equal(runs[0]["momenta"][0], runs[1]["momenta"][0])
+    # not the method that averages the momenta too
+    same = replay_local(runs, "int4", warmup=2, refresh=2, local=3)[0]
+    assert not torch.equal(runs[0]["closed"][1][0], same[0])
+
+
+def test_own_momenta_resume_is_bit_identical(results):
+    """average_momentum=False, saved at step 5 of 8 (synchronised parameters, each rank's
+    own momentum) through DCP and torch.save: each rank gets its own momentum back and the
+    resumed run ends where the uninterrupted one does."""
+    world, res = results
+    for r in range(world):
+        case = res[r]["own-resume"]
+        for via in ("dcp", "save"):
+            assert_same(case[via][0], case["whole"][0], (via, "parameters", r))
+            assert_same(case[via][1], case["whole"][1], (via, "momenta", r))
+    assert not torch.equal(res[0]["own-resume"]["whole"][1][0],
+                           res[1]["own-resume"]["whole"][1][0])
 
 
 def test_local_steps_resume_is_bit_identical(results):
@@ -791,7 +864,8 @@ def test_errors_raise_on_every_rank(results):
         assert e["twice"][0] == "RuntimeError" and "already attached" in e["twice"][1]
         assert e["hooked"][0] == "RuntimeError" and "already has a comm" in e["hooked"][1]
         assert e["params"][0] == "ValueError" and "trainable" in e["params"][1]
-        for case in ("codec", "warmup", "warmup-manual", "local", "refresh-codec"):
+        for case in ("codec", "warmup", "warmup-manual", "local", "refresh-codec",
+                     "own-momentum"):
             assert e[case] is not None and e[case][0] == "ValueError", (r, case, e[case])
             assert "disagree" in e[case][1], (r, case)
         assert "codec=sign" in e["codec"][1] and "codec=int4" in e["codec"][1]
@@ -799,6 +873,7 @@ def test_errors_raise_on_every_rank(results):
         assert "local_steps=1" in e["local"][1] and "local_steps=2" in e["local"][1]
         assert "refresh_codec=int8" in e["refresh-codec"][1] and \
             "refresh_codec=None" in e["refresh-codec"][1]
+        assert "average_momentum=False" in e["own-momentum"][1]
         assert e["out-of-step"] is not None and e["out-of-step"][0] == "ValueError", \
             (r, e["out-of-step"])
         assert "steps_taken=4" in e["out-of-step"][1] and "steps_taken=5" in \
@@ -823,6 +898,8 @@ def test_errors_raise_on_every_rank(results):
     ({"refresh_max_interval": 20.0}, ValueError, "refresh_max_interval"),
     ({"refresh_codec": "int5"}, ValueError, "unknown codec"),
     ({"local_steps": 2.0}, ValueError, "local_steps"),
+    ({"average_momentum": False}, ValueError, "average_momentum=False needs local_steps"),
+    ({"average_momentum": 0, "local_steps": 2}, TypeError, "average_momentum"),
     ({"algorithm": "plain"}, ValueError, "algorithm"),
     ({"seed": -1}, ValueError, "seed"),
     ({"verify": "sometimes"}, ValueError, "verify"),
@@ -895,6 +972,13 @@ def test_bytes_after_warmup_follows_the_schedule():
     packed = gradzip.comm.plan("sign", n, torch.float32, 4, "alltoall").bytes_sent
     assert sign.bytes_after_warmup(10, 4) == (8 * (packed + agree) + 2 * (plain + agree)) / 10
     assert sign.bytes_after_warmup(0, 4) == 0.0
+    # each rank's own momentum: a synchronisation is the movement alone; a refresh first
+    # averages the momenta (at 4 the interval just ended; at 8 also), 9-10 closed at the end
+    own = CompressedAdamW(params, codec="int4", local_steps=3, variance_refresh=4,
+                          refresh_max_interval=4, refresh_codec="int8", average_momentum=False)
+    assert own.bytes_per_step(4)["synchronisation"] == sync // 2
+    assert own.bytes_after_warmup(10, 4) == \
+        (8 * agree + 3 * sync // 2 + 2 * (sync // 2 + int8 + agree)) / 10
 
 
 def test_refresh_schedule_with_a_cap():

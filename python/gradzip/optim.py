@@ -186,6 +186,13 @@ class CompressedAdamW(torch.optim.Optimizer):
             their parameters moved and their momenta (two compressed all-reduces); see
             "Local steps" above. Memory: two more parameter-sized buffers and a second
             residual.
+        average_momentum: with ``local_steps`` > 1. True (default): a synchronisation
+            averages the ranks' momenta with their parameters' movement. False: each rank
+            keeps its own momentum (the ranks' momenta then average to the momentum of the
+            averaged gradient, since the frozen-variance update is linear), averaged only
+            before a variance refresh, whose exact step needs a shared one; a
+            synchronisation then sends one compressed tensor instead of two, so the ranks
+            can synchronise twice as often for the same bytes (see "Local steps" above).
         precondition: True (default): what travels is the momentum divided by the frozen
             denominator, ``m / (sqrt(v / bc2) + eps)``, i.e. the update itself, so that the
             codec's per-block scale is shared by coordinates of comparable step size and
@@ -229,6 +236,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         algorithm: str = "alltoall",
         precondition: bool = True,
         local_steps: int = 1,
+        average_momentum: bool = True,
         process_group: dist.ProcessGroup | None = None,
         seed: int = 0,
         verify: str = "auto",
@@ -261,6 +269,10 @@ class CompressedAdamW(torch.optim.Optimizer):
         if local_steps < 1:
             raise ValueError(f"local_steps must be >= 1 (1: communicate every step), got "
                              f"{local_steps}")
+        _checks.check_bool(average_momentum, "average_momentum")
+        if not average_momentum and local_steps == 1:
+            raise ValueError("average_momentum=False needs local_steps > 1 (with "
+                             "local_steps=1 the averaged momentum is the update)")
         _checks.check_seed(seed)
         _checks.check_choice(verify, comm.VERIFY_MODES, "verify")
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
@@ -272,6 +284,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         self.algorithm = algorithm
         self.precondition = precondition
         self.local_steps = local_steps
+        self.average_momentum = average_momentum
         self.process_group = process_group
         self.verify = verify
         #: optimizer steps taken (skipped steps do not count); warm-up while below
@@ -282,6 +295,9 @@ class CompressedAdamW(torch.optim.Optimizer):
         # local_steps > 1: steps since the ranks last synchronised, where each interval
         # started (the shared parameters), the buffers of what the parameters moved
         self._local_count = 0
+        # average_momentum=False: the ranks' momenta differ (local steps since the last
+        # refresh averaged them)
+        self._momentum_own = False
         self._anchors: dict[int, torch.Tensor] = {}
         self._deltas: dict[int, torch.Tensor] = {}
         self._layout: str | None = None
@@ -449,7 +465,8 @@ class CompressedAdamW(torch.optim.Optimizer):
             return loss
         self._unscale(grad_scale)
         if self._refresh_due():
-            self._synchronise()  # a refresh is an exact step from shared parameters
+            # a refresh is an exact step from shared parameters and momentum
+            self._synchronise(refresh=True)
             old = self._denominators() if self.precondition else None
             if self.refresh_codec is None:
                 self._average_gradients()
@@ -472,9 +489,10 @@ class CompressedAdamW(torch.optim.Optimizer):
 
     @property
     def synchronised(self) -> bool:
-        """True when every rank holds the same parameters and momentum: always with
-        ``local_steps=1``; otherwise after every ``local_steps``-th post-warm-up step, a
-        variance refresh or :meth:`synchronise`."""
+        """True when every rank holds the same parameters (and, unless
+        ``average_momentum=False``, the same momentum): always with ``local_steps=1``;
+        otherwise after every ``local_steps``-th post-warm-up step, a variance refresh or
+        :meth:`synchronise`."""
         return self._local_count == 0
 
     @torch.no_grad()
@@ -483,7 +501,8 @@ class CompressedAdamW(torch.optim.Optimizer):
         compressed all-reduces that end every interval), so that every rank holds the same
         parameters and momentum, e.g. before evaluating or saving. Does nothing when
         already :attr:`synchronised`. A collective: call it on every rank (they compare
-        their step counts at every step, so they agree on whether an interval is open)."""
+        their step counts at every step, so they agree on whether an interval is open).
+        With ``average_momentum=False`` it averages the parameters only."""
         self._synchronise()
 
     def _compressed_step(self, present: dict[int, bool]) -> None:
@@ -531,27 +550,37 @@ class CompressedAdamW(torch.optim.Optimizer):
                 if present[id(p)]:
                     _frozen_update(p, m, _frozen_denominator(state, group), state, group)
         self._local_count += 1
+        self._momentum_own = not self.average_momentum
 
-    def _synchronise(self) -> None:
+    def _synchronise(self, refresh: bool = False) -> None:
         """End of an interval of local steps: the ranks average how far their parameters
         moved from the anchors (compressed, with residuals of its own) and their momenta
         (compressed as in the per-step method, divided by the frozen denominator unless
         ``precondition=False``); afterwards every rank holds the same of both, bit for
-        bit."""
-        if self._local_count == 0:
+        bit. With ``average_momentum=False`` the momenta are averaged only before a
+        ``refresh`` (whose exact step needs a shared momentum), and then even when no
+        interval is open."""
+        move = self._local_count > 0
+        average = (move and self.average_momentum) or (refresh and self._momentum_own)
+        if not (move or average):
             return
         flats = self._flat_buffers()
         denoms = self._denominators() if self.precondition else None
         if any(id(f.buffer) not in self._deltas for f in flats):
             self._deltas = {id(f.buffer): torch.empty_like(f.buffer) for f in flats}
         for flat in flats:
-            moved = self._deltas[id(flat.buffer)]
-            for p, off in zip(flat.params, flat.offsets):
-                torch.sub(self._anchors[id(p)], p, out=moved[off : off + p.numel()].view(p.shape))
-            self._compressed_mean(moved, flat.key + ("moved",))
-            for p, off in zip(flat.params, flat.offsets):
-                p.copy_(self._anchors[id(p)]).sub_(moved[off : off + p.numel()].view(p.shape))
-                if denoms is not None:
+            if move:
+                moved = self._deltas[id(flat.buffer)]
+                for p, off in zip(flat.params, flat.offsets):
+                    torch.sub(self._anchors[id(p)], p,
+                              out=moved[off : off + p.numel()].view(p.shape))
+                self._compressed_mean(moved, flat.key + ("moved",))
+                for p, off in zip(flat.params, flat.offsets):
+                    p.copy_(self._anchors[id(p)]).sub_(moved[off : off + p.numel()].view(p.shape))
+            if not average:
+                continue
+            if denoms is not None:
+                for p in flat.params:
                     self.state[p]["exp_avg"].div_(denoms[id(p)])
             self._compressed_mean(flat.buffer, flat.key)
             for p in flat.params:
@@ -561,6 +590,8 @@ class CompressedAdamW(torch.optim.Optimizer):
                 if denoms is not None:
                     m.mul_(denoms[id(p)])
         self._local_count = 0
+        if average:
+            self._momentum_own = False
 
     def _compressed_mean(self, buffer: torch.Tensor, key: tuple) -> None:
         """``buffer`` averaged over the ranks in place through the optimizer's codec and
@@ -722,7 +753,8 @@ class CompressedAdamW(torch.optim.Optimizer):
                 f"refresh_max_interval={self.refresh_max_interval} "
                 f"refresh_codec={self._refresh_spec()} "
                 f"algorithm={self.algorithm} precondition={self.precondition} "
-                f"local_steps={self.local_steps} {self._layout} groups={groups}")
+                f"local_steps={self.local_steps} average_momentum={self.average_momentum} "
+                f"{self._layout} groups={groups}")
 
     def _device(self) -> torch.device:
         if dist.get_backend(self.process_group) == "nccl":
@@ -797,8 +829,9 @@ class CompressedAdamW(torch.optim.Optimizer):
         agreement plus a ``local_steps``-th of a synchronisation, rounded down),
         ``"agreement"`` (the per-step all-gather in which the ranks agree on the step),
         ``"synchronisation"`` (what ends an interval of local steps: the compressed
-        movement of the parameters and the compressed momentum; with ``local_steps=1``
-        the compressed momentum alone) and ``"refresh"`` (a variance-refresh step, without
+        movement of the parameters and the compressed momentum; the movement alone with
+        ``average_momentum=False``; with ``local_steps=1`` the compressed momentum alone),
+        ``"momentum"`` (the compressed momentum on its own) and ``"refresh"`` (a variance-refresh step, without
         the synchronisation that precedes it when an interval is open; through
         ``refresh_codec`` when one is set). :meth:`bytes_after_warmup` averages them over a
         run."""
@@ -819,31 +852,38 @@ class CompressedAdamW(torch.optim.Optimizer):
             for d, n in kinds.items()))
         if self.local_steps == 1:
             return {"warmup": plain, "compressed": packed + agree, "synchronisation": packed,
-                    "refresh": refresh, "agreement": agree}
-        sync = 2 * packed
+                    "refresh": refresh, "agreement": agree, "momentum": packed}
+        sync = (2 if self.average_momentum else 1) * packed
         return {"warmup": plain, "compressed": agree + sync // self.local_steps,
-                "synchronisation": sync, "refresh": refresh, "agreement": agree}
+                "synchronisation": sync, "refresh": refresh, "agreement": agree,
+                "momentum": packed}
 
     def bytes_after_warmup(self, steps: int, world_size: int | None = None) -> float:
         """Mean bytes one rank sends per post-warm-up step over ``steps`` such steps, with
         this optimizer's schedule: every step's agreement and compressed momentum (or, with
         ``local_steps`` > 1, each synchronisation when it happens, including those that a
-        refresh cuts short and one closing the last interval), and the variance refreshes
-        (:meth:`refresh_at`) at what :meth:`bytes_per_step` says they cost."""
+        refresh cuts short and one closing the last interval; with
+        ``average_momentum=False`` the momenta's average before each refresh), and the
+        variance refreshes (:meth:`refresh_at`) at what :meth:`bytes_per_step` says they
+        cost."""
         _checks.check_nonnegative_int(steps, "steps")
         if steps == 0:
             return 0.0
         b = self.bytes_per_step(world_size)
         agree = b["agreement"]
-        total, count = 0, 0
+        total, count, own = 0, 0, False
+        movement = b["synchronisation"] - (b["momentum"] if self.average_momentum else 0)
         for k in range(1, steps + 1):
             if self.refresh_at(k):
-                total += b["refresh"] + (b["synchronisation"] if count else 0)
-                count = 0
+                # the movement if an interval is open, the momenta if they differ
+                total += b["refresh"] + (movement if count else 0)
+                total += b["momentum"] if (count and self.average_momentum) or own else 0
+                count, own = 0, False
             elif self.local_steps == 1:
                 total += b["compressed"]
             else:
                 count += 1
+                own = not self.average_momentum
                 total += agree
                 if count == self.local_steps:
                     total += b["synchronisation"]
@@ -866,7 +906,8 @@ class CompressedAdamW(torch.optim.Optimizer):
         entry: the settings and step counter every rank shares, and this rank's residuals.
 
         The moments are the same on every rank (the momentum is all-reduced); the residuals
-        are not, so they are one serialised entry under ``"rank{r}_of_{W}"``. That makes the
+        are not, so they are one serialised entry under ``"rank{r}_of_{W}"`` (with
+        ``average_momentum=False`` this rank's momenta too, while they differ). That makes the
         optimizer a ``Stateful`` for ``torch.distributed.checkpoint`` (which writes a plain
         tensor once, as if every rank held the same): ``dcp.save({"model": net, "optim":
         opt}, ...)``, and for loading into a fresh optimizer :meth:`init_state` first, then
@@ -888,6 +929,10 @@ class CompressedAdamW(torch.optim.Optimizer):
                            for k, v in st.items()} for i, st in sd["state"].items()}
         rank, world = self._rank_world()
         mine = {"rank": rank, "feedback": self.feedback.state_dict()}
+        if self._momentum_own:  # average_momentum=False: this rank's own momenta
+            mine["exp_avg"] = {i: self.state[p]["exp_avg"].clone()
+                               for i, p in enumerate(self._params())
+                               if "exp_avg" in self.state[p]}
         sd["gradzip"] = {"version": _STATE_VERSION, "codec": self.codec.spec,
                          "warmup_steps": self.warmup_steps, "steps_taken": self.steps_taken,
                          "world_size": world, **rank_state.pack(mine, rank, world)}
@@ -910,6 +955,12 @@ class CompressedAdamW(torch.optim.Optimizer):
             mine = rank_state.unpack(gz, *self._rank_world())
             feedback = comm.ErrorFeedback(seed=self.feedback.seed)
             feedback.load_state_dict(mine["feedback"])
+            params = self._params()
+            for i, m in (mine.get("exp_avg") or {}).items():
+                if not (isinstance(i, int) and 0 <= i < len(params)) or \
+                        tuple(m.shape) != tuple(params[i].shape):
+                    raise ValueError(f"the state_dict's momentum of this rank (parameter {i}) "
+                                     "does not fit this optimizer's parameters")
         adamw = {k: v for k, v in state_dict.items() if k != "gradzip"}
         if isinstance(adamw.get("state"), dict):
             adamw["state"] = {i: {k: int(v) if k == "variance_step" else v
@@ -919,9 +970,16 @@ class CompressedAdamW(torch.optim.Optimizer):
         for state in self.state.values():
             if "step" in state:
                 state.setdefault("variance_step", int(state["step"].item()))
+        self._momentum_own = False
         if mine is not None:
             self.feedback = feedback
             self.steps_taken = int(gz["steps_taken"])
+            own = mine.get("exp_avg")
+            if own is not None:
+                params = self._params()
+                for i, m in own.items():
+                    self.state[params[i]]["exp_avg"] = m.to(params[i].device).clone()
+                self._momentum_own = True
         else:
             self.feedback.reset()
             self.steps_taken = max((int(s["step"].item()) for s in self.state.values()
