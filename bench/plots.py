@@ -208,9 +208,14 @@ def training_plot(doc: dict, png: Path) -> None:
     fig, axes = plt.subplots(len(tasks), 3, figsize=(17, 4.8 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
         runs = [r for r in doc["runs"] if r["task"] == task and r.get("evals")]
+        spare = iter(("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray"))
+        drawn = set()
         for r in runs:
             ev = r["evals"]
             st = _train_style(r["method"])
+            if (st["color"], st["ls"]) in drawn:  # e.g. two gz-opt options of one codec
+                st["color"] = next(spare, st["color"])
+            drawn.add((st["color"], st["ls"]))
             row[0].plot([e["step"] for e in ev], [e["loss"] for e in ev], label=r["method"], **st)
             row[1].plot([e["wall_s"] for e in ev], [e["loss"] for e in ev], label=r["method"],
                         **st)
@@ -241,7 +246,8 @@ def training_plot(doc: dict, png: Path) -> None:
         for ax in row[:2]:
             ax.set_ylabel("loss")
         row[2].set_ylabel("accuracy")
-        row[0].legend(fontsize=7, ncol=2)
+        row[0].legend(fontsize=7, ncol=1 if max(len(r["method"]) for r in runs) > 30 else 2,
+                      loc="upper right")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
