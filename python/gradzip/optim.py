@@ -100,7 +100,7 @@ What this optimizer does instead (1-bit Adam, Tang et al. 2021, with one change)
        CompressedAdamW(params, codec="int4", local_steps=4, average_momentum=False,
                        refresh_max_interval=40, refresh_codec="int8")
 
-   +0.96 % (autoencoder) and +0.89 % (transformer) above fp32 after 1000 steps, at 23.0x
+   +0.96 % (autoencoder) and +0.71 % (transformer) above fp32 after 1000 steps, at 23.0x
    fewer bytes per post-warm-up step than fp32 (1-bit sign every step: +12.6 % / +0.5 %
    at 21.9x).
 
