@@ -711,11 +711,7 @@ def main(argv=None) -> int:
                 netlink.launch([sys.executable, os.path.abspath(__file__), "--worker", cfg_path],
                                a.world, link, threads=a.threads, timeout=a.timeout)
             except netlink.RankFailed as e:
-                if e.returncode != harness.CHECK_FAILED:
-                    raise
-                print("[bench] stopped: a correctness check failed (above); nothing after it "
-                      "was timed and no results were written", file=sys.stderr)
-                return harness.CHECK_FAILED
+                return harness.stopped(e, "bench")
             finally:
                 if link is not None:
                     link.remove()

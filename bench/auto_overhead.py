@@ -162,18 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     netlink.parse_link(a.link, a.world)
     info = harness.machine_info()
     cfg = {"sizes": sizes, "codecs": harness.split_specs(a.codecs), "rounds": a.rounds,
-           "max_rounds": a.max_rounds, "verify": a.verify, "threads": a.threads,
-           "pg_timeout": a.pg_timeout}
+           "max_rounds": a.max_rounds, "verify": a.verify}
     try:
-        rows, eff, qdisc = netlink.run_worker_script(
-            __file__, cfg, world=a.world, link_spec=a.link, netns=not a.no_netns,
-            threads=a.threads, timeout=a.timeout, tag="auto")
+        rows, eff, qdisc = netlink.run_worker_script(__file__, cfg, a, tag="auto")
     except netlink.RankFailed as e:
-        if e.returncode != harness.CHECK_FAILED:
-            raise
-        print("[auto] stopped: a correctness check failed (above); nothing after it was "
-              "timed and no results were written", file=sys.stderr)
-        return harness.CHECK_FAILED
+        return harness.stopped(e, "auto")
     print(table(rows))
     info["loadavg_end"] = os.getloadavg()
     doc = {"argv": sys.argv, "machine": info, "link": eff, "qdisc": qdisc, "world": a.world,

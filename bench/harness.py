@@ -49,6 +49,17 @@ MiB = 1 << 20
 CHECK_FAILED = 3  # exit status of a benchmark (and of its ranks) whose correctness check failed
 
 
+def stopped(failure: Exception, tag: str) -> int:
+    """What a benchmark's ``main`` returns when its ranks failed with ``failure`` (a
+    ``netlink.RankFailed``): a failed correctness check is reported and its status
+    returned, so that nothing more is timed or written; any other failure is re-raised."""
+    if getattr(failure, "returncode", None) != CHECK_FAILED:
+        raise failure
+    print(f"[{tag}] stopped: a correctness check failed (above); nothing after it was timed "
+          "and no results were written", file=sys.stderr)
+    return CHECK_FAILED
+
+
 # ---------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------

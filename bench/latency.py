@@ -177,17 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     netlink.parse_link(a.link, a.world)
     info = harness.machine_info()
     print(f"[latency] {harness.machine_line(info)}", flush=True)
-    cfg = {"sizes": sizes, "rounds": a.rounds, "burst": a.burst, "threads": a.threads,
-           "pg_timeout": a.pg_timeout}
+    cfg = {"sizes": sizes, "rounds": a.rounds, "burst": a.burst}
     try:
-        result, eff, qdisc = netlink.run_worker_script(
-            __file__, cfg, world=a.world, link_spec=a.link, netns=not a.no_netns,
-            threads=a.threads, timeout=a.timeout, tag="latency")
+        result, eff, qdisc = netlink.run_worker_script(__file__, cfg, a, tag="latency")
     except netlink.RankFailed as e:
-        if e.returncode != harness.CHECK_FAILED:
-            raise
-        print("[latency] stopped: a correctness check failed (above)", file=sys.stderr)
-        return harness.CHECK_FAILED
+        return harness.stopped(e, "latency")
     print(table(result))
     info["loadavg_end"] = os.getloadavg()
     doc = {"argv": sys.argv, "machine": info, "link": eff, "qdisc": qdisc, "world": a.world,

@@ -507,23 +507,25 @@ def add_rank_arguments(p) -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
-def run_worker_script(script: str | os.PathLike, cfg: dict, *, world: int, link_spec: str,
-                      netns: bool, threads: int, timeout: float | None, tag: str):
-    """Run ``script --worker CFG`` as ``world`` ranks on the link ``link_spec`` (made and
-    removed here), with ``cfg`` written to CFG plus ``cfg["result"]``, a file the ranks
-    write their result to (JSON). Returns ``(result, effective link spec, qdisc)``; a rank
-    that fails raises :class:`RankFailed` (a benchmark's failed correctness check is its
-    exit status)."""
+def run_worker_script(script: str | os.PathLike, cfg: dict, args, *, tag: str):
+    """Run ``script --worker CFG`` as ``args.world`` ranks on the link ``args.link`` (made
+    and removed here), ``args`` being the options :func:`add_rank_arguments` added, with
+    ``cfg`` written to CFG plus ``cfg["threads"]``, ``cfg["pg_timeout"]`` and
+    ``cfg["result"]``, a file the ranks write their result to (JSON). Returns ``(result,
+    effective link spec, qdisc)``; a rank that fails raises :class:`RankFailed` (a
+    benchmark's failed correctness check is its exit status)."""
+    world, threads = args.world, args.threads
     with tempfile.TemporaryDirectory(prefix=f"gz-{tag}-") as tmp:
-        cfg = {**cfg, "result": str(Path(tmp) / "result.json")}
+        cfg = {**cfg, "threads": threads, "pg_timeout": args.pg_timeout,
+               "result": str(Path(tmp) / "result.json")}
         cfg_path = Path(tmp) / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
-        link, eff = open_link(link_spec, world=world, netns=netns)
+        link, eff = open_link(args.link, world=world, netns=not args.no_netns)
         try:
             qdisc = link.qdisc() if link is not None else "host loopback"
             print(f"[{tag}] link {eff}: {qdisc}; {world} ranks", flush=True)
             launch([sys.executable, str(Path(script).resolve()), "--worker", str(cfg_path)],
-                   world, link, threads=threads, timeout=timeout)
+                   world, link, threads=threads, timeout=args.timeout)
         finally:
             if link is not None:
                 link.remove()

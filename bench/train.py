@@ -893,11 +893,7 @@ def main(argv=None) -> int:
             for task in tasks:
                 runs += run_task(task, methods, base_cfg, a, link, tmp)
     except netlink.RankFailed as e:
-        if e.returncode != harness.CHECK_FAILED:
-            raise
-        print("[train] stopped: a correctness check failed (above); nothing after it was "
-              "timed and no results were written", file=sys.stderr)
-        return harness.CHECK_FAILED
+        return harness.stopped(e, "train")
     finally:
         if link is not None:
             link.remove()

@@ -231,7 +231,7 @@ def _launch_capturing_stderr(code: str, err) -> None:
         os.close(saved)
 
 
-@pytest.mark.parametrize("script", ["allreduce", "auto_overhead", "train"])
+@pytest.mark.parametrize("script", ["allreduce", "auto_overhead", "latency", "train"])
 def test_parent_stops_when_a_rank_reports_a_failed_check(monkeypatch, tmp_path, capsys,
                                                          script):
     mod = __import__(script)
@@ -243,6 +243,7 @@ def test_parent_stops_when_a_rank_reports_a_failed_check(monkeypatch, tmp_path, 
     out = tmp_path / "out.json"
     args = {"allreduce": ["--codecs", "int8", "--algorithms", "allgather"],
             "auto_overhead": ["--sizes", "64KiB", "--codecs", "int8"],
+            "latency": ["--sizes", "64B"],
             "train": ["--quick", "--tasks", "digits", "--methods", "fp32", "--no-progress"]}
     rc = mod.main(["--world", "2", "--link", "none", "--no-netns", "--out", str(out),
                    *args[script]])
