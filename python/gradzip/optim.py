@@ -505,10 +505,7 @@ class CompressedAdamW(torch.optim.Optimizer):
             # a refresh is an exact step from shared parameters and momentum
             self._synchronise(refresh=True)
             old = self._denominators() if self.precondition else None
-            if self.refresh_codec is None:
-                self._average_gradients()
-            else:
-                self._compressed_gradients(present)
+            self._average_gradients(None if self.refresh_codec is None else present)
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
@@ -721,56 +718,41 @@ class CompressedAdamW(torch.optim.Optimizer):
         self._flats = flats
         return flats
 
-    def _average_gradients(self) -> None:
-        """Plain all-reduce (average) of every gradient, None as zeros; a parameter whose
-        gradient exists on some rank gets the average on every rank."""
+    def _average_gradients(self, present: dict[int, bool] | None = None) -> None:
+        """Average every gradient over the ranks in place, None as zeros; a parameter whose
+        gradient exists on some rank gets the average on every rank. Without ``present``: a
+        plain all-reduce, with each parameter's presence flag at the end of the buffer.
+        With ``present`` (who holds a gradient, as the step's agreement found): a refresh
+        through ``refresh_codec`` (two-phase, no error feedback: bit-identical on every
+        rank)."""
+        flagged = present is None
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in self._params():
             by_kind.setdefault((p.device, p.dtype), []).append(p)
         for (device, dtype), params in by_kind.items():
             n = sum(p.numel() for p in params)
-            # The flag of each parameter's presence travels at the end of the same buffer.
-            buf = torch.zeros(n + len(params), dtype=dtype, device=device)
+            buf = torch.zeros(n + (len(params) if flagged else 0), dtype=dtype, device=device)
             off = 0
             for i, p in enumerate(params):
                 if p.grad is not None:
                     buf[off : off + p.numel()].view(p.shape).copy_(p.grad)
-                    buf[n + i] = 1
+                    if flagged:
+                        buf[n + i] = 1
                 off += p.numel()
-            comm.all_reduce(buf, self.codec, group=self.process_group, algorithm="plain",
-                            average=True, verify=self.verify)
-            flags = buf[n:].tolist()
+            if flagged:
+                comm.all_reduce(buf, self.codec, group=self.process_group, algorithm="plain",
+                                average=True, verify=self.verify)
+                there = [flag > 0 for flag in buf[n:].tolist()]
+            else:
+                comm.all_reduce(buf, self.refresh_codec, group=self.process_group,
+                                algorithm="alltoall", average=True, verify=self.verify)
+                there = [present[id(p)] for p in params]
             off = 0
-            for p, flag in zip(params, flags):
+            for p, held in zip(params, there):
                 avg = buf[off : off + p.numel()].view(p.shape)
                 if p.grad is not None:
                     p.grad.copy_(avg)
-                elif flag > 0:
-                    p.grad = avg.clone()
-                off += p.numel()
-
-    def _compressed_gradients(self, present: dict[int, bool]) -> None:
-        """A refresh's average of the gradients through ``refresh_codec`` (two-phase, no
-        error feedback: bit-identical on every rank); None counts as zeros, and a parameter
-        whose gradient exists on some rank (``present``) gets the average on every rank."""
-        by_kind: dict[tuple, list[torch.Tensor]] = {}
-        for p in self._params():
-            by_kind.setdefault((p.device, p.dtype), []).append(p)
-        for (device, dtype), params in by_kind.items():
-            buf = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
-            off = 0
-            for p in params:
-                if p.grad is not None:
-                    buf[off : off + p.numel()].view(p.shape).copy_(p.grad)
-                off += p.numel()
-            comm.all_reduce(buf, self.refresh_codec, group=self.process_group,
-                            algorithm="alltoall", average=True, verify=self.verify)
-            off = 0
-            for p in params:
-                avg = buf[off : off + p.numel()].view(p.shape)
-                if p.grad is not None:
-                    p.grad.copy_(avg)
-                elif present[id(p)]:
+                elif held:
                     p.grad = avg.clone()
                 off += p.numel()
 
