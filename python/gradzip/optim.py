@@ -210,7 +210,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         refresh_max_interval: None (default): the intervals between refreshes keep
             doubling (0/1 Adam's schedule). M >= ``variance_refresh``: they double up to M
             and then stay M (``variance_refresh=M, refresh_max_interval=M``: every M
-            steps); see "Cheap, regular refreshes" above.
+            steps); see item 4 above.
         refresh_codec: None (default): a refresh averages the gradients exactly (a plain
             all-reduce, fp32's bytes). A codec ("int8"): the refresh's gradient average is a
             compressed two-phase all-reduce without error feedback (its error enters one
