@@ -325,13 +325,15 @@ def offsets(sizes):
 
 
 def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: int,
-                 average_momentum: bool = True):
+                 average_momentum: bool = True, refresh_codec: str | None = None):
     """``local_steps=local``: after warm-up every rank takes AdamW's frozen-variance step
     with its own gradient on its own parameters and momentum; every ``local`` steps, before
     a refresh and at the end the ranks average how far their parameters moved since the
     interval began and their preconditioned momenta, each through its own compressed
     all-reduce (with ``average_momentum=False`` the momenta only before a refresh, and each
-    rank keeps its own until then). Returns the shared parameters, the two compressed means,
+    rank keeps its own until then, and that average goes through ``refresh_codec`` without
+    residuals, as the refresh's gradients do). Returns the shared parameters, the two
+    compressed means,
     the ranks' parameters before the last synchronisation and their momenta at the end."""
     world = len(runs)
     params, adamw, wd_of = replay_start(runs)
@@ -340,7 +342,7 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
     mom_mean = CompressedMean(Codec(spec), "alltoall", world, sum(sizes))
     vstep, local_p, local_m, anchor, count = {}, None, None, None, 0
 
-    def synchronise(momenta: bool):
+    def synchronise(momenta: bool, fresh: bool = False):
         nonlocal local_p, local_m, count
         d = {id(p): denominator(adamw, p, vstep[id(p)]) for p in params}
         with torch.no_grad():
@@ -350,8 +352,11 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
                 for p, a, off in zip(params, anchor, offsets(sizes)):
                     p.copy_(a - moved[off : off + p.numel()].view(p.shape))
             if momenta:
-                u = mom_mean([torch.cat([(m / d[id(p)]).reshape(-1)
-                                         for p, m in zip(params, ms)]) for ms in local_m])
+                # fresh: each rank's own momenta before a refresh, residual-free
+                mean = CompressedMean(Codec(refresh_codec), "alltoall", world, sum(sizes)) \
+                    if fresh else mom_mean
+                u = mean([torch.cat([(m / d[id(p)]).reshape(-1)
+                                     for p, m in zip(params, ms)]) for ms in local_m])
                 for p, off in zip(params, offsets(sizes)):
                     up = u[off : off + p.numel()].view(p.shape).clone()
                     up.masked_fill_(adamw.state[p]["exp_avg_sq"] == 0, 0.0)
@@ -366,9 +371,9 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
             continue
         if refresh_due(t, warmup, refresh):
             if count or local_m is not None:
-                synchronise(momenta=local_m is not None)
+                synchronise(momenta=local_m is not None, fresh=not average_momentum)
             old = torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1) for p in params])
-            refresh_step(adamw, params, runs[0]["after"][t], vstep, wd_of)
+            refresh_step(adamw, params, refresh_gradients(runs, t, refresh_codec), vstep, wd_of)
             mom_mean.rescale(old, torch.cat([denominator(adamw, p, vstep[id(p)]).reshape(-1)
                                              for p in params]))
             continue
@@ -564,12 +569,13 @@ def error_cases(rank, world) -> dict:
     return out
 
 
-def local_run(rank, steps=10, warmup=2, refresh=2, local=3, average_momentum=True):
+def local_run(rank, steps=10, warmup=2, refresh=2, local=3, average_momentum=True,
+              refresh_codec=None):
     """local_steps=3 with refreshes at post-warm-up steps 2 and 6: an interval cut short by
     a refresh, one ended by the count, and one left open at the end (closed by
     synchronise())."""
     model, opt = build("int4", warmup=warmup, refresh=refresh, local=local,
-                       average_momentum=average_momentum)
+                       average_momentum=average_momentum, refresh_codec=refresh_codec)
     log = {"init": snapshot(ordered(opt)), "before": [], "after": []}
     for t in range(steps):
         one_step(model, opt, rank, t, log)
@@ -586,10 +592,26 @@ def local_run(rank, steps=10, warmup=2, refresh=2, local=3, average_momentum=Tru
     return log
 
 
+def own_exact_refresh(rank):
+    """average_momentum=False with exact refreshes: two warm-up steps, one local step (the
+    ranks' momenta now differ), then the refresh at post-warm-up step 2."""
+    model, opt = build("int4", warmup=2, refresh=2, local=3, average_momentum=False)
+    log = {"before": [], "after": []}
+    for t in range(3):
+        one_step(model, opt, rank, t, log)
+    log["m_before"] = snapshot(opt.state[p]["exp_avg"] for p in ordered(opt))
+    log["v"] = snapshot(opt.state[p]["exp_avg_sq"] for p in ordered(opt))
+    one_step(model, opt, rank, 3, log)
+    log["m_after"] = snapshot(opt.state[p]["exp_avg"] for p in ordered(opt))
+    log["keys"] = list(opt.feedback.keys())
+    return log
+
+
 def battery(rank: int, world: int) -> dict:
     out = {}
     out["local"] = local_run(rank)
-    out["local-own"] = local_run(rank, steps=12, average_momentum=False)
+    out["local-own"] = local_run(rank, steps=12, average_momentum=False, refresh_codec="int8")
+    out["own-exact-refresh"] = own_exact_refresh(rank)
     # local_steps=2 after a 3-step warm-up: steps 5 and 7 synchronise; saved at step 5
     model, opt = build("int4", local=2)
     for t in range(STEPS):
@@ -717,21 +739,42 @@ def test_own_momenta_match_reference_simulation(results):
     the simulation's rank's."""
     world, res = results
     runs = [res[r]["local-own"] for r in range(world)]
-    want, moved, mom, open_params, momenta = replay_local(runs, "int4", warmup=2, refresh=2,
-                                                          local=3, average_momentum=False)
+    want, moved, _, open_params, momenta = replay_local(
+        runs, "int4", warmup=2, refresh=2, local=3, average_momentum=False,
+        refresh_codec="int8")
     for r in range(world):
         assert runs[r]["closed"][0] and not runs[r]["open"][0]
         assert_same(runs[r]["closed"][1], want, ("synchronised", r))
         assert_same(runs[r]["open"][1], open_params[r], ("open interval", r))
         assert_same(runs[r]["momenta"], momenta[r], ("own momentum", r))
-        keys = sorted(runs[r]["pending"], key=len)
-        assert len(keys) == 2 and keys[1][-1] == "moved"
-        assert torch.equal(runs[r]["pending"][keys[0]], mom.pending(r))
-        assert torch.equal(runs[r]["pending"][keys[1]], moved.pending(r))
+        # the momenta's averages before the refreshes left no residual: only the movement's
+        (key,) = runs[r]["pending"]
+        assert key[-1] == "moved"
+        assert torch.equal(runs[r]["pending"][key], moved.pending(r))
     assert not torch.equal(runs[0]["momenta"][0], runs[1]["momenta"][0])
     # not the method that averages the momenta too
-    same = replay_local(runs, "int4", warmup=2, refresh=2, local=3)[0]
+    same = replay_local(runs, "int4", warmup=2, refresh=2, local=3, refresh_codec="int8")[0]
     assert not torch.equal(runs[0]["closed"][1][0], same[0])
+
+
+def test_own_momenta_before_an_exact_refresh_are_averaged_exactly(results):
+    """average_momentum=False, refresh_codec=None: the ranks' own momenta (different after
+    a local step) are averaged by a plain all-reduce before the exact refresh step, which
+    then folds the averaged gradient in: every rank holds the same momentum, that of the
+    mean, and no residual is kept for it. The tolerance: Gloo sums the ranks' momenta
+    (divided by the frozen denominator, multiplied back after) in its own order, a few
+    float32 roundings that a sum in Python's order need not reproduce."""
+    world, res = results
+    runs = [res[r]["own-exact-refresh"] for r in range(world)]
+    assert not torch.equal(runs[0]["m_before"][0], runs[1]["m_before"][0])
+    for r in range(world):
+        assert_same(runs[r]["m_after"], runs[0]["m_after"], ("same momentum", r))
+        assert all(key[-1] == "moved" for key in runs[r]["keys"])
+    for i, got in enumerate(runs[0]["m_after"]):
+        mean = (sum(run["m_before"][i] for run in runs) / world).masked_fill_(
+            runs[0]["v"][i] == 0, 0.0)
+        want = torch.lerp(mean, runs[0]["after"][3][i], 1 - BETAS[0])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
 
 def test_own_momenta_resume_is_bit_identical(results):
@@ -977,8 +1020,9 @@ def test_bytes_after_warmup_follows_the_schedule():
     own = CompressedAdamW(params, codec="int4", local_steps=3, variance_refresh=4,
                           refresh_max_interval=4, refresh_codec="int8", average_momentum=False)
     assert own.bytes_per_step(4)["synchronisation"] == sync // 2
+    assert own.bytes_per_step(4)["refresh_momentum"] == int8  # as the refresh's gradients
     assert own.bytes_after_warmup(10, 4) == \
-        (8 * agree + 3 * sync // 2 + 2 * (sync // 2 + int8 + agree)) / 10
+        (8 * agree + 3 * sync // 2 + 2 * (int8 + int8 + agree)) / 10
 
 
 def test_refresh_schedule_with_a_cap():

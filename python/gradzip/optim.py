@@ -616,7 +616,13 @@ class CompressedAdamW(torch.optim.Optimizer):
             if denoms is not None:
                 for p in flat.params:
                     self.state[p]["exp_avg"].div_(denoms[id(p)])
-            self._compressed_mean(flat.buffer, flat.key)
+            if refresh and self._momentum_own:
+                # each rank's own momentum: averaged as the refresh's gradients are, without
+                # residuals (a residual would be owed since the previous refresh, for a
+                # momentum that has changed completely since)
+                self._refresh_mean(flat.buffer)
+            else:
+                self._compressed_mean(flat.buffer, flat.key)
             for p in flat.params:
                 state = self.state[p]
                 m = state["exp_avg"]
@@ -633,6 +639,17 @@ class CompressedAdamW(torch.optim.Optimizer):
         comm.all_reduce(buffer, self.codec, state=self.feedback, group=self.process_group,
                         algorithm=self.algorithm, average=True, key=key, verify=self.verify,
                         seed=self.feedback.seed)
+
+    def _refresh_mean(self, buffer: torch.Tensor) -> None:
+        """``buffer`` averaged over the ranks in place as a variance refresh averages: a
+        plain all-reduce, or through ``refresh_codec`` (two-phase, no error feedback:
+        bit-identical on every rank)."""
+        if self.refresh_codec is None:
+            comm.all_reduce(buffer, self.codec, group=self.process_group, algorithm="plain",
+                            average=True, verify=self.verify)
+        else:
+            comm.all_reduce(buffer, self.refresh_codec, group=self.process_group,
+                            algorithm="alltoall", average=True, verify=self.verify)
 
     def _denominators(self) -> dict[int, torch.Tensor]:
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
@@ -744,8 +761,7 @@ class CompressedAdamW(torch.optim.Optimizer):
                                 average=True, verify=self.verify)
                 there = [flag > 0 for flag in buf[n:].tolist()]
             else:
-                comm.all_reduce(buf, self.refresh_codec, group=self.process_group,
-                                algorithm="alltoall", average=True, verify=self.verify)
+                self._refresh_mean(buf)
                 there = [present[id(p)] for p in params]
             off = 0
             for p, held in zip(params, there):
@@ -850,10 +866,12 @@ class CompressedAdamW(torch.optim.Optimizer):
         ``"synchronisation"`` (what ends an interval of local steps: the compressed
         movement of the parameters and the compressed momentum; the movement alone with
         ``average_momentum=False``; with ``local_steps=1`` the compressed momentum alone),
-        ``"momentum"`` (the compressed momentum on its own) and ``"refresh"`` (a variance-refresh step, without
-        the synchronisation that precedes it when an interval is open; through
-        ``refresh_codec`` when one is set). :meth:`bytes_after_warmup` averages them over a
-        run."""
+        ``"momentum"`` (the compressed momentum on its own), ``"refresh"`` (a
+        variance-refresh step, without the synchronisation that precedes it when an
+        interval is open; through ``refresh_codec`` when one is set) and
+        ``"refresh_momentum"`` (with ``average_momentum=False``, the average of the ranks'
+        momenta before a refresh, as the refresh's gradients travel; 0 otherwise).
+        :meth:`bytes_after_warmup` averages them over a run."""
         if world_size is None:
             world_size = self._world()[1]
         _checks.check_nonnegative_int(world_size, "world_size")
@@ -866,16 +884,17 @@ class CompressedAdamW(torch.optim.Optimizer):
                     for d, n in kinds.items())
         packed = sum(comm.plan(self.codec, n, d, world_size, self.algorithm).bytes_sent
                      for d, n in kinds.items())
-        refresh = agree + (plain if self.refresh_codec is None else sum(
+        mean = plain if self.refresh_codec is None else sum(
             comm.plan(self.refresh_codec, n, d, world_size, "alltoall").bytes_sent
-            for d, n in kinds.items()))
+            for d, n in kinds.items())
         if self.local_steps == 1:
             return {"warmup": plain, "compressed": packed + agree, "synchronisation": packed,
-                    "refresh": refresh, "agreement": agree, "momentum": packed}
+                    "refresh": agree + mean, "agreement": agree, "momentum": packed,
+                    "refresh_momentum": 0}
         sync = (2 if self.average_momentum else 1) * packed
         return {"warmup": plain, "compressed": agree + sync // self.local_steps,
-                "synchronisation": sync, "refresh": refresh, "agreement": agree,
-                "momentum": packed}
+                "synchronisation": sync, "refresh": agree + mean, "agreement": agree,
+                "momentum": packed, "refresh_momentum": 0 if self.average_momentum else mean}
 
     def bytes_after_warmup(self, steps: int, world_size: int | None = None) -> float:
         """Mean bytes one rank sends per post-warm-up step over ``steps`` such steps, with
@@ -896,7 +915,10 @@ class CompressedAdamW(torch.optim.Optimizer):
             if self.refresh_at(k):
                 # the movement if an interval is open, the momenta if they differ
                 total += b["refresh"] + (movement if count else 0)
-                total += b["momentum"] if (count and self.average_momentum) or own else 0
+                if own:
+                    total += b["refresh_momentum"]
+                elif count and self.average_momentum:
+                    total += b["momentum"]
                 count, own = 0, False
             elif self.local_steps == 1:
                 total += b["compressed"]
