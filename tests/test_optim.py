@@ -325,7 +325,8 @@ def offsets(sizes):
 
 
 def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: int,
-                 average_momentum: bool = True, refresh_codec: str | None = None):
+                 average_momentum: bool = True, refresh_codec: str | None = None,
+                 algorithm: str = "alltoall"):
     """``local_steps=local``: after warm-up every rank takes AdamW's frozen-variance step
     with its own gradient on its own parameters and momentum; every ``local`` steps, before
     a refresh and at the end the ranks average how far their parameters moved since the
@@ -338,8 +339,8 @@ def replay_local(runs: list[dict], spec: str, warmup: int, refresh: int, local: 
     world = len(runs)
     params, adamw, wd_of = replay_start(runs)
     sizes = [p.numel() for p in params]
-    moved_mean = CompressedMean(Codec(spec), "alltoall", world, sum(sizes))
-    mom_mean = CompressedMean(Codec(spec), "alltoall", world, sum(sizes))
+    moved_mean = CompressedMean(Codec(spec), algorithm, world, sum(sizes))
+    mom_mean = CompressedMean(Codec(spec), algorithm, world, sum(sizes))
     vstep, local_p, local_m, anchor, count = {}, None, None, None, 0
 
     def synchronise(momenta: bool, fresh: bool = False):
@@ -570,12 +571,13 @@ def error_cases(rank, world) -> dict:
 
 
 def local_run(rank, steps=10, warmup=2, refresh=2, local=3, average_momentum=True,
-              refresh_codec=None):
+              refresh_codec=None, spec="int4", algorithm="alltoall"):
     """local_steps=3 with refreshes at post-warm-up steps 2 and 6: an interval cut short by
     a refresh, one ended by the count, and one left open at the end (closed by
     synchronise())."""
-    model, opt = build("int4", warmup=warmup, refresh=refresh, local=local,
-                       average_momentum=average_momentum, refresh_codec=refresh_codec)
+    model, opt = build(spec, warmup=warmup, refresh=refresh, local=local,
+                       average_momentum=average_momentum, refresh_codec=refresh_codec,
+                       algorithm=algorithm)
     log = {"init": snapshot(ordered(opt)), "before": [], "after": []}
     for t in range(steps):
         one_step(model, opt, rank, t, log)
@@ -612,6 +614,9 @@ def battery(rank: int, world: int) -> dict:
     out["local"] = local_run(rank)
     out["local-own"] = local_run(rank, steps=12, average_momentum=False, refresh_codec="int8")
     out["own-exact-refresh"] = own_exact_refresh(rank)
+    # the 1-bit setting of the docs: sign, each rank's signs to every other rank
+    out["local-own-sign"] = local_run(rank, steps=12, average_momentum=False,
+                                      refresh_codec="int8", spec="sign", algorithm="allgather")
     # local_steps=2 after a 3-step warm-up: steps 5 and 7 synchronise; saved at step 5
     model, opt = build("int4", local=2)
     for t in range(STEPS):
@@ -755,6 +760,28 @@ def test_own_momenta_match_reference_simulation(results):
     # not the method that averages the momenta too
     same = replay_local(runs, "int4", warmup=2, refresh=2, local=3, refresh_codec="int8")[0]
     assert not torch.equal(runs[0]["closed"][1][0], same[0])
+
+
+def test_own_momenta_sign_allgather_match_reference_simulation(results):
+    """The 1-bit setting (codec="sign", algorithm="allgather", own momenta, int8
+    refreshes; local_steps=3, refreshes at post-warm-up steps 2 and 6): each rank's signs
+    of its movement, with its own residual, averaged by every rank, bit for bit the
+    simulation; not what the two-phase algorithm gives."""
+    world, res = results
+    runs = [res[r]["local-own-sign"] for r in range(world)]
+    want, moved, _, open_params, momenta = replay_local(
+        runs, "sign", warmup=2, refresh=2, local=3, average_momentum=False,
+        refresh_codec="int8", algorithm="allgather")
+    for r in range(world):
+        assert runs[r]["closed"][0] and not runs[r]["open"][0]
+        assert_same(runs[r]["closed"][1], want, ("synchronised", r))
+        assert_same(runs[r]["open"][1], open_params[r], ("open interval", r))
+        assert_same(runs[r]["momenta"], momenta[r], ("own momentum", r))
+        (key,) = runs[r]["pending"]
+        assert torch.equal(runs[r]["pending"][key], moved.pending(r))
+    two_phase = replay_local(runs, "sign", warmup=2, refresh=2, local=3,
+                             average_momentum=False, refresh_codec="int8")[0]
+    assert not torch.equal(two_phase[0], want[0])
 
 
 def test_own_momenta_before_an_exact_refresh_are_averaged_exactly(results):

@@ -83,7 +83,11 @@ What this optimizer does instead (1-bit Adam, Tang et al. 2021, with one change)
 
    ``average_momentum=False`` keeps each rank's momentum its own: a synchronisation
    averages only the movement (one compressed tensor instead of two), and the momenta are
-   averaged only before a variance refresh, whose exact step needs a shared one. Since the
+   averaged only before a variance refresh, whose exact step needs a shared one; that
+   average goes as the refresh's gradients do (a plain all-reduce, or ``refresh_codec``),
+   without residuals, since a residual would be owed since the previous refresh for momenta
+   that have changed completely since (with sign, residual-free int8 momenta took the
+   autoencoder from +5.4 % to +3.1 % above fp32, everything else equal). Since the
    frozen-variance update is linear, the ranks' momenta average to the momentum of the
    averaged gradient, and so their movements average to the movement of the averaged
    gradient just the same; what each rank's own, noisier momentum costs is only that the
@@ -94,23 +98,38 @@ What this optimizer does instead (1-bit Adam, Tang et al. 2021, with one change)
    bytes than fp32 per post-warm-up step, everything counted). The state_dict then carries
    each rank's momentum in its own entry.
 
-   The setting measured best over both tasks (docs/results.md, section 4, means over
-   seeds)::
+   Settings measured over both tasks (docs/results.md, section 4, 4 ranks, 1000 steps,
+   three seeds each), above fp32 on the autoencoder / the transformer:
 
-       CompressedAdamW(params, codec="int4", local_steps=4, average_momentum=False,
-                       refresh_max_interval=40, refresh_codec="int8")
+   * 1-bit, **within 1 % on every seed**: +0.65 % / +0.44 % at 25.5x fewer bytes per
+     post-warm-up step than fp32::
 
-   +0.96 % (autoencoder) and +0.71 % (transformer) above fp32 after 1000 steps, at 23.0x
-   fewer bytes per post-warm-up step than fp32 (1-bit sign every step: +12.6 % / +0.5 %
-   at 21.9x).
+         CompressedAdamW(params, codec="sign", algorithm="allgather", local_steps=3,
+                         average_momentum=False, refresh_max_interval=40,
+                         refresh_codec="int8", warmup_steps=run_steps // 4)
 
-Which codec (docs/results.md, section 4; 4 ranks, 1000 steps): 1-bit ``"sign"`` ends +0.5 %
-above fp32 AdamW on the character transformer and +13 % on an MLP autoencoder (the DDP hook
-with AdamW: +9.4 % and +72 %) at 25.5x fewer bytes per compressed step; for about the same
-bytes int4 with local steps keeps more of the loss (the setting above). Top-k is the wrong
-codec here: with a fixed denominator a coordinate that top-k sends once in ~100 steps moves
-by ~100 steps' worth at once (+24 % / +77 %); the hook with AdamW does no better when it
-really compresses (+48 % / +188 %): with Adam, top-k 1 % does not keep the loss yet.
+     Each rank's own momentum means a codec error reaches the parameters once (1-bit
+     Adam's shared momentum applies it again for ~1/(1-beta1) steps); ``"allgather"``
+     sends each rank's signs, with its own residual, to every other rank, so no server
+     re-compresses their mean into one more 1-bit code (two-phase: +1.9 % on the
+     autoencoder); a quarter of the run as warm-up (a fifth: +1.04 % / -0.17 %). The
+     all-gather's bytes grow with the ranks: 15.5x fewer than fp32 at 8 ranks, 8.6x at 16.
+   * int4, two-phase, a warm-up of a tenth of the run: +0.99 % / +0.98 % at 21.5x::
+
+         CompressedAdamW(params, codec="int4", local_steps=4, average_momentum=False,
+                         refresh_max_interval=40, refresh_codec="int8")
+
+   * top-k 1 % as the 1-bit setting with ``local_steps=2`` and a warm-up of 40 % of the
+     run: +1.42 % / +0.03 % (transformer: one seed) at 29.6x after the warm-up (2.4x over the whole run); with a
+     quarter of the run, +5.3 %.
+
+Which codec (docs/results.md, section 4; 4 ranks, 1000 steps): with the default method
+(every step, shared momentum) 1-bit ``"sign"`` ends +0.5 % above fp32 AdamW on the
+character transformer and +13 % on an MLP autoencoder (the DDP hook with AdamW: +9.4 % and
++72 %) at 25.5x fewer bytes per compressed step; the settings above keep more of the loss.
+Top-k sent every step is the wrong codec here: with a fixed denominator a coordinate that
+top-k sends once in ~100 steps moves by ~100 steps' worth at once (+24 % / +77 %); the hook
+with AdamW does no better when it really compresses (+48 % / +188 %).
 
 Usage with DDP::
 
