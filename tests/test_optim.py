@@ -735,18 +735,22 @@ def test_local_steps_match_reference_simulation(results):
     assert not torch.equal(runs[0]["open"][1][0], want[0])
 
 
-def test_own_momenta_match_reference_simulation(results):
-    """average_momentum=False (local_steps=3, int4, 12 steps, refreshes at post-warm-up
+@pytest.mark.parametrize("case, spec, algorithm", [("local-own", "int4", "alltoall"),
+                                                   ("local-own-sign", "sign", "allgather")])
+def test_own_momenta_match_reference_simulation(results, case, spec, algorithm):
+    """average_momentum=False (local_steps=3, 12 steps, int8 refreshes at post-warm-up
     steps 2 and 6): a synchronisation averages the parameters only, each rank keeps its own
-    momentum, and a refresh averages the momenta first (at 6 with no interval open); after
-    the synchronisation at post-warm-up step 9 the ranks go on with their own momenta: bit
-    for bit the simulation, residuals included; at the end the ranks' momenta differ, each
-    the simulation's rank's."""
+    momentum, and a refresh averages the momenta first (at 6 with no interval open) through
+    int8 without residuals; after the synchronisation at post-warm-up step 9 the ranks go on
+    with their own momenta: bit for bit the simulation, residuals included; at the end the
+    ranks' momenta differ, each the simulation's rank's. With int4 two-phase, and with the
+    1-bit setting of the docs (sign, each rank's signs of its movement, with its own
+    residual, sent to every rank by the all-gather)."""
     world, res = results
-    runs = [res[r]["local-own"] for r in range(world)]
+    runs = [res[r][case] for r in range(world)]
     want, moved, _, open_params, momenta = replay_local(
-        runs, "int4", warmup=2, refresh=2, local=3, average_momentum=False,
-        refresh_codec="int8")
+        runs, spec, warmup=2, refresh=2, local=3, average_momentum=False,
+        refresh_codec="int8", algorithm=algorithm)
     for r in range(world):
         assert runs[r]["closed"][0] and not runs[r]["open"][0]
         assert_same(runs[r]["closed"][1], want, ("synchronised", r))
@@ -757,31 +761,14 @@ def test_own_momenta_match_reference_simulation(results):
         assert key[-1] == "moved"
         assert torch.equal(runs[r]["pending"][key], moved.pending(r))
     assert not torch.equal(runs[0]["momenta"][0], runs[1]["momenta"][0])
-    # not the method that averages the momenta too
-    same = replay_local(runs, "int4", warmup=2, refresh=2, local=3, refresh_codec="int8")[0]
+    # not the method that averages the momenta too, nor (sign) the two-phase algorithm
+    same = replay_local(runs, spec, warmup=2, refresh=2, local=3, refresh_codec="int8",
+                        algorithm=algorithm)[0]
     assert not torch.equal(runs[0]["closed"][1][0], same[0])
-
-
-def test_own_momenta_sign_allgather_match_reference_simulation(results):
-    """The 1-bit setting (codec="sign", algorithm="allgather", own momenta, int8
-    refreshes; local_steps=3, refreshes at post-warm-up steps 2 and 6): each rank's signs
-    of its movement, with its own residual, averaged by every rank, bit for bit the
-    simulation; not what the two-phase algorithm gives."""
-    world, res = results
-    runs = [res[r]["local-own-sign"] for r in range(world)]
-    want, moved, _, open_params, momenta = replay_local(
-        runs, "sign", warmup=2, refresh=2, local=3, average_momentum=False,
-        refresh_codec="int8", algorithm="allgather")
-    for r in range(world):
-        assert runs[r]["closed"][0] and not runs[r]["open"][0]
-        assert_same(runs[r]["closed"][1], want, ("synchronised", r))
-        assert_same(runs[r]["open"][1], open_params[r], ("open interval", r))
-        assert_same(runs[r]["momenta"], momenta[r], ("own momentum", r))
-        (key,) = runs[r]["pending"]
-        assert torch.equal(runs[r]["pending"][key], moved.pending(r))
-    two_phase = replay_local(runs, "sign", warmup=2, refresh=2, local=3,
-                             average_momentum=False, refresh_codec="int8")[0]
-    assert not torch.equal(two_phase[0], want[0])
+    if algorithm == "allgather":
+        two_phase = replay_local(runs, spec, warmup=2, refresh=2, local=3,
+                                 average_momentum=False, refresh_codec="int8")[0]
+        assert not torch.equal(two_phase[0], want[0])
 
 
 def test_own_momenta_before_an_exact_refresh_are_averaged_exactly(results):
