@@ -120,8 +120,8 @@ What this optimizer does instead (1-bit Adam, Tang et al. 2021, with one change)
                          refresh_max_interval=40, refresh_codec="int8")
 
    * top-k 1 % as the 1-bit setting with ``local_steps=2`` and a warm-up of 40 % of the
-     run: +1.42 % / +0.03 % (transformer: one seed) at 29.6x after the warm-up (2.4x over the whole run); with a
-     quarter of the run, +5.3 %.
+     run: +1.42 % / +0.03 % (transformer: one seed) at 29.6x after the warm-up (2.4x over
+     the whole run); with a quarter of the run, +5.3 %.
 
 Which codec (docs/results.md, section 4; 4 ranks, 1000 steps): with the default method
 (every step, shared momentum) 1-bit ``"sign"`` ends +0.5 % above fp32 AdamW on the
@@ -664,11 +664,15 @@ class CompressedAdamW(torch.optim.Optimizer):
         plain all-reduce, or through ``refresh_codec`` (two-phase, no error feedback:
         bit-identical on every rank)."""
         if self.refresh_codec is None:
-            comm.all_reduce(buffer, self.codec, group=self.process_group, algorithm="plain",
-                            average=True, verify=self.verify)
+            self._plain_mean(buffer)
         else:
             comm.all_reduce(buffer, self.refresh_codec, group=self.process_group,
                             algorithm="alltoall", average=True, verify=self.verify)
+
+    def _plain_mean(self, buffer: torch.Tensor) -> None:
+        """``buffer`` averaged over the ranks in place by an uncompressed all-reduce."""
+        comm.all_reduce(buffer, self.codec, group=self.process_group, algorithm="plain",
+                        average=True, verify=self.verify)
 
     def _denominators(self) -> dict[int, torch.Tensor]:
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
@@ -776,8 +780,7 @@ class CompressedAdamW(torch.optim.Optimizer):
                         buf[n + i] = 1
                 off += p.numel()
             if flagged:
-                comm.all_reduce(buf, self.codec, group=self.process_group, algorithm="plain",
-                                average=True, verify=self.verify)
+                self._plain_mean(buf)
                 there = [flag > 0 for flag in buf[n:].tolist()]
             else:
                 self._refresh_mean(buf)
