@@ -29,7 +29,8 @@ the DDP model: exact AdamW for its warm-up, then the frozen-variance compressed 
 options after ``+``: ``raw`` (the raw momentum travels, as in DeepSpeed's 1-bit Adam),
 ``allgather``, ``warmup<N>`` (default ``--opt-warmup``), ``refresh<N>``
 (``variance_refresh``), ``refreshmax<N>`` (``refresh_max_interval``),
-``refreshcodec:<codec>`` (``refresh_codec``), ``ownmomentum`` (``average_momentum=False``),
+``refreshcodec:<codec>`` (``refresh_codec``), ``warmupcodec:<codec>`` (``warmup_codec``: the
+warm-up's gradients averaged through it with error feedback), ``ownmomentum`` (``average_momentum=False``),
 ``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
 the ranks synchronise every N steps; evaluations inside an interval take rank 0's own model,
 the final one and those after it the common model, synchronised inside the timed step),
@@ -400,6 +401,8 @@ def opt_method(method: str, cfg: dict) -> tuple[str, dict]:
             kw["refresh_max_interval"] = int(o[len("refreshmax"):])
         elif o.startswith("refreshcodec:"):
             kw["refresh_codec"] = o[len("refreshcodec:"):]
+        elif o.startswith("warmupcodec:"):
+            kw["warmup_codec"] = o[len("warmupcodec:"):]
         elif o.startswith("block") and o[len("block"):].isdigit():
             kw["block"] = int(o[len("block"):])
         elif o.startswith("local") and o[len("local"):].isdigit():
@@ -408,8 +411,8 @@ def opt_method(method: str, cfg: dict) -> tuple[str, dict]:
             kw["average_momentum"] = False
         else:
             raise ValueError(f"unknown gz-opt option {o!r} in {method!r} (raw, allgather, "
-                             "warmup<N>, refresh<N>, refreshmax<N>, refreshcodec:<codec>, "
-                             "block<N>, local<N>, ownmomentum)")
+                             "warmup<N>, warmupcodec:<codec>, refresh<N>, refreshmax<N>, "
+                             "refreshcodec:<codec>, block<N>, local<N>, ownmomentum)")
     return spec, kw
 
 
@@ -479,7 +482,7 @@ def bytes_per_step(method: str, net, world: int, cfg: dict, opt) -> dict:
         refreshes = sum(1 for i in k if opt.refresh_at(i))
         mean = opt.bytes_after_warmup(len(k), world)
         return {"warmup": b["warmup"], "after": b["compressed"], "refresh": b["refresh"],
-                "refresh_steps": refreshes, "after_mean": mean}
+                "refresh_steps": refreshes, "after_mean": mean, "fp32": fp32}
     spec = method[3:].removesuffix(":noef")
     algorithm = cfg["algorithm"]
     if n < cfg["min_numel"]:
@@ -701,7 +704,8 @@ def summarize(runs: list[dict]) -> tuple[str, list[dict]]:
                 row["bytes_per_step"] = b.get("after_mean", b["after"])
                 row["bytes_per_step_warmup"] = b["warmup"]
                 row["warmup_steps"] = r.get("warmup_steps")
-                row["fewer_bytes_than_fp32"] = b["warmup"] / row["bytes_per_step"] \
+                # (gz-opt's warm-up may be compressed: "fp32" is the plain all-reduce)
+                row["fewer_bytes_than_fp32"] = b.get("fp32", b["warmup"]) / row["bytes_per_step"] \
                     if r["method"] != "fp16_hook" else 2.0
             if ref is not None:
                 row["loss_vs_fp32"] = r["final_loss"] / ref["final_loss"] - 1

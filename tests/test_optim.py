@@ -36,6 +36,9 @@ pytestmark = pytest.mark.distributed
 
 LR, BETAS, EPS, WD = 2e-2, (0.9, 0.999), 1e-8, 0.1
 BUCKET_MB = 0.004  # two DDP buckets for the MLP below
+# warmup_codec: buckets of at most 5000 floats: l3 and l2 (4420 elements) in one that is
+# compressed, l1 (1088) in one below the hook's min_numel (4096), which goes plain
+WARMUP_CODEC_BUCKET_MB = 0.02
 STEPS, WARMUP = 8, 3
 
 
@@ -82,14 +85,15 @@ def codec(spec: str) -> Codec:
 
 def build(spec="sign", *, warmup=WARMUP, algorithm="alltoall", refresh=0, attach=True,
           precondition=True, local=1, refresh_max=None, refresh_codec=None,
-          average_momentum=True):
-    model = DDP(MLP(), bucket_cap_mb=BUCKET_MB)
+          average_momentum=True, warmup_codec=None, bucket_mb=BUCKET_MB):
+    model = DDP(MLP(), bucket_cap_mb=bucket_mb)
     opt = CompressedAdamW(param_groups(model.parameters()), lr=LR, betas=BETAS, eps=EPS,
                           codec=codec(spec), warmup_steps=warmup, algorithm=algorithm,
                           variance_refresh=refresh, precondition=precondition,
                           local_steps=local, refresh_max_interval=refresh_max,
                           average_momentum=average_momentum,
-                          refresh_codec=None if refresh_codec is None else codec(refresh_codec))
+                          refresh_codec=None if refresh_codec is None else codec(refresh_codec),
+                          warmup_codec=None if warmup_codec is None else codec(warmup_codec))
     if attach:
         opt.attach(model)
     return model, opt
@@ -457,10 +461,11 @@ def resume_run(rank, spec, n1, n2, algorithm="alltoall", via="torch.save", local
     return snapshot(ordered(opt)), snapshot(opt.state[p]["exp_avg"] for p in ordered(opt))
 
 
-def overflow_run(rank, world, bad_steps=(1, 5), steps=8):
+def overflow_run(rank, world, bad_steps=(1, 5), steps=8, warmup_codec=None):
     """GradScaler training; the last rank's gradient holds inf at each of ``bad_steps``
     (one in warm-up, one after)."""
-    model, opt = build("sign")
+    model, opt = build("sign", warmup_codec=warmup_codec,
+                       bucket_mb=BUCKET_MB if warmup_codec is None else WARMUP_CODEC_BUCKET_MB)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     target = model.module.l2.weight
     log = []
@@ -482,6 +487,9 @@ def overflow_run(rank, world, bad_steps=(1, 5), steps=8):
             "taken": opt.steps_taken - taken,
             "residuals_kept": all(torch.equal(pending[k], after[k]) for k in pending),
             "residuals_finite": all(bool(torch.isfinite(v).all()) for v in after.values()),
+            "warmup_residuals_finite": opt.warmup_state is None or all(
+                bool(torch.isfinite(opt.warmup_state.feedback.pending(k)).all())
+                for k in list(opt.warmup_state.feedback.keys())),
             "params": snapshot(ordered(opt)),
         })
     return log
@@ -567,6 +575,106 @@ def error_cases(rank, world) -> dict:
     o9 = CompressedAdamW([p8], codec=codec("sign"), warmup_steps=5)
     p8.grad = torch.ones(50).to_sparse()
     out["sparse-warmup"] = catch(o9.step)
+    return out
+
+
+def warmup_codec_ddp(rank, steps=5, warmup=5):
+    """A compressed (int8) warm-up through DDP and ``attach``, and its twin: the same model
+    and batches with gradzip's DDP hook (CompressionState, int8, two-phase, no warm-up of its
+    own) and torch.optim.AdamW."""
+    model, opt = build("sign", warmup=warmup, warmup_codec="int8",
+                       bucket_mb=WARMUP_CODEC_BUCKET_MB)
+    log = {"init": snapshot(ordered(opt)), "before": [], "after": []}
+    for t in range(steps):
+        if t == steps - 1:
+            log["warmup_keys_before_end"] = list(opt.warmup_state.feedback.keys())
+        one_step(model, opt, rank, t, log)
+    log["final"] = snapshot(ordered(opt))
+    log["warmup_keys"] = list(opt.warmup_state.feedback.keys())
+    twin = DDP(MLP(), bucket_cap_mb=WARMUP_CODEC_BUCKET_MB)
+    state = gradzip.ddp.CompressionState(codec("int8"), warmup_steps=0, algorithm="alltoall")
+    twin.register_comm_hook(state, gradzip.ddp.compress_hook)
+    adamw = torch.optim.AdamW(param_groups(twin.parameters()), lr=LR, betas=BETAS, eps=EPS)
+    twin_grads = []
+    for t in range(steps):
+        one_step(twin, adamw, rank, t)
+        twin_grads.append(snapshot(p.grad for p in ordered(adamw)))
+    log["twin"] = snapshot(ordered(adamw))
+    log["twin_grads"] = twin_grads
+    return log
+
+
+def warmup_codec_resume(rank, n1, steps=8, warmup=5):
+    """int8 warm-up of 5 steps, saved after ``n1`` (None: never), resumed, to step 8."""
+    def make():
+        return build("sign", warmup=warmup, warmup_codec="int8",
+                     bucket_mb=WARMUP_CODEC_BUCKET_MB)
+    model, opt = make()
+    for t in range(steps if n1 is None else n1):
+        one_step(model, opt, rank, t)
+    if n1 is None:
+        return snapshot(ordered(opt)), None
+    buf = io.BytesIO()
+    sd = opt.state_dict()
+    rank_entry = gradzip.comm.rank_state.unpack(sd["gradzip"], rank, dist.get_world_size())
+    held = "warmup" in rank_entry and bool(rank_entry["warmup"])
+    torch.save({"model": model.module.state_dict(), "opt": sd}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    model, opt = make()
+    model.module.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    for t in range(n1, steps):
+        one_step(model, opt, rank, t)
+    return snapshot(ordered(opt)), held
+
+
+def warmup_codec_manual(rank, world, steps=5, warmup=4):
+    """Without DDP, an int8 warm-up through reduce_gradients(): ``a`` (3000 elements) has a
+    gradient everywhere, ``b`` (2000) on every rank but 0, ``c`` (50) nowhere; one buffer of
+    5050 elements, above min_numel, so it is compressed."""
+    torch.manual_seed(2)
+    a, b, c = nn.Parameter(torch.randn(3000)), nn.Parameter(torch.randn(2000)), \
+        nn.Parameter(torch.randn(50))
+    opt = CompressedAdamW([a, b, c], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                          codec=codec("sign"), warmup_steps=warmup, warmup_codec=codec("int8"))
+    log = {"init": snapshot([a, b, c]), "before": [], "after": [], "pending": []}
+    for t in range(steps):
+        g = torch.Generator().manual_seed(101 * rank + t)
+        opt.zero_grad(set_to_none=True)
+        a.grad = torch.randn(3000, generator=g)
+        if rank != 0:
+            b.grad = torch.randn(2000, generator=g)
+        log["before"].append(snapshot([a.grad, b.grad, c.grad]))
+        opt.reduce_gradients()
+        log["after"].append(snapshot([a.grad, b.grad, c.grad]))
+        if t < warmup:
+            log["pending"].append({k: opt.warmup_state.feedback.pending(k)
+                                   for k in list(opt.warmup_state.feedback.keys())})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # c never had a gradient
+            opt.step()
+        if t == warmup - 1:
+            log["warm_end"] = snapshot([a, b, c])
+            log["warmup_keys"] = list(opt.warmup_state.feedback.keys())
+    log["bytes"] = opt.bytes_per_step()
+    return log
+
+
+def warmup_codec_battery(rank: int, world: int) -> dict:
+    out = {"ddp": warmup_codec_ddp(rank), "manual": warmup_codec_manual(rank, world)}
+    out["resume"] = {n1: warmup_codec_resume(rank, n1) for n1 in (None, 2, 5)}
+    out["overflow"] = overflow_run(rank, world, warmup_codec="int8")
+    m = DDP(MLP())
+    o = CompressedAdamW(m.parameters(), codec=codec("sign"),
+                        warmup_codec=codec("int8") if rank == 0 else None)
+    out["disagree"] = catch(lambda: o.attach(m))
+    # a warm-up state loaded into an attached model that has already run a backward
+    model, opt = build("sign", warmup=5, warmup_codec="int8", bucket_mb=WARMUP_CODEC_BUCKET_MB)
+    one_step(model, opt, rank, 0)
+    sd = opt.state_dict()
+    one_step(model, opt, rank, 1)
+    out["late-load"] = catch(lambda: opt.load_state_dict(sd))
     return out
 
 
@@ -940,6 +1048,107 @@ def test_errors_raise_on_every_rank(results):
         assert e["sparse-warmup"][0] == "RuntimeError" and "sparse" in e["sparse-warmup"][1]
 
 
+# ---- warmup_codec: the warm-up's gradients compressed ----------------------------------
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def warmup_results(request):
+    world = request.param
+    return world, run_ranks(world, warmup_codec_battery)
+
+
+def test_compressed_warmup_is_adamw_on_the_ddp_hooks_gradients(warmup_results):
+    """With DDP: each warm-up step's averaged gradients are, bit for bit, those of gradzip's
+    DDP hook (int8, two-phase, error feedback) on a twin model fed the same batches, and the
+    parameters those of torch.optim.AdamW on them. The residuals are dropped at the end."""
+    world, res = warmup_results
+    for r in range(world):
+        run = res[r]["ddp"]
+        assert_same(run["final"], res[0]["ddp"]["final"], ("ranks", r))
+        for t, (got, want) in enumerate(zip(run["after"], run["twin_grads"], strict=True)):
+            assert_same(got, want, ("averaged gradients", r, t))
+        assert_same(run["final"], run["twin"], ("AdamW", r))
+        assert run["warmup_keys_before_end"] and not run["warmup_keys"]
+    assert not torch.equal(res[0]["ddp"]["final"][0], res[0]["ddp"]["init"][0])
+
+
+def test_compressed_warmup_without_ddp_matches_reference(warmup_results):
+    """reduce_gradients() with warmup_codec="int8": the average is the reference's two-phase
+    int8 all-reduce of the ranks' gradients (None as zeros) with worker and server
+    residuals, a gradient that only some ranks hold becomes the average on every rank, one
+    that no rank holds stays None; the warm-up is torch.optim.AdamW on those averages."""
+    world, res = warmup_results
+    runs = [res[r]["manual"] for r in range(world)]
+    sizes = [3000, 2000, 50]
+    mean = CompressedMean(Codec("int8"), "alltoall", world, sum(sizes))
+    warmup = len(runs[0]["pending"])
+    params = [nn.Parameter(t.clone()) for t in runs[0]["init"]]
+    adamw = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    for t in range(warmup):
+        xs = [torch.cat([torch.zeros(n) if g is None else g for g, n in
+                         zip(run["before"][t], sizes)]) for run in runs]
+        avg = mean(xs)
+        want = [avg[o : o + n] for o, n in zip(offsets(sizes), sizes)]
+        for r, run in enumerate(runs):
+            a, b, c = run["after"][t]
+            assert torch.equal(a, want[0]) and torch.equal(b, want[1]), (r, t)
+            assert c is None, (r, t)
+            (pending,) = run["pending"][t].values()
+            assert torch.equal(pending, mean.pending(r)), (r, t)
+        # compressed: not the exact average (int8 twice: within ~1/50 of the largest)
+        exact = sum(xs) / world
+        assert not torch.equal(avg, exact)
+        assert torch.allclose(avg, exact, rtol=0, atol=float(exact.abs().max()) / 50)
+        for p, g in zip(params, want[:2] + [None], strict=True):
+            p.grad = None if g is None else g.clone()
+        adamw.step()
+    for r, run in enumerate(runs):
+        assert_same(run["warm_end"], [p.detach() for p in params], ("AdamW", r))
+        assert not run["warmup_keys"], r
+        assert run["bytes"]["warmup"] == gradzip.comm.plan(
+            "int8", sum(sizes), torch.float32, world, "alltoall").bytes_sent
+
+
+def test_compressed_warmup_resume_is_bit_identical(warmup_results):
+    """Saved in the middle of the compressed warm-up (step 2: its residuals and DDP's bucket
+    layouts travel in the rank's entry) and at its end (step 5), the resumed runs are
+    bit-identical to the one that never stopped, past the warm-up to step 8."""
+    world, res = warmup_results
+    for r in range(world):
+        case = {n1: params for n1, (params, _) in res[r]["resume"].items()}
+        assert_same(case[2], case[None], (2, r))
+        assert_same(case[5], case[None], (5, r))
+        assert_same(case[None], res[0]["resume"][None][0], ("ranks", r))
+        # the warm-up's residuals travel while it lasts, not after it
+        assert res[r]["resume"][2][1] is True and res[r]["resume"][5][1] is False
+
+
+def test_compressed_warmup_overflow_skips_on_every_rank(warmup_results):
+    """GradScaler with an int8 warm-up: the inf at step 1 reaches every rank through the
+    compressed average (its block decodes to NaN), the step is skipped everywhere and the
+    warm-up's residuals stay finite (a block that held inf keeps its old residual)."""
+    world, res = warmup_results
+    logs = [res[r]["overflow"] for r in range(world)]
+    for r in range(world):
+        for t, entry in enumerate(logs[r]):
+            bad = t in (1, 5)
+            assert entry["moved"] is not bad, (r, t)
+            assert entry["taken"] == (0 if bad else 1), (r, t)
+            assert entry["residuals_finite"] and entry["warmup_residuals_finite"], (r, t)
+            assert_same(entry["params"], logs[0][t]["params"], (r, t))
+
+
+def test_compressed_warmup_errors(warmup_results):
+    world, res = warmup_results
+    for r in range(world):
+        e = res[r]
+        kind, message = e["disagree"]
+        assert kind == "ValueError" and "disagree" in message, (r, message)
+        assert "warmup_codec=int8" in message and "warmup_codec=None" in message
+        kind, message = e["late-load"]
+        assert kind == "ValueError" and "before the first backward" in message, (r, message)
+
+
 # ---------------------------------------------------------------------------------------
 # one process
 # ---------------------------------------------------------------------------------------
@@ -954,6 +1163,7 @@ def test_errors_raise_on_every_rank(results):
     ({"refresh_max_interval": 0, "variance_refresh": 0}, ValueError, "refresh_max_interval"),
     ({"refresh_max_interval": 20.0}, ValueError, "refresh_max_interval"),
     ({"refresh_codec": "int5"}, ValueError, "unknown codec"),
+    ({"warmup_codec": "int5"}, ValueError, "unknown codec"),
     ({"local_steps": 2.0}, ValueError, "local_steps"),
     ({"average_momentum": False}, ValueError, "average_momentum=False needs local_steps"),
     ({"average_momentum": 0, "local_steps": 2}, TypeError, "average_momentum"),
@@ -1083,3 +1293,26 @@ def test_state_dict_checks_and_adamw_state():
     fresh.init_state()
     assert fresh.state[p]["step"].item() == 0 and fresh.steps_taken == 0
     assert not fresh.state[p]["exp_avg"].any() and fresh.state[p]["variance_step"] == 0
+
+
+def test_warmup_codec_bytes_and_state_dict_checks():
+    """The warm-up's bytes are the two-phase plan of its codec; a state saved during a
+    compressed warm-up holds its residuals and refuses an optimizer without that codec;
+    after the warm-up it holds none."""
+    params = [nn.Parameter(torch.zeros(1000, 1000)), nn.Parameter(torch.zeros(1000))]
+    n = 1_001_000
+    opt = CompressedAdamW(params, codec="sign", warmup_codec="int8")
+    assert opt.bytes_per_step(world_size=4)["warmup"] == gradzip.comm.plan(
+        "int8", n, torch.float32, 4, "alltoall").bytes_sent
+    assert CompressedAdamW(params).bytes_per_step(world_size=4)["warmup"] == 2 * 3 * n * 4 // 4
+    assert "warmup_codec='int8'" in repr(opt)
+    p = nn.Parameter(torch.zeros(5000))
+    opt = CompressedAdamW([p], codec="sign", warmup_steps=3, warmup_codec="int8")
+    sd = opt.state_dict()
+    entry = gradzip.comm.rank_state.unpack(sd["gradzip"], 0, 1)
+    assert entry["warmup"]["codec"] == "int8"
+    with pytest.raises(ValueError, match="warmup_codec=None"):
+        CompressedAdamW([p], codec="sign", warmup_steps=3).load_state_dict(sd)
+    with pytest.raises(ValueError, match="saved with codec 'int8'"):
+        CompressedAdamW([p], codec="sign", warmup_steps=3, warmup_codec="int4").load_state_dict(sd)
+    CompressedAdamW([p], codec="sign", warmup_steps=3, warmup_codec="int8").load_state_dict(sd)

@@ -187,6 +187,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import _checks, comm
 from .codecs import Codec, as_codec
 from .comm import rank_state
+from .ddp import CompressionState
 
 ALGORITHMS = ("alltoall", "allgather")
 _STATE_VERSION = 2
@@ -222,6 +223,12 @@ class CompressedAdamW(torch.optim.Optimizer):
             but measured far worse than top-k through the DDP hook, see above).
         warmup_steps: optimizer steps of exact AdamW on averaged gradients before the
             second moment is frozen and the momentum is compressed.
+        warmup_codec: None (default): the warm-up's gradients are averaged exactly (a
+            plain all-reduce, fp32's bytes). A codec ("int8"): they are averaged through
+            it, two-phase, with error feedback on the gradient (what
+            :class:`gradzip.ddp.CompressionState` does for the DDP hook), so that the
+            warm-up, often a quarter of the run, is not the run's slowest part; see
+            "Compressed warm-up" above. The warm-up's residuals are dropped when it ends.
         variance_refresh: N > 0 (default 10) refreshes the second moment with an exact
             AdamW step (one uncompressed all-reduce) at post-warm-up steps N, 3N, 7N, 15N,
             ... (the skipped steps' squared gradients taken as this step's); 0 keeps it
@@ -286,6 +293,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         codec: Codec | str = "sign",
         warmup_steps: int = 100,
+        warmup_codec: Codec | str | None = None,
         variance_refresh: int = 10,
         refresh_max_interval: int | None = None,
         refresh_codec: Codec | str | None = None,
@@ -335,6 +343,7 @@ class CompressedAdamW(torch.optim.Optimizer):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
                             f"got {type(process_group).__name__}")
         self.warmup_steps = warmup_steps
+        self.warmup_codec = None if warmup_codec is None else as_codec(warmup_codec)
         self.variance_refresh = variance_refresh
         self.refresh_max_interval = refresh_max_interval
         self.algorithm = algorithm
@@ -347,6 +356,9 @@ class CompressedAdamW(torch.optim.Optimizer):
         #: ``warmup_steps``
         self.steps_taken = 0
         self.feedback = comm.ErrorFeedback(seed=seed)
+        #: with ``warmup_codec``: the warm-up's gradient compression (its residuals, the
+        #: DDP buckets' layouts); None without one
+        self.warmup_state: CompressionState | None = self._new_warmup_state()
         self._flats: list[_Flat] | None = None
         # local_steps > 1: steps since the ranks last synchronised, where each interval
         # started (the shared parameters), the buffers of what the parameters moved
@@ -370,7 +382,7 @@ class CompressedAdamW(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (f"CompressedAdamW(codec={str(self.codec)!r}, warmup_steps={self.warmup_steps}, "
-                f"variance_refresh={self.variance_refresh}, "
+                f"warmup_codec={self._warmup_spec()!r}, variance_refresh={self.variance_refresh}, "
                 f"refresh_max_interval={self.refresh_max_interval}, "
                 f"refresh_codec={self._refresh_spec()!r}, algorithm={self.algorithm!r}, "
                 f"precondition={self.precondition}, "
@@ -419,10 +431,24 @@ class CompressedAdamW(torch.optim.Optimizer):
     def _refresh_spec(self) -> str | None:
         return None if self.refresh_codec is None else self.refresh_codec.spec
 
+    def _warmup_spec(self) -> str | None:
+        return None if self.warmup_codec is None else self.warmup_codec.spec
+
+    def _new_warmup_state(self) -> CompressionState | None:
+        """The warm-up's compression: every bucket (or, without DDP, every dtype's gradient
+        buffer) two-phase through ``warmup_codec`` with error feedback from the first step
+        (buckets below the hook's ``min_numel`` go plain, as with the hook)."""
+        if self.warmup_codec is None:
+            return None
+        return CompressionState(self.warmup_codec, process_group=self.process_group,
+                                warmup_steps=0, algorithm="alltoall", seed=self.feedback.seed,
+                                verify=self.verify)
+
     # ---- DDP -----------------------------------------------------------------------------
     def attach(self, model: DistributedDataParallel) -> None:
-        """Install the optimizer's communication hook on ``model``: a plain all-reduce of
-        each gradient bucket during warm-up, none afterwards (:meth:`step` then all-reduces
+        """Install the optimizer's communication hook on ``model``: during warm-up a plain
+        all-reduce of each gradient bucket (through ``warmup_codec`` when one is set), none
+        afterwards (:meth:`step` then all-reduces
         the compressed momentum). Call it on every rank, before the first backward; it
         checks (one small all-gather) that every rank's optimizer has the same settings.
 
@@ -459,6 +485,9 @@ class CompressedAdamW(torch.optim.Optimizer):
             self.process_group = group
         elif group is not None and group is not self.process_group:
             raise ValueError("the optimizer's process_group is not the DDP model's")
+        if self.warmup_state is not None:
+            self.warmup_state.process_group = self.process_group
+            self.warmup_state._world = None
         self._agree()
         try:
             model.register_comm_hook(self, _communication_hook)
@@ -472,6 +501,8 @@ class CompressedAdamW(torch.optim.Optimizer):
         if self._agreement_pending:
             self._agree()
         if self.warming_up:
+            if self.warmup_state is not None:
+                return self.warmup_state.hook(bucket)
             # The buckets' sizes are DDP's, the same on every rank, and the settings were
             # agreed on: "auto" checks each bucket's signature once, not on every call.
             verify = "once" if self.verify == "auto" else self.verify
@@ -482,13 +513,15 @@ class CompressedAdamW(torch.optim.Optimizer):
 
     def reduce_gradients(self) -> None:
         """For use without DDP: during warm-up, average every parameter's gradient over the
-        process group (one plain all-reduce per parameter dtype; a gradient that is None on
-        this rank but not on every rank becomes the average); after warm-up, do nothing.
-        Call it on every rank between ``backward()`` and ``step()``."""
+        process group (one plain all-reduce per parameter dtype, or with ``warmup_codec``
+        one compressed all-reduce per dtype plus a plain one of a presence flag per
+        parameter; a gradient that is None on this rank but not on every rank becomes the
+        average); after warm-up, do nothing. Call it on every rank between ``backward()``
+        and ``step()``."""
         if self._agreement_pending:
             self._agree()
         if self.warming_up:
-            self._average_gradients()
+            self._average_gradients("plain" if self.warmup_codec is None else "warmup")
 
     # ---- the step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -515,6 +548,10 @@ class CompressedAdamW(torch.optim.Optimizer):
                     if p.grad is not None:
                         _adamw_update(p, _signed(p.grad, group), self._state_of(p), group)
             self.steps_taken += 1
+            if not self.warming_up and self.warmup_state is not None:
+                # what the warm-up's residuals still owe is dropped (and their memory
+                # freed): from now on the momentum carries residuals of its own
+                self.warmup_state.feedback.reset()
             return loss
         present, skip = self._exchange(found_inf)
         if skip:
@@ -524,7 +561,10 @@ class CompressedAdamW(torch.optim.Optimizer):
             # a refresh is an exact step from shared parameters and momentum
             self._synchronise(refresh=True)
             old = self._denominators() if self.precondition else None
-            self._average_gradients(None if self.refresh_codec is None else present)
+            if self.refresh_codec is None:
+                self._average_gradients("plain")
+            else:
+                self._average_gradients("refresh", present)
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
@@ -758,18 +798,25 @@ class CompressedAdamW(torch.optim.Optimizer):
         self._flats = flats
         return flats
 
-    def _average_gradients(self, present: dict[int, bool] | None = None) -> None:
+    def _average_gradients(self, how: str, present: dict[int, bool] | None = None) -> None:
         """Average every gradient over the ranks in place, None as zeros; a parameter whose
-        gradient exists on some rank gets the average on every rank. Without ``present``: a
-        plain all-reduce, with each parameter's presence flag at the end of the buffer.
-        With ``present`` (who holds a gradient, as the step's agreement found): a refresh
+        gradient exists on some rank gets the average on every rank. ``how``: "plain", a
+        plain all-reduce, with each parameter's presence flag at the end of the buffer;
+        "refresh", with ``present`` (who holds a gradient, as the step's agreement found),
         through ``refresh_codec`` (two-phase, no error feedback: bit-identical on every
-        rank)."""
-        flagged = present is None
+        rank); "warmup", through ``warmup_codec`` (two-phase, with the warm-up's error
+        feedback), the presence flags in a separate plain all-reduce (a codec would round
+        them along with the gradients)."""
+        flagged = how == "plain"
+        if how == "warmup":
+            flags = torch.tensor([float(p.grad is not None) for p in self._params()],
+                                 device=self._device())
+            self._plain_mean(flags)
+            present = {id(p): f > 0 for p, f in zip(self._params(), flags.tolist())}
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in self._params():
             by_kind.setdefault((p.device, p.dtype), []).append(p)
-        for (device, dtype), params in by_kind.items():
+        for i, ((device, dtype), params) in enumerate(by_kind.items()):
             n = sum(p.numel() for p in params)
             buf = torch.zeros(n + (len(params) if flagged else 0), dtype=dtype, device=device)
             off = 0
@@ -783,7 +830,14 @@ class CompressedAdamW(torch.optim.Optimizer):
                 self._plain_mean(buf)
                 there = [flag > 0 for flag in buf[n:].tolist()]
             else:
-                self._refresh_mean(buf)
+                if how == "refresh":
+                    self._refresh_mean(buf)
+                else:
+                    feedback = self.warmup_state.feedback
+                    comm.all_reduce(buf, self.warmup_codec, state=feedback,
+                                    group=self.process_group, algorithm="alltoall",
+                                    average=True, key=("CompressedAdamW-warmup", i, str(dtype)),
+                                    verify=self.verify, seed=feedback.seed)
                 there = [present[id(p)] for p in params]
             off = 0
             for p, held in zip(params, there):
@@ -806,7 +860,8 @@ class CompressedAdamW(torch.optim.Optimizer):
         groups = [(g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], g["maximize"],
                    len(g["params"])) for g in self.param_groups]
         return (f"CompressedAdamW v{_STATE_VERSION} codec={self.codec.spec} "
-                f"warmup_steps={self.warmup_steps} variance_refresh={self.variance_refresh} "
+                f"warmup_steps={self.warmup_steps} warmup_codec={self._warmup_spec()} "
+                f"variance_refresh={self.variance_refresh} "
                 f"refresh_max_interval={self.refresh_max_interval} "
                 f"refresh_codec={self._refresh_spec()} "
                 f"algorithm={self.algorithm} precondition={self.precondition} "
@@ -881,7 +936,10 @@ class CompressedAdamW(torch.optim.Optimizer):
         """Bytes one rank sends per optimizer step (as :attr:`gradzip.comm.Plan.bytes_sent`
         counts them: headers, scales and padding included, a ring for plain all-reduces):
         ``"warmup"`` (the plain all-reduce of every gradient, which DDP's hook or
-        :meth:`reduce_gradients` does), ``"compressed"`` (a post-warm-up step: the
+        :meth:`reduce_gradients` does; with ``warmup_codec`` the two-phase compressed
+        all-reduce, counted as one buffer per dtype: DDP's buckets add a header and scale
+        padding each, :meth:`reduce_gradients` a plain all-reduce of one flag per
+        parameter), ``"compressed"`` (a post-warm-up step: the
         compressed momentum plus the per-step agreement; with ``local_steps`` > 1 the
         agreement plus a ``local_steps``-th of a synchronisation, rounded down),
         ``"agreement"`` (the per-step all-gather in which the ranks agree on the step),
@@ -904,17 +962,20 @@ class CompressedAdamW(torch.optim.Optimizer):
         agree = (world_size - 1) * row
         plain = sum(comm.plan(self.codec, n, d, world_size, "plain").bytes_sent
                     for d, n in kinds.items())
+        warmup = plain if self.warmup_codec is None else sum(
+            comm.plan(self.warmup_codec, n, d, world_size, "alltoall").bytes_sent
+            for d, n in kinds.items())
         packed = sum(comm.plan(self.codec, n, d, world_size, self.algorithm).bytes_sent
                      for d, n in kinds.items())
         mean = plain if self.refresh_codec is None else sum(
             comm.plan(self.refresh_codec, n, d, world_size, "alltoall").bytes_sent
             for d, n in kinds.items())
         if self.local_steps == 1:
-            return {"warmup": plain, "compressed": packed + agree, "synchronisation": packed,
+            return {"warmup": warmup, "compressed": packed + agree, "synchronisation": packed,
                     "refresh": agree + mean, "agreement": agree, "momentum": packed,
                     "refresh_momentum": 0}
         sync = (2 if self.average_momentum else 1) * packed
-        return {"warmup": plain, "compressed": agree + sync // self.local_steps,
+        return {"warmup": warmup, "compressed": agree + sync // self.local_steps,
                 "synchronisation": sync, "refresh": agree + mean, "agreement": agree,
                 "momentum": packed, "refresh_momentum": 0 if self.average_momentum else mean}
 
@@ -996,6 +1057,8 @@ class CompressedAdamW(torch.optim.Optimizer):
             mine["exp_avg"] = {i: self.state[p]["exp_avg"].clone()
                                for i, p in enumerate(self._params())
                                if "exp_avg" in self.state[p]}
+        if self.warmup_state is not None and self.warming_up:
+            mine["warmup"] = self.warmup_state.state_dict()
         sd["gradzip"] = {"version": _STATE_VERSION, "codec": self.codec.spec,
                          "warmup_steps": self.warmup_steps, "steps_taken": self.steps_taken,
                          "world_size": world, **rank_state.pack(mine, rank, world)}
@@ -1024,6 +1087,20 @@ class CompressedAdamW(torch.optim.Optimizer):
                         tuple(m.shape) != tuple(params[i].shape):
                     raise ValueError(f"the state_dict's momentum of this rank (parameter {i}) "
                                      "does not fit this optimizer's parameters")
+            warm = mine.get("warmup")
+            if warm is not None and self.warmup_codec is None:
+                raise ValueError(f"the state_dict was saved during a warm-up with "
+                                 f"warmup_codec={warm.get('codec')!r} and holds its residuals; "
+                                 "this optimizer has warmup_codec=None")
+            warmup_state = self._new_warmup_state()
+            if warm is not None:
+                if self.warmup_state is not None and self.warmup_state.buckets.params:
+                    raise ValueError(
+                        "load_state_dict of a state saved during a compressed warm-up must "
+                        "come before the first backward of the attached model: the warm-up's "
+                        "residuals are keyed by the order in which DDP's first buckets "
+                        "hold the parameters")
+                warmup_state.load_state_dict(warm)  # raises for another codec or rank
         adamw = {k: v for k, v in state_dict.items() if k != "gradzip"}
         if isinstance(adamw.get("state"), dict):
             adamw["state"] = {i: {k: int(v) if k == "variance_step" else v
@@ -1036,6 +1113,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         self._momentum_own = False
         if mine is not None:
             self.feedback = feedback
+            self.warmup_state = warmup_state
             self.steps_taken = int(gz["steps_taken"])
             own = mine.get("exp_avg")
             if own is not None:
@@ -1045,6 +1123,7 @@ class CompressedAdamW(torch.optim.Optimizer):
                 self._momentum_own = True
         else:
             self.feedback.reset()
+            self.warmup_state = self._new_warmup_state()
             self.steps_taken = max((int(s["step"].item()) for s in self.state.values()
                                     if "step" in s), default=0)
             if self.steps_taken > self.warmup_steps:
