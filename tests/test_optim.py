@@ -1316,3 +1316,24 @@ def test_warmup_codec_bytes_and_state_dict_checks():
     with pytest.raises(ValueError, match="saved with codec 'int8'"):
         CompressedAdamW([p], codec="sign", warmup_steps=3, warmup_codec="int4").load_state_dict(sd)
     CompressedAdamW([p], codec="sign", warmup_steps=3, warmup_codec="int8").load_state_dict(sd)
+
+
+def test_recommended_settings():
+    """recommended() builds the measured setting with its warm-up fraction of the run;
+    keyword arguments override; unknown codecs and run lengths are refused."""
+    p = [nn.Parameter(torch.zeros(3))]
+    opt = CompressedAdamW.recommended(p, "sign", total_steps=1000, lr=3e-3)
+    assert (opt.codec.spec, opt.algorithm, opt.local_steps, opt.average_momentum,
+            opt.refresh_max_interval, opt.warmup_steps) == ("sign", "allgather", 3, False, 40,
+                                                            250)
+    assert opt.refresh_codec.spec == "int8" and opt.warmup_codec.spec == "int8"
+    assert opt.defaults["lr"] == 3e-3
+    four = CompressedAdamW.recommended(p, "int4", total_steps=500, warmup_steps=7)
+    assert four.codec.spec == "int4" and four.local_steps == 4 and four.warmup_steps == 7
+    assert CompressedAdamW.recommended(p, "topk:0.01", total_steps=10).warmup_steps == 4
+    with pytest.raises(ValueError, match="no recommended .* 'int2'.*sign, int4, topk:0.01"):
+        CompressedAdamW.recommended(p, "int2", total_steps=10)
+    with pytest.raises(ValueError, match="total_steps"):
+        CompressedAdamW.recommended(p, total_steps=0)
+    with pytest.raises(ValueError, match="total_steps"):
+        CompressedAdamW.recommended(p, total_steps=10.5)

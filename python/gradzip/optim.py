@@ -198,6 +198,21 @@ _ROW_HEADER = struct.Struct("<IqBB")
 _STATUS_OK, _STATUS_SPARSE = 0, 1
 
 
+#: The settings measured to keep AdamW's loss (docs/results.md, section 4; 4 ranks, 1000
+#: steps, three seeds), by codec: CompressedAdamW's arguments and the warm-up as a fraction
+#: of the run. :meth:`CompressedAdamW.recommended` builds an optimizer from one.
+RECOMMENDED: dict[str, tuple[dict, float]] = {
+    "sign": ({"codec": "sign", "algorithm": "allgather", "local_steps": 3,
+              "average_momentum": False, "refresh_max_interval": 40, "refresh_codec": "int8",
+              "warmup_codec": "int8"}, 0.25),
+    "int4": ({"codec": "int4", "local_steps": 4, "average_momentum": False,
+              "refresh_max_interval": 40, "refresh_codec": "int8"}, 0.1),
+    "topk:0.01": ({"codec": "topk:0.01", "algorithm": "allgather", "local_steps": 2,
+                   "average_momentum": False, "refresh_max_interval": 40,
+                   "refresh_codec": "int8"}, 0.4),
+}
+
+
 @dataclass
 class _Flat:
     """One contiguous momentum buffer for the parameters of one (device, dtype): the tensor
@@ -380,12 +395,37 @@ class CompressedAdamW(torch.optim.Optimizer):
                     raise TypeError(f"CompressedAdamW needs float32/float16/bfloat16 "
                                     f"parameters, got {p.dtype}")
 
+    @classmethod
+    def recommended(cls, params: Iterable, codec: str = "sign", *, total_steps: int,
+                    **kwargs) -> "CompressedAdamW":
+        """The setting measured for ``codec`` (a key of :data:`RECOMMENDED`: "sign",
+        "int4", "topk:0.01"), with a warm-up of the measured fraction of ``total_steps``
+        (the optimizer steps the run will take). ``kwargs``: AdamW's arguments (``lr``,
+        ``betas``, ``eps``, ``weight_decay``), ``process_group``, ``seed``, ``verify``, or
+        any of the setting's own to override it. ``CompressedAdamW.recommended(params,
+        "sign", total_steps=N, lr=...)`` is the 1-bit setting of the module docstring.
+
+        Raises:
+            ValueError: ``codec`` has no recommended setting, or ``total_steps`` < 1.
+        """
+        if not isinstance(codec, str) or codec not in RECOMMENDED:
+            raise ValueError(f"no recommended CompressedAdamW setting for codec {codec!r}; "
+                             f"there are: {', '.join(RECOMMENDED)} (or build one with "
+                             "CompressedAdamW(...) directly)")
+        _checks.check_nonnegative_int(total_steps, "total_steps")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        setting, fraction = RECOMMENDED[codec]
+        args = {**setting, "warmup_steps": round(total_steps * fraction), **kwargs}
+        return cls(params, **args)
+
     def __repr__(self) -> str:
         return (f"CompressedAdamW(codec={str(self.codec)!r}, warmup_steps={self.warmup_steps}, "
                 f"warmup_codec={self._warmup_spec()!r}, variance_refresh={self.variance_refresh}, "
                 f"refresh_max_interval={self.refresh_max_interval}, "
                 f"refresh_codec={self._refresh_spec()!r}, algorithm={self.algorithm!r}, "
-                f"precondition={self.precondition}, "
+                f"precondition={self.precondition}, local_steps={self.local_steps}, "
+                f"average_momentum={self.average_momentum}, "
                 f"steps_taken={self.steps_taken}, groups={len(self.param_groups)})")
 
     def add_param_group(self, param_group: dict) -> None:
@@ -1221,4 +1261,4 @@ def _check_hyper(lr, betas, eps, weight_decay) -> None:
             raise ValueError(f"betas[{i}] must be a float in [0, 1), got {b!r}")
 
 
-__all__ = ["ALGORITHMS", "CompressedAdamW"]
+__all__ = ["ALGORITHMS", "RECOMMENDED", "CompressedAdamW"]
