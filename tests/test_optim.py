@@ -996,14 +996,20 @@ def test_overflow_skips_on_every_rank(results):
     spreads it) and 5 (after warm-up: only that rank sees it). Both steps are skipped on
     every rank, the residuals are untouched, and training goes on identically."""
     world, res = results
-    logs = [res[r]["overflow"] for r in range(world)]
-    for r in range(world):
-        for t, entry in enumerate(logs[r]):
+    assert_overflow_skipped([res[r]["overflow"] for r in range(world)])
+
+
+def assert_overflow_skipped(logs: list) -> None:
+    """``overflow_run``'s logs, one per rank: steps 1 and 5 skipped on every rank, the
+    residuals (the warm-up's too, if any) finite and the momentum's untouched, the ranks
+    identical throughout."""
+    for r, log in enumerate(logs):
+        for t, entry in enumerate(log):
             bad = t in (1, 5)
             assert entry["moved"] is not bad, (r, t)
             assert entry["taken"] == (0 if bad else 1), (r, t)
             assert entry["residuals_kept"] or not bad, (r, t)
-            assert entry["residuals_finite"], (r, t)
+            assert entry["residuals_finite"] and entry["warmup_residuals_finite"], (r, t)
             assert_same(entry["params"], logs[0][t]["params"], (r, t))
 
 
@@ -1128,14 +1134,7 @@ def test_compressed_warmup_overflow_skips_on_every_rank(warmup_results):
     compressed average (its block decodes to NaN), the step is skipped everywhere and the
     warm-up's residuals stay finite (a block that held inf keeps its old residual)."""
     world, res = warmup_results
-    logs = [res[r]["overflow"] for r in range(world)]
-    for r in range(world):
-        for t, entry in enumerate(logs[r]):
-            bad = t in (1, 5)
-            assert entry["moved"] is not bad, (r, t)
-            assert entry["taken"] == (0 if bad else 1), (r, t)
-            assert entry["residuals_finite"] and entry["warmup_residuals_finite"], (r, t)
-            assert_same(entry["params"], logs[0][t]["params"], (r, t))
+    assert_overflow_skipped([res[r]["overflow"] for r in range(world)])
 
 
 def test_compressed_warmup_errors(warmup_results):
