@@ -162,8 +162,9 @@ Usage with DDP::
 Without DDP (plain ``torch.distributed``), call :meth:`CompressedAdamW.reduce_gradients`
 between ``backward()`` and ``step()``: during warm-up it averages every gradient over the
 process group (one plain all-reduce, or with ``warmup_codec`` a compressed one plus a plain
-one of a flag per parameter), afterwards it does nothing and ``step()`` communicates. Any other way of averaging the gradients during warm-up (and only then) works
-too; :attr:`CompressedAdamW.warming_up` says when.
+one of a flag per parameter), afterwards it does nothing and ``step()`` communicates. Any
+other way of averaging the gradients during warm-up (and only then) works too;
+:attr:`CompressedAdamW.warming_up` says when.
 
 What differs from AdamW after warm-up (documented behaviour, tested in tests/test_optim.py):
 
