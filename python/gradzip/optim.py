@@ -182,6 +182,11 @@ What differs from AdamW after warm-up (documented behaviour, tested in tests/tes
 * ``amsgrad``, ``capturable``, ``differentiable``, ``foreach=True`` and ``fused=True`` are
   refused (one implementation; the second moment is frozen);
 * sparse gradients are refused (``RuntimeError``, on every rank together);
+* under ``torch.compile``: the default DDP mode (DDPOptimizer) keeps DDP's bucket hooks and
+  works unchanged; compiled DDP (``torch._dynamo.config.optimize_ddp = "python_reducer"``)
+  calls the hook per parameter, which works eagerly, and with compiled autograd once the
+  warm-up is over (the hook then leaves the gradients alone); a warm-up iteration under
+  compiled autograd raises ``ValueError`` (run those with it off);
 * with ``local_steps`` > 1 the parameters (and momenta) of the ranks differ between
   synchronisations; DDP's own checks do not mind (its hook returns the local gradient),
   but a model evaluated or saved then is this rank's: :meth:`CompressedAdamW.synchronise`
@@ -210,7 +215,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import _checks, comm
 from .codecs import Codec, as_codec
 from .comm import rank_state
-from .ddp import CompressionState
+from .ddp import CompressionState, _refuse_in_graph
 
 ALGORITHMS = ("alltoall", "allgather")
 _STATE_VERSION = 2
@@ -391,8 +396,6 @@ class CompressedAdamW(torch.optim.Optimizer):
         self.average_momentum = average_momentum
         self.process_group = process_group
         self.verify = verify
-        #: optimizer steps taken (skipped steps do not count); warm-up while below
-        #: ``warmup_steps``
         self.steps_taken = 0
         self.feedback = comm.ErrorFeedback(seed=seed)
         #: with ``warmup_codec``: the warm-up's gradient compression (its residuals, the
@@ -467,6 +470,19 @@ class CompressedAdamW(torch.optim.Optimizer):
             self._agreement_pending = True
 
     # ---- phase ---------------------------------------------------------------------------
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken (skipped steps do not count); warm-up while below
+        ``warmup_steps``."""
+        return self._steps_taken
+
+    @steps_taken.setter
+    def steps_taken(self, value: int) -> None:
+        self._steps_taken = value
+        # what a hook traced by compiled autograd reads (a bool: one recompilation when
+        # the warm-up ends, where the step count would recompile it every step)
+        self._gradients_local = value >= self.warmup_steps
+
     @property
     def warming_up(self) -> bool:
         """True while the next step is a warm-up step (exact AdamW on gradients the caller
@@ -574,6 +590,34 @@ class CompressedAdamW(torch.optim.Optimizer):
                                    algorithm="plain", average=True, async_op=True,
                                    verify=verify)
         return comm.collectives.completed(buf)
+
+    def _param_hook(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """Compiled DDP (``torch._dynamo.config.optimize_ddp = "python_reducer"``): one call
+        per parameter. Eagerly (the python reducer without compiled autograd) it averages
+        ``grad`` in place during warm-up (a plain all-reduce, or ``warmup_codec`` through the
+        warm-up's CompressionState, per parameter) and leaves it alone afterwards. Traced by
+        compiled autograd it can only do the latter: the warm-up's iterations must run with
+        compiled autograd off (or ``warmup_steps=0``), else ``ValueError``."""
+        if torch.compiler.is_compiling():
+            # a bool that changes once, at the end of the warm-up: one recompilation
+            if self._gradients_local:
+                return grad
+            _refuse_in_graph(
+                "CompressedAdamW under compiled DDP: a warm-up iteration ran with compiled "
+                f"autograd on ({self.steps_taken} of warmup_steps={self.warmup_steps} steps "
+                "taken); the warm-up averages the gradients in the hook, which a compiled "
+                "graph cannot, so run those iterations with compiled autograd off (the hook "
+                "then runs eagerly) and turn it on afterwards, when the hook leaves the "
+                "gradients alone")
+        if self._agreement_pending:
+            self._agree()
+        if not self.warming_up:
+            return grad
+        if self.warmup_state is not None:
+            return self.warmup_state.param_hook(grad, param)
+        comm.all_reduce(grad, self.codec, group=self.process_group, algorithm="plain",
+                        average=True, verify=self.verify)
+        return grad
 
     def reduce_gradients(self) -> None:
         """For use without DDP: during warm-up, average every parameter's gradient over the
@@ -1208,7 +1252,10 @@ class CompressedAdamW(torch.optim.Optimizer):
 
 def _communication_hook(optimizer, bucket):
     """The DDP communication hook :meth:`CompressedAdamW.attach` registers: a plain
-    all-reduce during warm-up, the local gradient unchanged afterwards."""
+    all-reduce during warm-up, the local gradient unchanged afterwards. Compiled DDP calls
+    it per parameter with ``(grad, param)`` (:meth:`CompressedAdamW._param_hook`)."""
+    if isinstance(bucket, tuple):
+        return optimizer._param_hook(*bucket)
     return optimizer._hook(bucket)
 
 
