@@ -30,8 +30,8 @@ options after ``+``: ``raw`` (the raw momentum travels, as in DeepSpeed's 1-bit 
 ``allgather``, ``warmup<N>`` (default ``--opt-warmup``), ``refresh<N>``
 (``variance_refresh``), ``refreshmax<N>`` (``refresh_max_interval``),
 ``refreshcodec:<codec>`` (``refresh_codec``), ``warmupcodec:<codec>`` (``warmup_codec``: the
-warm-up's gradients averaged through it with error feedback), ``ownmomentum`` (``average_momentum=False``),
-``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
+warm-up's gradients averaged through it with error feedback), ``ownmomentum``
+(``average_momentum=False``), ``block<N>`` (the codec's block size), ``local<N>`` (``local_steps``:
 the ranks synchronise every N steps; evaluations inside an interval take rank 0's own model,
 the final one and those after it the common model, synchronised inside the timed step),
 e.g. ``gz-opt:int4+local6`` or ``gz-opt:int4+local7+refresh28+refreshmax28+refreshcodec:int8``. Every method starts from the same initial weights, sees the same

@@ -565,9 +565,8 @@ class CompressedAdamW(torch.optim.Optimizer):
             self.process_group = group
         elif group is not None and group is not self.process_group:
             raise ValueError("the optimizer's process_group is not the DDP model's")
-        if self.warmup_state is not None:
+        if self.warmup_state is not None:  # not used yet: attach comes before any backward
             self.warmup_state.process_group = self.process_group
-            self.warmup_state._world = None
         self._agree()
         try:
             model.register_comm_hook(self, _communication_hook)
@@ -615,8 +614,7 @@ class CompressedAdamW(torch.optim.Optimizer):
             return grad
         if self.warmup_state is not None:
             return self.warmup_state.param_hook(grad, param)
-        comm.all_reduce(grad, self.codec, group=self.process_group, algorithm="plain",
-                        average=True, verify=self.verify)
+        self._plain_mean(grad)
         return grad
 
     def reduce_gradients(self) -> None:
@@ -924,7 +922,7 @@ class CompressedAdamW(torch.optim.Optimizer):
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in self._params():
             by_kind.setdefault((p.device, p.dtype), []).append(p)
-        for i, ((device, dtype), params) in enumerate(by_kind.items()):
+        for kind, ((device, dtype), params) in enumerate(by_kind.items()):
             n = sum(p.numel() for p in params)
             buf = torch.zeros(n + (len(params) if flagged else 0), dtype=dtype, device=device)
             off = 0
@@ -936,17 +934,16 @@ class CompressedAdamW(torch.optim.Optimizer):
                 off += p.numel()
             if flagged:
                 self._plain_mean(buf)
-                there = [flag > 0 for flag in buf[n:].tolist()]
+            elif how == "refresh":
+                self._refresh_mean(buf)
             else:
-                if how == "refresh":
-                    self._refresh_mean(buf)
-                else:
-                    feedback = self.warmup_state.feedback
-                    comm.all_reduce(buf, self.warmup_codec, state=feedback,
-                                    group=self.process_group, algorithm="alltoall",
-                                    average=True, key=("CompressedAdamW-warmup", i, str(dtype)),
-                                    verify=self.verify, seed=feedback.seed)
-                there = [present[id(p)] for p in params]
+                feedback = self.warmup_state.feedback
+                comm.all_reduce(buf, self.warmup_codec, state=feedback,
+                                group=self.process_group, algorithm="alltoall", average=True,
+                                key=("CompressedAdamW-warmup", kind, str(dtype)),
+                                verify=self.verify, seed=feedback.seed)
+            there = ([flag > 0 for flag in buf[n:].tolist()] if flagged
+                     else [present[id(p)] for p in params])
             off = 0
             for p, held in zip(params, there):
                 avg = buf[off : off + p.numel()].view(p.shape)
